@@ -1,0 +1,232 @@
+"""The fast Jacobi engine: same fixed point as `jacobi.reference_refine`, far fewer FLOPs.
+
+What it does differently from the reference loop, and why the output cannot change:
+
+* **KV cache of everything final.** Row state is `seq` = context + answer-so-far + the current block.
+  A position is *final* once it and everything before it equal the greedy continuation. After a pass
+  over inputs seq[m:m+L] we get predictions pred[m+1..m+L]; if the first position past the final frontier
+  F where seq != pred is q, then seq[..q-1] were already right and pred[q] is the greedy token given a
+  final prefix, so F becomes q, and the keys/values of inputs m..q-1 are final and committed to the cache.
+  Each pass therefore finalizes at least one token, and we never recompute a final token again.
+* **A window past the frontier.** Only `window` positions past F are recomputed per pass (None = all of
+  the block, which reproduces the reference state sequence exactly, max_iter included).
+* **Re-seeding from the draft.** Jacobi accepts tokens in parallel only where its state lines up with
+  the output position by position; one word inserted by the aligner shifts the rest of the block. After
+  a mismatch we look the last accepted n-gram up in the draft and re-seed the unconverged state from the
+  draft continuation there. Non-final positions may hold anything without changing the fixed point.
+* **Rows finish independently**: as soon as a stop token is final, or the length cap is reached, a row
+  leaves the batch (its cache rows are dropped).
+
+A block that spends `max_iter` passes is accepted as is (as in the reference), and flagged.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .jacobi import RefineItem, RefineResult, RefineSettings, first_stop
+from .slot_cache import SlotCache
+
+
+@dataclass
+class _Row:
+    out: int  # index in the result list
+    seq: list[int]
+    draft: list[int]
+    ans: int  # index in seq where the answer starts
+    m: int  # tokens of seq whose keys/values are in the cache
+    final: int  # last final position (>= m)
+    end: int  # current block end (exclusive)
+    delta: int = 0  # seq position p is aligned with draft index p - ans + delta
+    block_passes: int = 0
+    passes: int = 0
+    computed: int = 0
+    converged: bool = True
+    index: dict | None = None  # n-gram -> end positions in the draft (for re-seeding)
+    reserved: int = 0
+
+
+def _ngram_index(draft: list[int], max_n: int) -> dict:
+    idx: dict = {}
+    for n in range(1, max_n + 1):
+        for j in range(n - 1, len(draft)):
+            idx.setdefault(tuple(draft[j - n + 1:j + 1]), []).append(j)
+    return idx
+
+
+class FastEngine:
+    """Batched Jacobi refinement with a per-row KV cache. Stateless between calls."""
+
+    def __init__(self, model, settings: RefineSettings, stop_ids, pad_id: int):
+        settings.validate()
+        self.model, self.s = model, settings
+        self.stop_ids, self.pad_id = set(stop_ids), pad_id
+        self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        self.device = next(model.parameters()).device
+        layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None) or []
+        if any(t != "full_attention" for t in layer_types):
+            raise NotImplementedError(
+                f"the fast engine needs full causal attention in every layer; this model has {sorted(set(layer_types))}. "
+                "Use mode=reference or mode=ar for it.")
+
+    # ---- row bookkeeping -------------------------------------------------------------------------
+    def _draft_at(self, row: _Row, p: int) -> int:
+        d = p - row.ans + row.delta
+        return row.draft[d] if 0 <= d < len(row.draft) else self.pad_id
+
+    def _open_block(self, row: _Row) -> bool:
+        """Start the next block after row.end; False if the answer is at its length cap."""
+        room = self.s.max_new_tokens - (row.end - row.ans)
+        if room <= 0:
+            return False
+        n = min(self.s.block_size, room)
+        row.seq[row.end:] = [self._draft_at(row, p) for p in range(row.end, row.end + n)]
+        row.end += n
+        row.block_passes = 0
+        return True
+
+    def _reseed(self, row: _Row, q: int) -> None:
+        """Re-align the state after final position q with the draft, if the last accepted n-gram is in it."""
+        expected = q - row.ans + row.delta
+        for n in range(min(self.s.reseed_ngram, q + 1), 0, -1):
+            ends = row.index.get(tuple(row.seq[q - n + 1:q + 1]))
+            if not ends:
+                continue
+            j = min(ends, key=lambda e: (abs(e - expected), e))
+            if n == 1 and abs(j - expected) > 4:  # a lone common token far away is no evidence
+                return
+            if j + 1 >= len(row.draft):  # nothing left to seed from
+                return
+            row.delta = j - (q - row.ans)
+            for p in range(q + 1, row.end):
+                row.seq[p] = self._draft_at(row, p)
+            return
+
+    def _window(self, row: _Row) -> int:
+        full = row.end - 1 - row.m  # predict up to the block's last position
+        if self.s.window is None:
+            return full
+        return min(full, row.final - row.m + self.s.window)
+
+    # ---- main loop -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def refine(self, items: list[RefineItem]) -> list[RefineResult]:
+        t0 = time.perf_counter()
+        results: list[RefineResult | None] = [None] * len(items)
+        rows: list[_Row] = []
+        for i, it in enumerate(items):
+            if len(it.prompt_ids) < 2:
+                raise ValueError("the aligner context must hold at least 2 tokens (use a chat template)")
+            r = it.reserved
+            fixed = list(it.prompt_ids) + list(it.draft_ids[:r])
+            hit = first_stop(fixed[len(it.prompt_ids):], self.stop_ids)
+            if hit is not None or r >= self.s.max_new_tokens:
+                ans = fixed[len(it.prompt_ids):][: hit if hit is not None else self.s.max_new_tokens]
+                results[i] = RefineResult(ans, 0, 0, True, "eos" if hit is not None else "max_new_tokens",
+                                          time.perf_counter() - t0, r)
+                continue
+            row = _Row(out=i, seq=fixed, draft=list(it.draft_ids), ans=len(it.prompt_ids),
+                       m=len(fixed) - 1, final=len(fixed) - 1, end=len(fixed), reserved=r)
+            if self.s.reseed:
+                row.index = _ngram_index(row.draft, self.s.reseed_ngram)
+            self._open_block(row)
+            rows.append(row)
+        if not rows:
+            return results
+
+        # committed slots never exceed the longest context + answer; a pass adds at most one block
+        cap = max(r.ans for r in rows) + self.s.max_new_tokens + min(self.s.block_size, self.s.max_new_tokens) + 1
+        cache = SlotCache(self.num_layers, cap)
+        self._prefill(rows, cache)
+        while rows:
+            self._step(rows, cache, results, t0)
+        return results
+
+    def _forward(self, ids: list[list[int]], cache: SlotCache, lengths: list[int]):
+        width = max(lengths)
+        dev = self.device
+        input_ids = torch.tensor([x + [self.pad_id] * (width - len(x)) for x in ids], device=dev)
+        start = torch.tensor(cache.lengths, device=dev)[:, None]
+        pos = start + torch.arange(width, device=dev)[None, :]
+        mask = cache.attention_mask(lengths, width, dev)
+        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
+                          past_key_values=cache, use_cache=True)
+
+    def _prefill(self, rows: list[_Row], cache: SlotCache) -> None:
+        """Run the fixed prefix (all but its last token) once; its keys/values stay for the whole row."""
+        cache.lengths = [0] * len(rows)
+        ids = [r.seq[:r.m] for r in rows]
+        lengths = [len(x) for x in ids]
+        width = max(lengths)
+        input_ids = torch.tensor([x + [self.pad_id] * (width - len(x)) for x in ids], device=self.device)
+        mask = (torch.arange(width, device=self.device)[None, :] <
+                torch.tensor(lengths, device=self.device)[:, None]).long()
+        pos = torch.arange(width, device=self.device)[None, :].expand(len(rows), -1)
+        self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1)
+        cache.after_prefill(lengths)
+        for r, n in zip(rows, lengths):
+            r.computed += n
+
+    def _step(self, rows: list[_Row], cache: SlotCache, results: list, t0: float) -> None:
+        lengths = [self._window(r) for r in rows]
+        ids = [r.seq[r.m:r.m + n] for r, n in zip(rows, lengths)]
+        logits = self._forward(ids, cache, lengths).logits
+        preds = logits.argmax(-1).tolist()
+        counts, keep = [], []
+        for b, (row, n) in enumerate(zip(rows, lengths)):
+            pred = preds[b]
+            row.passes += 1
+            row.block_passes += 1
+            row.computed += n
+            old_final, m0 = row.final, row.m
+            q = None
+            for p in range(row.final + 1, m0 + n + 1):
+                if row.seq[p] != pred[p - m0 - 1]:
+                    q = p
+                    break
+            if q is None:  # every prediction agreed: all inputs and the next token are final
+                row.m = row.final = m0 + n
+            else:
+                row.seq[q] = pred[q - m0 - 1]
+                row.m = row.final = q
+                row.seq[q + 1:m0 + n + 1] = pred[q - m0:n]  # plain Jacobi update of the window
+                if row.index is not None:
+                    self._reseed(row, q)
+            counts.append(row.m - m0)
+            done = self._after_pass(row, old_final)
+            if done is None:
+                keep.append(b)
+            else:
+                results[row.out] = self._result(row, done, t0)
+        cache.commit(counts)
+        if len(keep) < len(rows):
+            rows[:] = [rows[b] for b in keep]
+            if rows:
+                cache.keep_rows(keep)
+
+    def _after_pass(self, row: _Row, old_final: int) -> str | None:
+        """Stop checks and block transitions. Returns the stop reason when the row is done."""
+        while True:
+            lo = max(old_final + 1, row.ans)
+            hit = first_stop(row.seq[lo:row.final + 1], self.stop_ids)
+            if hit is not None:
+                row.seq = row.seq[:lo + hit]
+                return "eos"
+            if row.final < row.end - 1:
+                if row.block_passes < self.s.max_iter:
+                    return None
+                row.converged = False  # accept the block as it stands, like the reference
+                old_final, row.final = row.final, row.end - 1
+                continue
+            if not self._open_block(row):
+                row.seq = row.seq[:row.end]
+                return "max_new_tokens"
+            return None
+
+    def _result(self, row: _Row, stop: str, t0: float) -> RefineResult:
+        answer = row.seq[row.ans:]
+        return RefineResult(answer, row.passes, row.computed, row.converged, stop,
+                            time.perf_counter() - t0, row.reserved)

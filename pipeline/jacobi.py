@@ -1,0 +1,142 @@
+"""DiffPO's Jacobi refinement: shared types and the reference algorithm.
+
+The reference algorithm is the published DiffPO inference, kept deliberately plain so the fast engine
+(`pipeline/engine.py`) can be checked against it token for token:
+
+1. the aligner's context (prompt) plus the first `r` draft tokens are held fixed;
+2. the next `block_size` draft tokens (padded if the draft is short) are the initial Jacobi state;
+3. each iteration runs ONE forward pass over fixed + state, takes the argmax at every state position and
+   replaces the state with it (the fixed part never changes), until the state is a fixed point or
+   `max_iter` passes were spent;
+4. the block is appended to the fixed part and the next block starts from the following draft tokens,
+   until an end-of-turn/EOS token or `max_new_tokens`.
+
+A greedy Jacobi fixed point is exactly the greedy autoregressive continuation, so a converged run
+returns what `generate(do_sample=False)` would; the draft only changes how many passes it takes.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class RefineSettings:
+    """Knobs of the Jacobi refinement (plain values; jobs map their config onto this)."""
+
+    block_size: int = 256  # draft tokens per Jacobi block
+    max_iter: int = 300  # passes per block before the state is accepted as is (>= block_size+1 always converges)
+    max_new_tokens: int = 512  # answer length cap, reserved draft tokens included
+    reserve_tokens: int = 12  # r ~ U{0..reserve_tokens} draft tokens are held fixed; 0 disables
+    seed: int = 0  # seeds r per row (with the row key), so batching never changes r
+    # fast engine only -------------------------------------------------------------------------
+    window: int | None = 32  # tokens recomputed past the converged frontier per pass; None = whole block
+    reseed: bool = True  # re-align the unconverged state with the draft after an insertion/deletion
+    reseed_ngram: int = 3  # longest n-gram matched against the draft when re-aligning
+
+    def validate(self) -> None:
+        problems = []
+        if self.block_size < 1:
+            problems.append(f"block_size must be >= 1 (got {self.block_size})")
+        if self.max_iter < 1:
+            problems.append(f"max_iter must be >= 1 (got {self.max_iter})")
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.reserve_tokens < 0:
+            problems.append(f"reserve_tokens must be >= 0 (got {self.reserve_tokens})")
+        if self.window is not None and self.window < 1:
+            problems.append(f"window must be >= 1 or null (got {self.window})")
+        if self.reseed_ngram < 1:
+            problems.append(f"reseed_ngram must be >= 1 (got {self.reseed_ngram})")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass
+class RefineItem:
+    """One row, already tokenized: the aligner's context and the draft answer."""
+
+    prompt_ids: list[int]
+    draft_ids: list[int]
+    reserved: int = 0  # the first `reserved` draft tokens are held fixed
+
+
+@dataclass
+class RefineResult:
+    token_ids: list[int]  # the answer (reserved draft tokens + refined tokens), without the stop token
+    passes: int = 0  # Jacobi (or AR) forward passes, the prefill not included
+    tokens_computed: int = 0  # token positions run through the model, prefill included
+    converged: bool = True  # False if any block was accepted at max_iter without reaching its fixed point
+    stop: str = "eos"  # "eos" or "max_new_tokens"
+    wall_s: float = 0.0
+    reserved: int = 0
+    text: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids) - self.reserved
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.new_tokens / self.passes if self.passes else 0.0
+
+
+def reserve_count(key: str, seed: int, reserve_tokens: int, draft_len: int) -> int:
+    """r ~ U{0..reserve_tokens}, deterministic in (seed, row key), never longer than the draft."""
+    if reserve_tokens <= 0:
+        return 0
+    h = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return min(random.Random(h).randint(0, reserve_tokens), draft_len)
+
+
+def first_stop(tokens: list[int], stop_ids) -> int | None:
+    for i, t in enumerate(tokens):
+        if t in stop_ids:
+            return i
+    return None
+
+
+@torch.inference_mode()
+def reference_refine(model, item: RefineItem, settings: RefineSettings, stop_ids, pad_id: int) -> RefineResult:
+    """The published DiffPO/CLLM Jacobi loop for one row: full forward passes, no KV cache."""
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    stop_ids = set(stop_ids)
+    r = item.reserved
+    answer = list(item.draft_ids[:r])
+    fixed = list(item.prompt_ids) + answer
+    pos = r  # draft cursor
+    passes = computed = 0
+    converged, stop = True, "max_new_tokens"
+    hit = first_stop(answer, stop_ids)
+    if hit is not None:
+        return RefineResult(answer[:hit], 0, 0, True, "eos", time.perf_counter() - t0, hit)
+    while len(answer) < settings.max_new_tokens:
+        n = min(settings.block_size, settings.max_new_tokens - len(answer))
+        block = list(item.draft_ids[pos:pos + n])
+        block += [pad_id] * (n - len(block))
+        for _ in range(settings.max_iter):
+            ids = torch.tensor([fixed + block], device=device)
+            logits = model(input_ids=ids).logits[0]
+            passes += 1
+            computed += ids.shape[1]
+            new = logits[len(fixed) - 1: len(fixed) - 1 + n].argmax(-1).tolist()
+            if new == block:
+                break
+            block = new
+        else:
+            converged = False
+        hit = first_stop(block, stop_ids)
+        if hit is not None:
+            answer += block[:hit]
+            stop = "eos"
+            break
+        answer += block
+        fixed += block
+        pos += n
+    return RefineResult(answer, passes, computed, converged, stop, time.perf_counter() - t0, r)

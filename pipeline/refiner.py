@@ -1,0 +1,111 @@
+"""The aligner as one object: conversation + draft in, aligned answer + statistics out.
+
+Modes (all greedy):
+* ``fast``       the batched KV-cached Jacobi engine (`engine.FastEngine`) — the default;
+* ``reference``  the published DiffPO Jacobi loop (`jacobi.reference_refine`), one row at a time;
+* ``ar``         the aligner's own greedy `generate` with KV cache, for comparison
+                 (``prompt_lookup`` > 0 turns on transformers' prompt-lookup speculation).
+``in_context=True`` switches the aligner's prompt from "chat with the draft as the assistant turn" to a
+correction request that also shows the draft (see `prompts.py`); the draft still seeds the Jacobi state.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .engine import FastEngine
+from .jacobi import RefineItem, RefineResult, RefineSettings, first_stop, reference_refine, reserve_count
+from .models import LoadedModel
+from .prompts import (DEFAULT_CORRECTION_TEMPLATE, answer_ids, chat_prompt_ids, check_messages, check_template,
+                      in_context_messages)
+
+MODES = ("fast", "reference", "ar")
+
+
+@dataclass
+class RefineRequest:
+    messages: list[dict]  # the conversation, ending with the user's turn
+    draft: str  # the base model's answer to that turn
+    key: str = ""  # row id: seeds the number of reserved draft tokens
+
+
+class Refiner:
+    def __init__(self, lm: LoadedModel, settings: RefineSettings | None = None, mode: str = "fast",
+                 in_context: bool = False, template: str = DEFAULT_CORRECTION_TEMPLATE, prompt_lookup: int = 0):
+        if mode not in MODES:
+            raise ValueError(f"unknown refine mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.lm, self.s = lm, settings or RefineSettings()
+        self.s.validate()
+        if in_context:
+            check_template(template)
+        self.mode, self.in_context, self.template, self.prompt_lookup = mode, in_context, template, prompt_lookup
+        tok = lm.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else lm.stop_ids[0]
+        self.context_window = getattr(lm.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        self._engine = FastEngine(lm.model, self.s, lm.stop_ids, self.pad_id) if mode == "fast" else None
+
+    # ---- encoding --------------------------------------------------------------------------------
+    def encode(self, req: RefineRequest) -> RefineItem:
+        """Tokenize one request; ValueError with the reason if it cannot be refined."""
+        check_messages(req.messages)
+        if not isinstance(req.draft, str):
+            raise ValueError("draft must be a string")
+        tok = self.lm.tokenizer
+        msgs = in_context_messages(req.messages, req.draft, self.template) if self.in_context else req.messages
+        prompt = chat_prompt_ids(tok, msgs)
+        draft = answer_ids(tok, req.draft)
+        if self.context_window and len(prompt) + self.s.max_new_tokens > self.context_window:
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens {self.s.max_new_tokens} exceeds "
+                             f"the aligner's context window of {self.context_window} tokens")
+        r = reserve_count(req.key, self.s.seed, self.s.reserve_tokens, len(draft))
+        return RefineItem(prompt_ids=prompt, draft_ids=draft, reserved=r)
+
+    # ---- refinement ------------------------------------------------------------------------------
+    def refine(self, reqs: list[RefineRequest]) -> list[RefineResult]:
+        return self.refine_items([self.encode(r) for r in reqs])
+
+    def refine_items(self, items: list[RefineItem]) -> list[RefineResult]:
+        if not items:
+            return []
+        if self.mode == "fast":
+            results = self._engine.refine(items)
+        elif self.mode == "reference":
+            results = [reference_refine(self.lm.model, it, self.s, self.lm.stop_ids, self.pad_id) for it in items]
+        else:
+            results = [self._ar(it) for it in items] if self.prompt_lookup else self._ar_batch(items)
+        for res in results:
+            res.text = self.lm.tokenizer.decode(res.token_ids, skip_special_tokens=True).strip()
+        return results
+
+    @torch.inference_mode()
+    def _ar(self, it: RefineItem) -> RefineResult:
+        return self._ar_batch([it])[0]
+
+    @torch.inference_mode()
+    def _ar_batch(self, items: list[RefineItem]) -> list[RefineResult]:
+        """Greedy generate over a left-padded batch (prompt + reserved draft tokens)."""
+        t0 = time.perf_counter()
+        dev = self.lm.device
+        ctx = [list(it.prompt_ids) + list(it.draft_ids[:it.reserved]) for it in items]
+        width = max(map(len, ctx))
+        ids = torch.tensor([[self.pad_id] * (width - len(c)) + c for c in ctx], device=dev)
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in ctx], device=dev)
+        budget = max(1, self.s.max_new_tokens - min(it.reserved for it in items))
+        kw = dict(max_new_tokens=budget, do_sample=False, eos_token_id=self.lm.stop_ids, pad_token_id=self.pad_id,
+                  temperature=None, top_p=None, top_k=None)
+        if self.prompt_lookup:
+            kw["prompt_lookup_num_tokens"] = self.prompt_lookup
+        out = self.lm.model.generate(input_ids=ids, attention_mask=mask, **kw)[:, width:].tolist()
+        wall = time.perf_counter() - t0
+        results = []
+        for it, gen in zip(items, out):
+            gen = gen[: self.s.max_new_tokens - it.reserved]
+            hit = first_stop(gen, set(self.lm.stop_ids))
+            steps = len(gen) if hit is None else hit + 1
+            answer = list(it.draft_ids[:it.reserved]) + gen[:hit]
+            results.append(RefineResult(answer, passes=steps, tokens_computed=len(it.prompt_ids) + it.reserved + steps,
+                                        converged=True, stop="eos" if hit is not None else "max_new_tokens",
+                                        wall_s=wall, reserved=it.reserved))
+        return results

