@@ -1,0 +1,60 @@
+"""Config loading shared by the jobs: typed schema <- YAML file <- `key=value` command-line overrides.
+
+`load_config(Schema, "conf/x.yaml", argv)` merges the three with OmegaConf, so an unknown key or a value
+of the wrong type fails at start-up, and `config=path.yaml` on the command line picks another file.
+Each job adds its own semantic checks and reports them all at once through `ConfigError`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """Everything wrong with a config, one problem per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def load_config(schema, default_yaml: str | Path, argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    bad = [a for a in argv if "=" not in a or a.startswith("-")]
+    if bad:
+        raise ConfigError([f"arguments must be key=value overrides, got {a!r}" for a in bad])
+    path = Path(default_yaml)
+    rest = []
+    for a in argv:
+        k, v = a.split("=", 1)
+        if k == "config":
+            path = Path(v)
+        else:
+            rest.append(a)
+    if not path.is_absolute() and not path.exists():
+        path = REPO / path
+    if not path.exists():
+        raise ConfigError([f"config file not found: {path}"])
+    try:
+        cfg = OmegaConf.structured(schema)
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(rest))
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        # OmegaConf names the key and the value; keep its first line, it is the useful one
+        raise ConfigError([str(e).splitlines()[0] + f"  (config file {path})"]) from None
+    return cfg
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def expand(path: str) -> str:
+    return os.path.expanduser(os.path.expandvars(path))

@@ -1,0 +1,175 @@
+"""Input records of any supported format -> one normalized row per prompt (or an error row with the reason).
+
+Supported, detected per record (`fmt="auto"`) or forced:
+* ``prompts``      {"id", "prompt" | "instruction" [+ "input"] | "question", ["draft" | "output" | "response"]}
+                   — this covers AlpacaEval JSON (`instruction`/`output`) and plain prompt files;
+* ``messages``     {"id", "messages": [{"role", "content"}, ...] ending with a user turn, ["draft"]};
+* ``mt_bench``     FastChat question file {"question_id", "turns": [...], "category"}; drafts for every turn may
+                   come from a FastChat answer file {"question_id", "choices": [{"turns": [...]}]}.
+
+A normalized row (all strings, so that Arrow never has to guess types):
+    id       str       the row's key (output, resume and seeding all use it)
+    history  JSON      messages before the first turn (system prompt, earlier dialogue)
+    turns    JSON      the user turns to answer, in order (one for single-turn data)
+    drafts   JSON|None base answers, one per turn; None = the draft stage must write them
+    meta     JSON      other input fields worth keeping (category, dataset, ...)
+    error    str|None  why the row cannot be processed
+"""
+from __future__ import annotations
+
+import json
+
+FORMATS = ("auto", "prompts", "messages", "mt_bench")
+ID_KEYS = ("id", "question_id")
+PROMPT_KEYS = ("prompt", "instruction", "question")
+DRAFT_KEYS = ("draft", "output", "response")
+_META_KEYS = ("category", "dataset", "generator", "reference_output", "reference")
+
+
+def error_row(row_id: str, reason: str) -> dict:
+    return {"id": str(row_id), "history": "[]", "turns": "[]", "drafts": None, "meta": "{}", "error": reason}
+
+
+def _str_list(x) -> bool:
+    return isinstance(x, list) and all(isinstance(t, str) for t in x)
+
+
+def normalize(rec, fallback_id: str, fmt: str = "auto", id_key: str | None = None,
+              drafts_by_key: dict | None = None) -> dict:
+    """Normalize one parsed record; never raises for bad data (returns an error row instead)."""
+    if not isinstance(rec, dict):
+        return error_row(fallback_id, f"record is {type(rec).__name__}, not a JSON object")
+    keys = (id_key,) if id_key else ID_KEYS
+    rid = next((rec[k] for k in keys if rec.get(k) is not None), None)
+    if id_key and rid is None:
+        return error_row(fallback_id, f"missing id field {id_key!r}")
+    rid = str(rid) if rid is not None else fallback_id
+    try:
+        history, turns, drafts = _parse(rec, fmt)
+    except ValueError as e:
+        return error_row(rid, str(e))
+    if drafts is None and drafts_by_key:
+        drafts = drafts_by_key.get(rid) or drafts_by_key.get(turns[0])
+    if drafts is not None:
+        if not _str_list(drafts):
+            return error_row(rid, "draft must be a string (or a list of strings, one per turn)")
+        if len(drafts) < len(turns):
+            return error_row(rid, f"{len(turns)} turns but only {len(drafts)} drafts")
+        drafts = drafts[:len(turns)]
+    meta = {k: rec[k] for k in _META_KEYS if k in rec and isinstance(rec[k], (str, int, float))}
+    return {"id": rid, "history": json.dumps(history), "turns": json.dumps(turns),
+            "drafts": None if drafts is None else json.dumps(drafts), "meta": json.dumps(meta), "error": None}
+
+
+def _parse(rec: dict, fmt: str):
+    if fmt == "auto":
+        fmt = "messages" if "messages" in rec else "mt_bench" if "turns" in rec else "prompts"
+    if fmt == "messages":
+        msgs = rec.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError("missing or empty 'messages'")
+        from .prompts import check_messages
+
+        check_messages(msgs)
+        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        return msgs[:-1], [msgs[-1]["content"]], _draft_field(rec)
+    if fmt == "mt_bench":
+        turns = rec.get("turns")
+        if not _str_list(turns) or not turns:
+            raise ValueError("'turns' must be a non-empty list of strings")
+        if any(not t.strip() for t in turns):
+            raise ValueError("empty turn")
+        drafts = None
+        ch = rec.get("choices")
+        if isinstance(ch, list) and ch and isinstance(ch[0], dict):
+            drafts = ch[0].get("turns")
+        return [], turns, drafts
+    if fmt == "prompts":
+        key = next((k for k in PROMPT_KEYS if k in rec), None)
+        if key is None:
+            raise ValueError(f"no prompt field (looked for {', '.join(PROMPT_KEYS)}, messages, turns)")
+        prompt = rec[key]
+        if not isinstance(prompt, str):
+            raise ValueError(f"'{key}' must be a string")
+        extra = rec.get("input")
+        if isinstance(extra, str) and extra.strip():  # Alpaca-style instruction + input
+            prompt = f"{prompt}\n\n{extra}"
+        if not prompt.strip():
+            raise ValueError("empty prompt")
+        return [], [prompt], _draft_field(rec)
+    raise ValueError(f"unknown input format {fmt!r}")
+
+
+def _draft_field(rec: dict):
+    for k in DRAFT_KEYS:
+        if k in rec and rec[k] is not None:
+            v = rec[k]
+            return [v] if isinstance(v, str) else v
+    return None
+
+
+def parse_lines(data: bytes, source: str):
+    """Yield (record or None, fallback id, error reason or None) for each non-blank line of a JSONL file."""
+    for n, raw in enumerate(data.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        fid = f"{source}:{n}"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield None, fid, f"line {n} is not valid UTF-8 ({e.reason} at byte {e.start})"
+            continue
+        try:
+            yield json.loads(text), fid, None
+        except json.JSONDecodeError as e:
+            yield None, fid, f"line {n} is not valid JSON: {e.msg}"
+
+
+def parse_json_array(data: bytes, source: str):
+    """Yield records of a JSON array file (AlpacaEval style); the index is the fallback id."""
+    try:
+        items = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        yield None, f"{source}:0", f"file is not a valid UTF-8 JSON array: {e}"
+        return
+    if not isinstance(items, list):
+        items = [items]
+    for i, rec in enumerate(items):
+        yield rec, str(i), None
+
+
+def load_drafts(path: str) -> dict:
+    """Drafts from a separate file, keyed by id (FastChat answers, JSONL with id+draft) or by prompt text
+    (AlpacaEval outputs JSON, which carries no ids)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    parse = parse_json_array if path.endswith(".json") else parse_lines
+    out = {}
+    for rec, fid, err in parse(data, path):
+        if err or not isinstance(rec, dict):
+            raise ValueError(f"drafts file {path}: {err or 'record is not an object'}")
+        drafts = None
+        ch = rec.get("choices")
+        if isinstance(ch, list) and ch and isinstance(ch[0], dict):
+            drafts = ch[0].get("turns")
+        if drafts is None:
+            drafts = _draft_field(rec)
+        if drafts is None:
+            continue
+        rid = next((rec[k] for k in ID_KEYS if rec.get(k) is not None), None)
+        if rid is not None:
+            out[str(rid)] = drafts
+        if isinstance(rec.get("instruction"), str):
+            out[rec["instruction"]] = drafts
+    return out
+
+
+def conversation(row: dict, turn: int, answers: list[str]) -> list[dict]:
+    """Messages up to user turn `turn` (0-based), with `answers` as the assistant's earlier turns."""
+    history = json.loads(row["history"]) if isinstance(row["history"], str) else row["history"]
+    turns = json.loads(row["turns"]) if isinstance(row["turns"], str) else row["turns"]
+    msgs = list(history)
+    for k in range(turn):
+        msgs += [{"role": "user", "content": turns[k]}, {"role": "assistant", "content": answers[k]}]
+    msgs.append({"role": "user", "content": turns[turn]})
+    return msgs

@@ -1,0 +1,52 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # bind Ray to 127.0.0.1 only
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_file(rel: str) -> Path:
+    """A file of ../shared/data, or skip the test with the reason."""
+    p = SHARED_DATA / rel
+    if not p.exists():
+        pytest.skip(f"real data not available: {p} (tests that need ../shared/data skip on a fresh clone)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """Tiny random Llama / Qwen2 / GPT-2 folders, each with the byte-level tokenizer and a chat template."""
+    from pipeline.tiny import ARCHS, save_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: save_tiny(arch, root / arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def default_lm():
+    """The real embedded default model (SmolLM2-135M-Instruct, converted from GGUF once)."""
+    from pipeline.models import load_model
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    return load_model("default")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (2 CPUs, loopback only)."""
+    import ray
+
+    root = str(Path(__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "HF_HUB_OFFLINE": "1"}})
+    yield ray
+    ray.shutdown()
