@@ -48,7 +48,7 @@ class OutputCfg:
     fastchat_answers: bool = False
     alpaca_eval_outputs: bool = False
     model_id: str = "diffpo-aligned"
-    rows_per_file: int = 16
+    rows_per_file: int = 4
 
 
 @dataclass
@@ -57,7 +57,7 @@ class StageCfg:
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
-    batch_size: int = 8
+    batch_size: int = 4
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     concurrency: int = 1
@@ -65,7 +65,7 @@ class StageCfg:
 
 @dataclass
 class BaseCfg(StageCfg):
-    max_new_tokens: int = 256
+    max_new_tokens: int = 128
     temperature: float = 0.7
     top_p: float = 0.9
     do_sample: bool = True
@@ -79,10 +79,11 @@ class AlignerCfg(StageCfg):
     template: Optional[str] = None
     block_size: int = 256
     max_iter: int = 300
-    max_new_tokens: int = 512
+    max_new_tokens: int = 256
     reserve_tokens: int = 12
     seed: int = 0
-    window: Optional[int] = 32
+    window: Optional[int] = 16
+    adaptive_window: bool = True
     reseed: bool = True
     reseed_ngram: int = 3
     prompt_lookup: int = 0
@@ -110,7 +111,8 @@ def refine_settings(a):
     from pipeline.jacobi import RefineSettings
 
     return RefineSettings(block_size=a.block_size, max_iter=a.max_iter, max_new_tokens=a.max_new_tokens,
-                          reserve_tokens=a.reserve_tokens, seed=a.seed, window=a.window, reseed=a.reseed,
+                          reserve_tokens=a.reserve_tokens, seed=a.seed, window=a.window,
+                          adaptive_window=a.adaptive_window, reseed=a.reseed,
                           reseed_ngram=a.reseed_ngram)
 
 
@@ -522,11 +524,13 @@ def main(argv: list[str] | None = None) -> dict:
         threads = cfg.ray.torch_threads
         if needs_drafts:
             b = cfg.base
-            ds = ds.map_batches(DraftStage, batch_format="pandas", batch_size=b.batch_size, concurrency=b.concurrency,
+            ds = ds.map_batches(DraftStage, batch_format="pandas", batch_size=b.batch_size,
+                                compute=ray.data.ActorPoolStrategy(size=b.concurrency),
                                 num_cpus=b.num_cpus, num_gpus=b.num_gpus or None,
                                 fn_constructor_kwargs=dict(st=OmegaConf.to_container(b), threads=threads))
         a = cfg.aligner
-        ds = ds.map_batches(RefineStage, batch_format="pandas", batch_size=a.batch_size, concurrency=a.concurrency,
+        ds = ds.map_batches(RefineStage, batch_format="pandas", batch_size=a.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=a.concurrency),
                             num_cpus=a.num_cpus, num_gpus=a.num_gpus or None,
                             fn_constructor_kwargs=dict(st=OmegaConf.to_container(a), threads=threads))
         ds.write_parquet(str(parts))

@@ -9,7 +9,11 @@ What it does differently from the reference loop, and why the output cannot chan
   final prefix, so F becomes q, and the keys/values of inputs m..q-1 are final and committed to the cache.
   Each pass therefore finalizes at least one token, and we never recompute a final token again.
 * **A window past the frontier.** Only `window` positions past F are recomputed per pass (None = all of
-  the block, which reproduces the reference state sequence exactly, max_iter included).
+  the block, which reproduces the reference state sequence exactly, max_iter included). With
+  `adaptive_window` each row's window doubles while the whole window is accepted and shrinks to the last
+  accepted run after a mismatch, down to 1 — one token per pass, the cost of an autoregressive step —
+  where the aligner writes its own text. On a CPU a pass over 16 tokens costs ~3 one-token steps, so
+  verifying tokens the draft cannot supply is pure loss.
 * **Re-seeding from the draft.** Jacobi accepts tokens in parallel only where its state lines up with
   the output position by position; one word inserted by the aligner shifts the rest of the block. After
   a mismatch we look the last accepted n-gram up in the draft and re-seed the unconverged state from the
@@ -46,6 +50,7 @@ class _Row:
     converged: bool = True
     index: dict | None = None  # n-gram -> end positions in the draft (for re-seeding)
     reserved: int = 0
+    w: int = 1  # current window (adaptive)
 
 
 def _ngram_index(draft: list[int], max_n: int) -> dict:
@@ -108,7 +113,7 @@ class FastEngine:
         full = row.end - 1 - row.m  # predict up to the block's last position
         if self.s.window is None:
             return full
-        return min(full, row.final - row.m + self.s.window)
+        return min(full, row.final - row.m + row.w)
 
     # ---- main loop -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -128,7 +133,8 @@ class FastEngine:
                                           time.perf_counter() - t0, r)
                 continue
             row = _Row(out=i, seq=fixed, draft=list(it.draft_ids), ans=len(it.prompt_ids),
-                       m=len(fixed) - 1, final=len(fixed) - 1, end=len(fixed), reserved=r)
+                       m=len(fixed) - 1, final=len(fixed) - 1, end=len(fixed), reserved=r,
+                       w=self.s.window or 1)
             if self.s.reseed:
                 row.index = _ngram_index(row.draft, self.s.reseed_ngram)
             self._open_block(row)
@@ -189,7 +195,12 @@ class FastEngine:
                     break
             if q is None:  # every prediction agreed: all inputs and the next token are final
                 row.m = row.final = m0 + n
+                if self.s.adaptive_window and self.s.window:
+                    row.w = min(self.s.window, 2 * row.w)
             else:
+                if self.s.adaptive_window and self.s.window:
+                    # the state agreed for q - old_final - 1 tokens: expect a run about that long next time
+                    row.w = max(1, min(self.s.window, q - old_final - 1))
                 row.seq[q] = pred[q - m0 - 1]
                 row.m = row.final = q
                 row.seq[q + 1:m0 + n + 1] = pred[q - m0:n]  # plain Jacobi update of the window

@@ -34,7 +34,8 @@ class RefineSettings:
     reserve_tokens: int = 12  # r ~ U{0..reserve_tokens} draft tokens are held fixed; 0 disables
     seed: int = 0  # seeds r per row (with the row key), so batching never changes r
     # fast engine only -------------------------------------------------------------------------
-    window: int | None = 32  # tokens recomputed past the converged frontier per pass; None = whole block
+    window: int | None = 16  # tokens recomputed past the converged frontier per pass; None = whole block
+    adaptive_window: bool = True  # per row: double the window while all of it is accepted, shrink after a miss
     reseed: bool = True  # re-align the unconverged state with the draft after an insertion/deletion
     reseed_ngram: int = 3  # longest n-gram matched against the draft when re-aligning
 
