@@ -48,7 +48,9 @@ def load_config(schema, default_yaml: str | Path, argv: list[str] | None = None)
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         # OmegaConf names the key and the value; keep its first line, it is the useful one
-        raise ConfigError([str(e).splitlines()[0] + f"  (config file {path})"]) from None
+        key = getattr(e, "full_key", None)
+        where = f"{key}: " if key else ""
+        raise ConfigError([f"{where}{str(e).splitlines()[0]}  (config file {path})"]) from None
     return cfg
 
 

@@ -100,7 +100,7 @@ def test_fixed_point_draft_converges_in_minimum_passes(model):
     base = random_items(3, seed=4)
     for it in base:
         it.reserved = 0
-        fixed_point = greedy(model, RefineItem(it.prompt_ids, []), 10_000)[:s.max_new_tokens]
+        fixed_point = greedy(model, RefineItem(it.prompt_ids, []), s.max_new_tokens)
         if len(fixed_point) < s.max_new_tokens:
             continue  # stopped at EOS; the all-blocks-verified case below needs a full-length answer
         item = RefineItem(it.prompt_ids, fixed_point, 0)
