@@ -107,13 +107,13 @@ class AlignDatasetConfig:
     show_samples: int = 3
 
 
-def refine_settings(a):
+def refine_settings(a) -> "RefineSettings":  # noqa: F821
+    """The engine settings from the aligner section (a DictConfig or a plain dict)."""
+    from dataclasses import fields
+
     from pipeline.jacobi import RefineSettings
 
-    return RefineSettings(block_size=a.block_size, max_iter=a.max_iter, max_new_tokens=a.max_new_tokens,
-                          reserve_tokens=a.reserve_tokens, seed=a.seed, window=a.window,
-                          adaptive_window=a.adaptive_window, reseed=a.reseed,
-                          reseed_ngram=a.reseed_ngram)
+    return RefineSettings(**{f.name: a[f.name] for f in fields(RefineSettings)})
 
 
 def input_files(path: str) -> list[str]:
@@ -218,6 +218,15 @@ class DraftStage:
         self.params = SamplingParams(max_new_tokens=st["max_new_tokens"], temperature=st["temperature"],
                                      top_p=st["top_p"], do_sample=st["do_sample"], seed=st["seed"])
 
+    def _one(self, r: dict, conv: list, turn: int):
+        from pipeline.generate import generate_answers
+
+        try:
+            return generate_answers(self.lm, [conv], self.params, seed_key=f"{r['id']}#{turn}")[0]
+        except Exception as e:  # noqa: BLE001
+            r["error"] = f"draft stage: {type(e).__name__}: {e}"
+            return None
+
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from pipeline.generate import generate_answers
         from pipeline.records import conversation
@@ -231,15 +240,8 @@ class DraftStage:
             convs = [conversation(r, turn, r["_drafts"]) for r in todo]
             try:
                 outs = generate_answers(self.lm, convs, self.params, seed_key=",".join(r["id"] for r in todo) + f"#{turn}")
-            except Exception as e:  # noqa: BLE001 - one bad row must not sink the batch: retry one by one
-                outs = []
-                for r, c in zip(todo, convs):
-                    try:
-                        outs.append(generate_answers(self.lm, [c], self.params, seed_key=f"{r['id']}#{turn}")[0])
-                    except Exception as e1:  # noqa: BLE001
-                        r["error"] = f"draft stage: {type(e1).__name__}: {e1}"
-                        outs.append(None)
-                del e
+            except Exception:  # noqa: BLE001 - one bad row must not sink the batch: retry one by one
+                outs = [self._one(r, c, turn) for r, c in zip(todo, convs)]
             for r, o in zip(todo, outs):
                 if o is not None:
                     r["_drafts"].append(o[0])
@@ -296,7 +298,7 @@ class RefineStage:
         torch.set_num_threads(threads)
         lm = load_model(st["model"], **_model_kwargs(st))
         self.mode = st["mode"] + ("+in_context" if st["in_context"] else "")
-        self.refiner = Refiner(lm, refine_settings(_Obj(st)), mode=st["mode"], in_context=st["in_context"],
+        self.refiner = Refiner(lm, refine_settings(st), mode=st["mode"], in_context=st["in_context"],
                                template=st["template"] or DEFAULT_CORRECTION_TEMPLATE,
                                prompt_lookup=st["prompt_lookup"])
 
@@ -312,7 +314,8 @@ class RefineStage:
             drafts = json.loads(r["drafts"])
             try:
                 for k in range(len(json.loads(r["turns"]))):
-                    req = RefineRequest(conversation(r, k, drafts), drafts[k], key=f"{r['id']}#{k}")
+                    key = str(r["id"]) if k == 0 else f"{r['id']}#{k}"  # turn 0: same r as the library
+                    req = RefineRequest(conversation(r, k, drafts), drafts[k], key=key)
                     jobs.append((i, k, self.refiner.encode(req)))
             except ValueError as e:
                 r["error"] = f"refine stage: {e}"
@@ -340,11 +343,6 @@ class RefineStage:
             else:
                 out.append(output_row(r, self.mode, [x.text for x in res], res, refine_s=dt * len(res) / max(1, len(jobs))))
         return pd.DataFrame(out, columns=OUTPUT_COLUMNS)
-
-
-class _Obj:
-    def __init__(self, d):
-        self.__dict__.update(d)
 
 
 def parse_file(row: dict, fmt: str, id_field, drafts_by_key) -> list[dict]:
