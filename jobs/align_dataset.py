@@ -360,7 +360,7 @@ def parse_file(row: dict, fmt: str, id_field, drafts_by_key) -> list[dict]:
 def parse_parquet_batch(batch: pd.DataFrame, fmt: str, id_field, drafts_by_key) -> pd.DataFrame:
     import numpy as np
 
-    from pipeline.records import normalize
+    from pipeline.records import error_row, normalize
 
     def plain(v):
         if isinstance(v, np.ndarray):
@@ -378,9 +378,7 @@ def parse_parquet_batch(batch: pd.DataFrame, fmt: str, id_field, drafts_by_key) 
         try:
             rec = {k: plain(v) for k, v in rec.items()}
         except UnicodeDecodeError as e:
-            rid = rec.get(id_field or "id", f"row{n}")
-            out.append({"id": str(rid), "history": "[]", "turns": "[]", "drafts": None, "meta": "{}",
-                        "error": f"field is not valid UTF-8 ({e.reason})"})
+            out.append(error_row(rec.get(id_field or "id", f"row{n}"), f"field is not valid UTF-8 ({e.reason})"))
             continue
         out.append(normalize(rec, f"row{n}", fmt, id_field, drafts_by_key))
     return pd.DataFrame(out, columns=["id", "history", "turns", "drafts", "meta", "error"])
