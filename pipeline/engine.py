@@ -51,6 +51,7 @@ class _Row:
     index: dict | None = None  # n-gram -> end positions in the draft (for re-seeding)
     reserved: int = 0
     w: int = 1  # current window (adaptive)
+    cap: int = 0  # answer length cap
 
 
 def _ngram_index(draft: list[int], max_n: int) -> dict:
@@ -83,7 +84,7 @@ class FastEngine:
 
     def _open_block(self, row: _Row) -> bool:
         """Start the next block after row.end; False if the answer is at its length cap."""
-        room = self.s.max_new_tokens - (row.end - row.ans)
+        room = row.cap - (row.end - row.ans)
         if room <= 0:
             return False
         n = min(self.s.block_size, room)
@@ -126,15 +127,16 @@ class FastEngine:
                 raise ValueError("the aligner context must hold at least 2 tokens (use a chat template)")
             r = it.reserved
             fixed = list(it.prompt_ids) + list(it.draft_ids[:r])
+            cap = it.cap(self.s)
             hit = first_stop(fixed[len(it.prompt_ids):], self.stop_ids)
-            if hit is not None or r >= self.s.max_new_tokens:
-                ans = fixed[len(it.prompt_ids):][: hit if hit is not None else self.s.max_new_tokens]
+            if hit is not None or r >= cap:
+                ans = fixed[len(it.prompt_ids):][: hit if hit is not None else cap]
                 results[i] = RefineResult(ans, 0, 0, True, "eos" if hit is not None else "max_new_tokens",
                                           time.perf_counter() - t0, r)
                 continue
             row = _Row(out=i, seq=fixed, draft=list(it.draft_ids), ans=len(it.prompt_ids),
                        m=len(fixed) - 1, final=len(fixed) - 1, end=len(fixed), reserved=r,
-                       w=self.s.window or 1)
+                       w=self.s.window or 1, cap=cap)
             if self.s.reseed:
                 row.index = _ngram_index(row.draft, self.s.reseed_ngram)
             self._open_block(row)
@@ -143,7 +145,7 @@ class FastEngine:
             return results
 
         # committed slots never exceed the longest context + answer; a pass adds at most one block
-        cap = max(r.ans for r in rows) + self.s.max_new_tokens + min(self.s.block_size, self.s.max_new_tokens) + 1
+        cap = max(r.ans + r.cap for r in rows) + min(self.s.block_size, self.s.max_new_tokens) + 1
         cache = SlotCache(self.num_layers, cap)
         self._prefill(rows, cache)
         while rows:

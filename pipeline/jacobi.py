@@ -64,6 +64,12 @@ class RefineItem:
     prompt_ids: list[int]
     draft_ids: list[int]
     reserved: int = 0  # the first `reserved` draft tokens are held fixed
+    max_new_tokens: int | None = None  # this row's answer cap (at most the settings' cap); None: the settings'
+
+    def cap(self, settings: "RefineSettings") -> int:
+        if self.max_new_tokens is None:
+            return settings.max_new_tokens
+        return max(1, min(self.max_new_tokens, settings.max_new_tokens))
 
 
 @dataclass
@@ -114,11 +120,12 @@ def reference_refine(model, item: RefineItem, settings: RefineSettings, stop_ids
     pos = r  # draft cursor
     passes = computed = 0
     converged, stop = True, "max_new_tokens"
+    cap = item.cap(settings)
     hit = first_stop(answer, stop_ids)
     if hit is not None:
         return RefineResult(answer[:hit], 0, 0, True, "eos", time.perf_counter() - t0, hit)
-    while len(answer) < settings.max_new_tokens:
-        n = min(settings.block_size, settings.max_new_tokens - len(answer))
+    while len(answer) < cap:
+        n = min(settings.block_size, cap - len(answer))
         block = list(item.draft_ids[pos:pos + n])
         block += [pad_id] * (n - len(block))
         for _ in range(settings.max_iter):

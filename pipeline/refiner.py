@@ -29,6 +29,7 @@ class RefineRequest:
     messages: list[dict]  # the conversation, ending with the user's turn
     draft: str  # the base model's answer to that turn
     key: str = ""  # row id: seeds the number of reserved draft tokens
+    max_new_tokens: int | None = None  # answer cap for this request (at most the settings' cap)
 
 
 class Refiner:
@@ -56,11 +57,15 @@ class Refiner:
         msgs = in_context_messages(req.messages, req.draft, self.template) if self.in_context else req.messages
         prompt = chat_prompt_ids(tok, msgs)
         draft = answer_ids(tok, req.draft)
-        if self.context_window and len(prompt) + self.s.max_new_tokens > self.context_window:
-            raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens {self.s.max_new_tokens} exceeds "
+        if req.max_new_tokens is not None and req.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (got {req.max_new_tokens})")
+        item = RefineItem(prompt_ids=prompt, draft_ids=draft, max_new_tokens=req.max_new_tokens)
+        cap = item.cap(self.s)
+        if self.context_window and len(prompt) + cap > self.context_window:
+            raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens {cap} exceeds "
                              f"the aligner's context window of {self.context_window} tokens")
-        r = reserve_count(req.key, self.s.seed, self.s.reserve_tokens, len(draft))
-        return RefineItem(prompt_ids=prompt, draft_ids=draft, reserved=r)
+        item.reserved = min(reserve_count(req.key, self.s.seed, self.s.reserve_tokens, len(draft)), cap)
+        return item
 
     # ---- refinement ------------------------------------------------------------------------------
     def refine(self, reqs: list[RefineRequest]) -> list[RefineResult]:
@@ -92,7 +97,7 @@ class Refiner:
         width = max(map(len, ctx))
         ids = torch.tensor([[self.pad_id] * (width - len(c)) + c for c in ctx], device=dev)
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in ctx], device=dev)
-        budget = max(1, self.s.max_new_tokens - min(it.reserved for it in items))
+        budget = max(1, max(it.cap(self.s) - it.reserved for it in items))
         kw = dict(max_new_tokens=budget, do_sample=False, eos_token_id=self.lm.stop_ids, pad_token_id=self.pad_id,
                   temperature=None, top_p=None, top_k=None)
         if self.prompt_lookup:
@@ -101,7 +106,7 @@ class Refiner:
         wall = time.perf_counter() - t0
         results = []
         for it, gen in zip(items, out):
-            gen = gen[: self.s.max_new_tokens - it.reserved]
+            gen = gen[: it.cap(self.s) - it.reserved]
             hit = first_stop(gen, set(self.lm.stop_ids))
             steps = len(gen) if hit is None else hit + 1
             answer = list(it.draft_ids[:it.reserved]) + gen[:hit]

@@ -1,0 +1,133 @@
+"""Arguments of the Serve application (the ``args:`` block of conf/serve.yaml), validated by pydantic.
+
+Ray Serve passes ``args`` to the app builder `serve_app.app:build_app`; everything about *which* models run
+and *how* lives here, while replica counts, autoscaling and CPUs/GPUs stay in Serve's own ``deployments:``
+section of the same file (deployment names: ``Ingress``, ``base-<name>``, ``aligner-<name>``).
+Model paths and trust settings come only from here, never from a request.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.jacobi import RefineSettings
+from pipeline.refiner import MODES
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HFBaseArgs(_Strict):
+    """A Hugging Face causal LM in the replica; concurrent requests are batched into one `generate`."""
+    kind: Literal["hf"] = "hf"
+    model: str = "default"  # "default" (SmolLM2-135M-Instruct, offline), an HF folder, a .gguf or a hub id
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    torch_threads: int | None = None  # None: the replica's CPU allotment (at least 1)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    seed: int = 0
+
+
+class OpenAIBaseArgs(_Strict):
+    """Any OpenAI-compatible chat endpoint over HTTP (vLLM, TGI, a hosted API, another DiffPO server)."""
+    kind: Literal["openai"]
+    base_url: str  # e.g. http://10.0.0.5:8000/v1
+    model: str  # the model name at the endpoint
+    api_key_env: str | None = None  # environment variable holding the key; never the key itself
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    backoff_s: float = Field(0.5, ge=0)
+    max_connections: int = Field(64, ge=1)
+    context_window: int | None = None  # optional local check before calling (tokens are not counted remotely)
+
+
+class VLLMBaseArgs(_Strict):
+    """A vLLM engine through ray.serve.llm (optional extra `ray[llm]`, GPU clusters; imported only if used)."""
+    kind: Literal["vllm"]
+    model: str  # hub id or path visible to the GPU nodes
+    model_source: str | None = None  # where the weights are, if not `model`
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    accelerator_type: str | None = None  # e.g. "H100"
+    engine_kwargs: dict = Field(default_factory=dict)  # passed to vLLM (max_model_len, dtype, ...)
+    placement_strategy: str = "PACK"  # how the TP workers' GPU bundles are placed
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+
+
+BaseArgs = Annotated[Union[HFBaseArgs, OpenAIBaseArgs, VLLMBaseArgs], Field(discriminator="kind")]
+_REFINE_KEYS = {f.name for f in fields(RefineSettings)}
+
+
+class AlignerArgs(_Strict):
+    model: str = "default"
+    mode: str = "fast"  # fast | reference | ar
+    in_context: bool = False  # show the draft in the aligner's prompt (Aligner-style correction)
+    template: str | None = None  # correction prompt with {question} and {draft}; None: the built-in one
+    refine: dict = Field(default_factory=dict)  # RefineSettings overrides (block_size, window, max_new_tokens ...)
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    torch_threads: int | None = None
+    max_batch_size: int = Field(8, ge=1)  # 1 turns batching off
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v):
+        if v not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        return v
+
+    @field_validator("refine")
+    @classmethod
+    def _refine(cls, v):
+        unknown = set(v) - _REFINE_KEYS
+        if unknown:
+            raise ValueError(f"unknown refine settings {sorted(unknown)}; known: {sorted(_REFINE_KEYS)}")
+        RefineSettings(**v).validate()
+        return v
+
+    def settings(self) -> RefineSettings:
+        return RefineSettings(**self.refine)
+
+
+class ModelRoute(_Strict):
+    """A model name clients can ask for: a base model, optionally refined by an aligner."""
+    base: str
+    aligner: str | None = None  # None serves the bare base model
+    description: str = ""
+
+
+class AppArgs(_Strict):
+    bases: dict[str, BaseArgs]
+    aligners: dict[str, AlignerArgs] = Field(default_factory=dict)
+    models: dict[str, ModelRoute]
+    max_tokens_cap: int = Field(512, ge=1)  # requests asking for more get a 400
+    default_max_tokens: int = Field(256, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1024)  # larger bodies get a 413
+    max_messages: int = Field(64, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0)  # per request, draft + refine; then 504
+    replica_failure_retries: int = Field(1, ge=0)  # resend a request whose replica died (answers are deterministic)
+    api_key_env: str = "API_KEY"  # if this variable is set, requests need "Authorization: Bearer <its value>"
+
+    @model_validator(mode="after")
+    def _routes(self):
+        problems = []
+        if not self.models:
+            problems.append("models: at least one model route is needed")
+        for name, r in self.models.items():
+            if r.base not in self.bases:
+                problems.append(f"models.{name}.base: no base named {r.base!r} (have {sorted(self.bases)})")
+            if r.aligner is not None and r.aligner not in self.aligners:
+                problems.append(f"models.{name}.aligner: no aligner named {r.aligner!r} (have {sorted(self.aligners)})")
+        if self.default_max_tokens > self.max_tokens_cap:
+            problems.append("default_max_tokens must be <= max_tokens_cap")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self

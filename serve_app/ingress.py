@@ -1,0 +1,170 @@
+"""The HTTP front door: OpenAI-compatible routes over the base and aligner deployments.
+
+POST /v1/chat/completions   draft with the route's base, refine with its aligner (if any), answer
+GET  /v1/models             the configured model routes
+GET  /healthz               liveness of the ingress (Serve health-checks every replica on its own)
+
+Every failure is an OpenAI-style JSON error: 400/401/404/413 for the client's mistakes, 503 when a
+deployment's queue is full or its replica died (after `replica_failure_retries` resends), 504 past
+`request_timeout_s`, 502 when a remote base endpoint failed.
+"""
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .config import AppArgs
+from .protocol import (ApiError, BadRequest, UpstreamError, chat_completion, completion_id, conversation_key,
+                       error_body, parse_chat_request, sse_chunks)
+
+log = logging.getLogger("ray.serve")
+api = FastAPI(title="DiffPO", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, e: ApiError):
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException):
+    kind = "not_found" if e.status_code == 404 else "method_not_allowed" if e.status_code == 405 else None
+    return JSONResponse(error_body(str(e.detail), code=kind), status_code=e.status_code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, e: RequestValidationError):
+    return JSONResponse(error_body(f"invalid request: {e.errors()[:3]}"), status_code=400)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, e: Exception):
+    log.exception("unhandled error in %s", request.url.path)
+    return JSONResponse(error_body(f"internal error: {type(e).__name__}", type="server_error"), status_code=500)
+
+
+def _cause(e: BaseException) -> str:
+    """The message of the original exception inside a RayTaskError."""
+    inner = getattr(e, "cause", None)
+    return str(inner if inner is not None else e).strip().splitlines()[-1][:500]
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256,
+                  max_queued_requests=512)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, args: dict, bases: dict, aligners: dict):
+        self.args = AppArgs(**args)
+        self.bases, self.aligners = bases, aligners
+        self.api_key = os.environ.get(self.args.api_key_env) or None
+        self.created = int(time.time())
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def _auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip().encode(), self.api_key.encode())):
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                           code="invalid_api_key")
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.args.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body over {limit} bytes", code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body over {limit} bytes", code="request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _call(self, method, payload: dict, deadline: float, what: str) -> dict:
+        """One deployment call with the request's deadline, mapped to ApiError on failure."""
+        for attempt in range(self.args.replica_failure_retries + 1):
+            resp = method.remote(payload)
+            try:
+                return await asyncio.wait_for(resp, timeout=max(0.01, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                resp.cancel()
+                raise ApiError(504, f"{what} did not finish within request_timeout_s={self.args.request_timeout_s}",
+                               type="timeout", code="timeout") from None
+            except BackPressureError:
+                raise ApiError(503, f"{what} is at capacity; retry later", type="server_busy",
+                               code="overloaded") from None
+            except (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError,
+                    RequestCancelledError) as e:
+                log.warning("%s failed on a lost replica (attempt %d): %s", what, attempt + 1, type(e).__name__)
+                if attempt >= self.args.replica_failure_retries or time.monotonic() >= deadline:
+                    raise ApiError(503, f"{what} lost its replica; retry later", type="server_error",
+                                   code="replica_unavailable") from None
+            except BadRequest as e:
+                raise ApiError(400, _cause(e), param="messages") from None
+            except UpstreamError as e:
+                raise ApiError(502, _cause(e), type="upstream_error", code="bad_gateway") from None
+
+    # ---- routes ----------------------------------------------------------------------------------
+    @api.get("/healthz")
+    async def healthz(self):
+        return {"status": "ok", "models": sorted(self.args.models)}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        self._auth(request)
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": self.created, "owned_by": "diffpo",
+             "base": r.base, "aligner": r.aligner, "description": r.description}
+            for name, r in sorted(self.args.models.items())]}
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        self._auth(request)
+        req = parse_chat_request(await self._body(request), self.args.max_messages)
+        route = self.args.models.get(req.model)
+        if route is None:
+            raise ApiError(404, f"the model {req.model!r} does not exist; available: {sorted(self.args.models)}",
+                           param="model", code="model_not_found")
+        max_tokens = req.max_tokens or req.max_completion_tokens or self.args.default_max_tokens
+        if max_tokens > self.args.max_tokens_cap:
+            raise ApiError(400, f"max_tokens {max_tokens} is over this server's cap of {self.args.max_tokens_cap}",
+                           param="max_tokens")
+        messages = [m.plain() for m in req.messages]
+        key = conversation_key(messages)
+        deadline = time.monotonic() + self.args.request_timeout_s
+        temperature = 0.7 if req.temperature is None else req.temperature
+        top_p = 1.0 if req.top_p is None else req.top_p
+
+        draft = await self._call(self.bases[route.base].draft,
+                                 {"messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+                                  "top_p": top_p, "key": key}, deadline, f"base model {route.base!r}")
+        extra = {"base": route.base, "aligner": route.aligner, "draft_ms": round(draft["draft_ms"], 1)}
+        text, finish, completion_tokens = draft["text"], draft["finish_reason"], draft["completion_tokens"]
+        if route.aligner is not None:
+            ref = await self._call(self.aligners[route.aligner].refine,
+                                   {"messages": messages, "draft": draft["text"], "max_tokens": max_tokens,
+                                    "key": key}, deadline, f"aligner {route.aligner!r}")
+            extra.update(draft=draft["text"], iterations=ref["iterations"], tokens_per_pass=ref["tokens_per_pass"],
+                         converged=ref["converged"], refine_ms=round(ref["refine_ms"], 1), mode=ref["mode"],
+                         refine_batch_size=ref["batch_size"])
+            text, finish, completion_tokens = ref["text"], ref["finish_reason"], ref["completion_tokens"]
+        prompt_tokens = draft.get("prompt_tokens") or 0
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens or 0,
+                 "total_tokens": prompt_tokens + (completion_tokens or 0)}
+        cid = completion_id()
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(sse_chunks(cid, req.model, text, finish, usage, extra, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return chat_completion(cid, req.model, text, finish, usage, extra)
