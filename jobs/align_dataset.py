@@ -65,6 +65,12 @@ class StageCfg:
 
 @dataclass
 class BaseCfg(StageCfg):
+    kind: str = "hf"  # hf: `model` runs in the actors | openai: `model` is the name at an OpenAI-compatible endpoint
+    base_url: Optional[str] = None  # kind=openai: e.g. http://10.0.0.5:8000/v1
+    api_key_env: Optional[str] = None  # kind=openai: environment variable holding the key
+    timeout_s: float = 60.0
+    max_retries: int = 3
+    parallel_requests: int = 8  # kind=openai: concurrent HTTP requests per actor
     max_new_tokens: int = 128
     temperature: float = 0.7
     top_p: float = 0.9
@@ -168,6 +174,16 @@ def validate(cfg) -> None:
             problems.append(f"{name}.dtype: {st.dtype!r} is not auto, float32, bfloat16 or float16")
     if cfg.base.max_new_tokens < 1:
         problems.append("base.max_new_tokens: must be >= 1")
+    if cfg.base.kind not in ("hf", "openai"):
+        problems.append(f"base.kind: {cfg.base.kind!r} is not hf or openai")
+    elif cfg.base.kind == "openai":
+        from pipeline.openai_http import EndpointConfig
+
+        ep = EndpointConfig(base_url=cfg.base.base_url or "", model=cfg.base.model, api_key_env=cfg.base.api_key_env,
+                            timeout_s=cfg.base.timeout_s, max_retries=cfg.base.max_retries)
+        problems += [f"base: {p}" for p in ep.validate()]
+        if cfg.base.parallel_requests < 1:
+            problems.append("base.parallel_requests: must be >= 1")
     if cfg.base.do_sample and not (0 < cfg.base.top_p <= 1 and cfg.base.temperature > 0):
         problems.append("base: sampling needs temperature > 0 and 0 < top_p <= 1 (or base.do_sample=false)")
     if cfg.ray.torch_threads < 1:
@@ -211,24 +227,51 @@ class DraftStage:
         import torch
 
         from pipeline.generate import SamplingParams
-        from pipeline.models import load_model
 
         torch.set_num_threads(threads)
-        self.lm = load_model(st["model"], **_model_kwargs(st))
+        self.kind = st["kind"]
         self.params = SamplingParams(max_new_tokens=st["max_new_tokens"], temperature=st["temperature"],
                                      top_p=st["top_p"], do_sample=st["do_sample"], seed=st["seed"])
+        if self.kind == "openai":
+            from concurrent.futures import ThreadPoolExecutor
+
+            from pipeline.openai_http import ChatEndpoint, EndpointConfig
+
+            self.endpoint = ChatEndpoint(EndpointConfig(
+                base_url=st["base_url"], model=st["model"], api_key_env=st["api_key_env"],
+                timeout_s=st["timeout_s"], max_retries=st["max_retries"]))
+            self.pool = ThreadPoolExecutor(st["parallel_requests"])
+        else:
+            from pipeline.models import load_model
+
+            self.lm = load_model(st["model"], **_model_kwargs(st))
 
     def _one(self, r: dict, conv: list, turn: int):
         from pipeline.generate import generate_answers
 
         try:
+            if self.kind == "openai":
+                p = self.params
+                c = self.endpoint.chat(conv, p.max_new_tokens, p.temperature if p.do_sample else 0.0,
+                                       p.top_p if p.do_sample else 1.0)
+                return c.text, c.completion_tokens, c.seconds
             return generate_answers(self.lm, [conv], self.params, seed_key=f"{r['id']}#{turn}")[0]
         except Exception as e:  # noqa: BLE001
             r["error"] = f"draft stage: {type(e).__name__}: {e}"
             return None
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def _turn(self, rows: list[dict], convs: list, turn: int) -> list:
+        """One turn for several rows: a remote endpoint gets parallel requests, a local model one batch."""
         from pipeline.generate import generate_answers
+
+        if self.kind == "openai":
+            return list(self.pool.map(lambda rc: self._one(rc[0], rc[1], turn), zip(rows, convs)))
+        try:
+            return generate_answers(self.lm, convs, self.params, seed_key=",".join(r["id"] for r in rows) + f"#{turn}")
+        except Exception:  # noqa: BLE001 - one bad row must not sink the batch: retry one by one
+            return [self._one(r, c, turn) for r, c in zip(rows, convs)]
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from pipeline.records import conversation
 
         rows = batch.to_dict("records")
@@ -238,10 +281,7 @@ class DraftStage:
         turn = 0
         while todo:
             convs = [conversation(r, turn, r["_drafts"]) for r in todo]
-            try:
-                outs = generate_answers(self.lm, convs, self.params, seed_key=",".join(r["id"] for r in todo) + f"#{turn}")
-            except Exception:  # noqa: BLE001 - one bad row must not sink the batch: retry one by one
-                outs = [self._one(r, c, turn) for r, c in zip(todo, convs)]
+            outs = self._turn(todo, convs, turn)
             for r, o in zip(todo, outs):
                 if o is not None:
                     r["_drafts"].append(o[0])

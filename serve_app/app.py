@@ -14,19 +14,26 @@ from .config import AppArgs, VLLMBaseArgs
 from .ingress import Ingress
 
 
-def _base(name: str, args) -> Application:
+def _base(name: str, args, options: dict) -> Application:
     if isinstance(args, VLLMBaseArgs):
         from .vllm_base import build_vllm_base  # optional extra, imported only when used
         return build_vllm_base(name, args)
     cls = HFBase if args.kind == "hf" else OpenAIBase
-    return cls.options(name=f"base-{name}").bind(name, args.model_dump())
+    return cls.options(name=f"base-{name}", **options.get(f"base-{name}", {})).bind(name, args.model_dump())
+
+
+def build_graph(cfg: AppArgs, options: dict | None = None) -> Application:
+    """The bound graph; `options` maps deployment names to `.options()` (for tests and Python users; YAML users
+    set the same things in the config's `deployments:` section)."""
+    options = options or {}
+    used_bases = sorted({r.base for r in cfg.models.values()})
+    used_aligners = sorted({r.aligner for r in cfg.models.values() if r.aligner})
+    bases = {n: _base(n, cfg.bases[n], options) for n in used_bases}
+    aligners = {n: Aligner.options(name=f"aligner-{n}", **options.get(f"aligner-{n}", {}))
+                .bind(n, cfg.aligners[n].model_dump()) for n in used_aligners}
+    return Ingress.options(**options.get("Ingress", {})).bind(cfg.model_dump(), bases, aligners)
 
 
 def build_app(args: dict) -> Application:
-    cfg = AppArgs(**args)
-    used_bases = sorted({r.base for r in cfg.models.values()})
-    used_aligners = sorted({r.aligner for r in cfg.models.values() if r.aligner})
-    bases = {n: _base(n, cfg.bases[n]) for n in used_bases}
-    aligners = {n: Aligner.options(name=f"aligner-{n}").bind(n, cfg.aligners[n].model_dump())
-                for n in used_aligners}
-    return Ingress.bind(cfg.model_dump(), bases, aligners)
+    """Serve's app builder: `args` is the application's `args:` block of the Serve config."""
+    return build_graph(AppArgs(**args))

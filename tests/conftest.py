@@ -10,6 +10,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+TEST_API_KEY_ENV, TEST_API_KEY = "DIFFPO_TEST_API_KEY", "test-key-123"  # set in every Ray worker of the session
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -47,6 +48,7 @@ def ray_local():
     root = str(Path(__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "HF_HUB_OFFLINE": "1"}})
+             runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "HF_HUB_OFFLINE": "1",
+                                        TEST_API_KEY_ENV: TEST_API_KEY}})
     yield ray
     ray.shutdown()

@@ -1,0 +1,326 @@
+"""The Serve app on real Ray Serve over real HTTP (127.0.0.1), with tiny models.
+
+One app for the module: a tiny HF base, the same base reached through the app's own OpenAI endpoint (a real
+HTTP hop: base kind `openai`), a batched fast-Jacobi aligner, and a deliberately tight aligner (1 ongoing +
+1 queued request) for back-pressure. Auth is on: every Ray worker of the session has the test key.
+"""
+import json
+import random
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.conftest import TEST_API_KEY, TEST_API_KEY_ENV
+
+pytestmark = pytest.mark.timeout(600)
+MAX_NEW = 48
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tiny_dirs):
+    from ray import serve
+
+    from serve_app.app import build_graph
+    from serve_app.config import AppArgs
+
+    port = _free_port()
+    tiny = str(tiny_dirs["llama"])
+    url = f"http://127.0.0.1:{port}"
+    args = AppArgs(**{
+        "bases": {
+            "tiny": {"kind": "hf", "model": tiny, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+            "tiny-remote": {"kind": "openai", "base_url": url + "/v1", "model": "tiny", "api_key_env": TEST_API_KEY_ENV,
+                            "timeout_s": 20, "max_retries": 1},
+        },
+        "aligners": {
+            "jacobi": {"model": tiny, "mode": "fast", "refine": {"max_new_tokens": MAX_NEW, "window": 8},
+                       "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+            "tight": {"model": tiny, "refine": {"max_new_tokens": MAX_NEW}, "max_batch_size": 1},
+        },
+        "models": {
+            "diffpo-tiny": {"base": "tiny", "aligner": "jacobi"},
+            "tiny": {"base": "tiny"},
+            "diffpo-remote": {"base": "tiny-remote", "aligner": "jacobi"},
+            "diffpo-tight": {"base": "tiny", "aligner": "tight"},
+        },
+        "max_tokens_cap": MAX_NEW, "default_max_tokens": 16, "request_timeout_s": 30,
+        "max_body_bytes": 200_000, "api_key_env": TEST_API_KEY_ENV,
+    })
+    small = {"ray_actor_options": {"num_cpus": 0.2}}
+    options = {"base-tiny": small, "aligner-jacobi": small, "Ingress": {"ray_actor_options": {"num_cpus": 0.05}},
+               "base-tiny-remote": {"ray_actor_options": {"num_cpus": 0.05}},
+               "aligner-tight": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 1,
+                                 "max_queued_requests": 1}}
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    serve.run(build_graph(args, options), name="diffpo", route_prefix="/", blocking=False)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    yield {"url": url, "port": port, "tiny": tiny}
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def expected(server):
+    """The aligner's answer computed in-process with the same engine and settings as the deployment."""
+    from pipeline.jacobi import RefineSettings
+    from pipeline.models import load_model
+    from pipeline.refiner import Refiner, RefineRequest
+    from serve_app.protocol import conversation_key
+
+    refiner = Refiner(load_model(server["tiny"]), RefineSettings(max_new_tokens=MAX_NEW, window=8), mode="fast")
+
+    def answer(messages, draft, max_tokens):
+        req = RefineRequest(messages, draft, conversation_key(messages), max_tokens)
+        return refiner.refine([req])[0].text
+    return answer
+
+
+def client(server, **kw):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["url"] + "/v1", api_key=kw.pop("api_key", TEST_API_KEY), max_retries=0,
+                  timeout=60, **kw)
+
+
+def post(server, body, key=TEST_API_KEY, **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers.update(kw.pop("headers", {}))
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+    return httpx.post(server["url"] + "/v1/chat/completions", content=body, headers=headers, timeout=60, **kw)
+
+
+MSGS = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a color."}]
+
+
+def test_openai_client_chat_stream_and_models(server, expected):
+    c = client(server)
+    r = c.chat.completions.create(model="diffpo-tiny", messages=MSGS, max_tokens=24, temperature=0)
+    extra = r.model_extra["diffpo"]
+    assert r.object == "chat.completion" and r.model == "diffpo-tiny"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == expected(MSGS, extra["draft"], 24)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 24 and r.usage.prompt_tokens > 0
+    assert extra["iterations"] >= 1 and extra["tokens_per_pass"] > 0 and extra["base"] == "tiny"
+    assert extra["draft_ms"] > 0 and extra["refine_ms"] > 0
+
+    stream = c.chat.completions.create(model="diffpo-tiny", messages=MSGS, max_tokens=24, temperature=0, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == r.choices[0].message.content
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == r.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+
+    ids = {m.id for m in c.models.list()}
+    assert ids == {"diffpo-tiny", "tiny", "diffpo-remote", "diffpo-tight"}
+
+    # the bare base model answers with the draft itself
+    bare = c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=24, temperature=0)
+    assert bare.choices[0].message.content == extra["draft"]
+    assert "draft" not in bare.model_extra["diffpo"]
+
+
+def test_openai_client_sees_errors_as_exceptions(server):
+    import openai
+
+    c = client(server)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        c.chat.completions.create(model="no-such-model", messages=MSGS)
+    with pytest.raises(openai.BadRequestError, match="cap"):
+        c.chat.completions.create(model="diffpo-tiny", messages=MSGS, max_tokens=MAX_NEW + 1)
+    with pytest.raises(openai.BadRequestError, match="context window"):
+        c.chat.completions.create(model="diffpo-tiny", messages=[{"role": "user", "content": "x" * 5000}])
+    with pytest.raises(openai.AuthenticationError):
+        client(server, api_key="wrong").chat.completions.create(model="diffpo-tiny", messages=MSGS)
+    with pytest.raises(openai.AuthenticationError):
+        client(server, api_key="wrong").models.list()
+
+
+def test_remote_base_over_http_matches_in_process_base(server, expected):
+    """Base kind `openai` pointed at this app's own endpoint: same greedy draft, same aligned answer."""
+    c = client(server)
+    msgs = [{"role": "user", "content": "Say something about rivers."}]
+    local = c.chat.completions.create(model="diffpo-tiny", messages=msgs, max_tokens=20, temperature=0)
+    remote = c.chat.completions.create(model="diffpo-remote", messages=msgs, max_tokens=20, temperature=0)
+    assert remote.model_extra["diffpo"]["base"] == "tiny-remote"
+    assert remote.model_extra["diffpo"]["draft"] == local.model_extra["diffpo"]["draft"]
+    assert remote.choices[0].message.content == local.choices[0].message.content
+    assert remote.choices[0].message.content == expected(msgs, remote.model_extra["diffpo"]["draft"], 20)
+
+
+def _fuzz_cases(rng: random.Random) -> list[tuple[str, bytes | dict, dict]]:
+    """(label, body, extra request kwargs): every one is malformed or hostile."""
+    ok = {"model": "diffpo-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    cases = [
+        ("empty body", b"", {}), ("not json", b"{bad", {}), ("json list", b"[1,2]", {}), ("json string", b'"hi"', {}),
+        ("json null", b"null", {}), ("non-utf8", b'{"model": "\xff\xfe"}', {}), ("nan", b'{"model": NaN}', {}),
+        ("deep nesting", b"[" * 100_000 + b"]" * 100_000, {}), ("oversized", b'{"x": "' + b"a" * 300_000 + b'"}', {}),
+        ("missing messages", {"model": "diffpo-tiny"}, {}), ("missing model", {"messages": ok["messages"]}, {}),
+        ("empty messages", dict(ok, messages=[]), {}), ("messages not list", dict(ok, messages="hi"), {}),
+        ("message not object", dict(ok, messages=["hi"]), {}), ("no content", dict(ok, messages=[{"role": "user"}]), {}),
+        ("bad role", dict(ok, messages=[{"role": "root", "content": "x"}]), {}),
+        ("last not user", dict(ok, messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]), {}),
+        ("empty content", dict(ok, messages=[{"role": "user", "content": "   "}]), {}),
+        ("content int", dict(ok, messages=[{"role": "user", "content": 5}]), {}),
+        ("image part", dict(ok, messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), {}),
+        ("unknown model", dict(ok, model="gpt-7"), {}), ("model int", dict(ok, model=3), {}),
+        ("max_tokens huge", dict(ok, max_tokens=10 ** 9), {}), ("max_tokens zero", dict(ok, max_tokens=0), {}),
+        ("max_tokens str", dict(ok, max_tokens="5"), {}), ("max_tokens float", dict(ok, max_tokens=2.5), {}),
+        ("temperature neg", dict(ok, temperature=-1), {}), ("temperature str", dict(ok, temperature="hot"), {}),
+        ("top_p zero", dict(ok, top_p=0), {}), ("top_p big", dict(ok, top_p=3), {}), ("n=2", dict(ok, n=2), {}),
+        ("stream str", dict(ok, stream="yes"), {}), ("tools", dict(ok, tools=[{"type": "function"}]), {}),
+        ("stop", dict(ok, stop=["\n"]), {}), ("too many messages", dict(ok, messages=ok["messages"] * 100), {}),
+        ("over context", dict(ok, messages=[{"role": "user", "content": "y" * 6000}]), {}),
+        ("no auth", ok, {"key": None}), ("wrong auth", ok, {"key": "nope"}),
+        ("basic auth", ok, {"key": None, "headers": {"Authorization": "Basic dXNlcjpwYXNz"}}),
+    ]
+    fields = ["model", "messages", "max_tokens", "temperature", "top_p", "n", "stream", "stop"]
+    junk = [None, -1, 0, 1e309, "", "\u0000", "\u202e", [], {}, [[]], {"a": {"b": []}}, True, "x" * 5000]
+    while len(cases) < 230:
+        body = dict(ok)
+        for f in rng.sample(fields, rng.randint(0, 3)):
+            body[f] = rng.choice(junk)
+        body[rng.choice(["model", "messages"])] = rng.choice([None, -1, 1e309, "", [], {}, [[]], True])  # always bad
+        raw = json.dumps(body).encode()
+        if rng.random() < 0.3:  # truncate or flip bytes
+            cut = rng.randint(0, len(raw) - 1)
+            raw = raw[:cut] + bytes([rng.randint(0, 255)]) * rng.randint(0, 3)
+        cases.append((f"random {len(cases)}", raw, {}))
+    return cases
+
+
+def test_fuzz_hostile_requests_get_4xx_json_and_server_stays_healthy(server):
+    cases = _fuzz_cases(random.Random(0))
+    assert len(cases) >= 200
+    statuses = {}
+    for label, body, kw in cases:
+        kw = dict(kw)
+        key = kw.pop("key", TEST_API_KEY)
+        r = post(server, body, key=key, **kw)
+        assert r.status_code < 500, f"{label}: {r.status_code} {r.text[:300]}"
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        if r.status_code >= 400:
+            err = r.json()["error"]
+            assert isinstance(err["message"], str) and err["message"], label
+    # a declared body far over the limit is refused before it is read (raw socket: clients won't send this)
+    with socket.create_connection(("127.0.0.1", server["port"]), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + TEST_API_KEY.encode() + b"\r\nContent-Length: 99999999\r\n\r\n{}")
+        head = sock.recv(4096).decode(errors="replace")
+    assert head.startswith("HTTP/1.1 413"), head[:200]
+    assert sum(v for k, v in statuses.items() if 400 <= k < 500) >= 200, statuses
+    assert statuses.get(401, 0) >= 3 and statuses.get(413, 0) >= 1 and statuses.get(404, 0) >= 1, statuses
+    # wrong routes and methods are JSON errors too
+    assert httpx.get(server["url"] + "/v1/chat/completions").status_code == 405
+    assert httpx.get(server["url"] + "/nope").json()["error"]["code"] == "not_found"
+    assert httpx.get(server["url"] + "/healthz").json()["status"] == "ok"
+    assert post(server, {"model": "diffpo-tiny", "messages": MSGS, "max_tokens": 8}).status_code == 200
+
+
+def test_full_queue_answers_503_quickly(server):
+    body = {"model": "diffpo-tight", "messages": MSGS, "max_tokens": MAX_NEW, "temperature": 0}
+    with ThreadPoolExecutor(16) as pool:
+        t0 = time.time()
+        rs = list(pool.map(lambda i: post(server, dict(body, messages=[{"role": "user", "content": f"q{i}"}])),
+                           range(16)))
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) >= 1 and codes.count(200) >= 1, codes
+    assert all(r.json()["error"]["code"] == "overloaded" for r in rs if r.status_code == 503)
+    assert time.time() - t0 < 30
+
+
+def _replica_actors(deployment: str):
+    import ray
+
+    return [a for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == "serve" and f"#{deployment}#" in a["name"]]
+
+
+def test_killing_the_aligner_replica_under_load(server, expected):
+    import ray
+
+    before = _replica_actors("aligner-jacobi")
+    assert len(before) == 1, before
+    prompts = [[{"role": "user", "content": f"Tell me fact number {i}."}] for i in range(12)]
+    results = [None] * len(prompts)
+
+    def call(i):
+        t0 = time.time()
+        r = post(server, {"model": "diffpo-tiny", "messages": prompts[i], "max_tokens": MAX_NEW, "temperature": 0})
+        results[i] = (r, time.time() - t0)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+        time.sleep(0.02)
+    time.sleep(0.3)
+    ray.kill(ray.get_actor(before[0]["name"], namespace="serve"), no_restart=True)
+    for t in threads:
+        t.join(timeout=90)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    ok = 0
+    for i, (r, secs) in enumerate(results):
+        assert secs < 30 + 10, f"request {i} took {secs:.1f}s, past the 30 s request timeout"
+        if r.status_code == 200:
+            body = r.json()
+            assert body["choices"][0]["message"]["content"] == expected(prompts[i], body["diffpo"]["draft"], MAX_NEW)
+            ok += 1
+        else:
+            assert r.status_code in (503, 504), (r.status_code, r.text)
+            assert r.json()["error"]["message"]
+    # Serve replaces the replica and the app answers correctly again
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        after = _replica_actors("aligner-jacobi")
+        if after and after[0]["name"] != before[0]["name"]:
+            r = post(server, {"model": "diffpo-tiny", "messages": prompts[0], "max_tokens": 8, "temperature": 0})
+            if r.status_code == 200:
+                break
+        time.sleep(1)
+    else:
+        pytest.fail("the aligner replica was not replaced within 90 s")
+    assert r.json()["choices"][0]["message"]["content"] == expected(prompts[0], r.json()["diffpo"]["draft"], 8)
+
+
+def test_batch_job_drafts_through_the_openai_endpoint(server, tmp_path, monkeypatch):
+    """jobs.align_dataset with base.kind=openai: the drafts come over HTTP from the running app."""
+    import pandas as pd
+
+    from jobs.align_dataset import main
+
+    monkeypatch.setenv(TEST_API_KEY_ENV, TEST_API_KEY)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n"
+                           for i, p in enumerate(["Say hi.", "Name a fruit.", "Count to two."])))
+    out = tmp_path / "out"
+    s = main([f"input.path={src}", f"output.path={out}", "base.kind=openai", f"base.base_url={server['url']}/v1",
+              "base.model=tiny", f"base.api_key_env={TEST_API_KEY_ENV}", "base.do_sample=false",
+              "base.max_new_tokens=12", "base.num_cpus=0.1", f"aligner.model={server['tiny']}",
+              "aligner.max_new_tokens=16", "aligner.num_cpus=0.2", "ray.progress_bars=false"])
+    assert s["rows_out"] == 3 and s["error_rows"] == 0, s
+    df = pd.read_parquet(out / "aligned.parquet").sort_values("id")
+    c = client(server)
+    for _, row in df.iterrows():
+        bare = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": row["prompt"]}],
+                                         max_tokens=12, temperature=0)
+        assert row["draft"] == bare.choices[0].message.content
