@@ -69,6 +69,10 @@ class Ingress:
         self.api_key = os.environ.get(self.args.api_key_env) or None
         self.created = int(time.time())
 
+    def check_health(self):
+        if set(self.bases) != {r.base for r in self.args.models.values()}:
+            raise RuntimeError("ingress lost its base handles")
+
     # ---- helpers ---------------------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
         if self.api_key is None:

@@ -1,0 +1,751 @@
+"""Ranked answer states for consistency training of the aligner, with Ray Data.
+
+    python -m jobs.build_states                                    # ../shared/data AlpacaEval ranked answers
+    python -m jobs.build_states input.path=answers.jsonl.gz output.path=outputs/states rank.target=reference
+    ray job submit --working-dir . -- python -m jobs.build_states ray.address=auto input.path=/data/x.parquet \
+        score.kind=reward_model score.reward_model.model=/models/rm score.reward_model.num_gpus=1
+
+read -> normalize (-> merge a flat layout by prompt id) -> [draft stages: one per configured base model]
+-> filters (empty, repetition, over-length with the aligner's tokenizer; the score column is read here)
+-> [reward-model or judge actor pool] -> rank into states worst..best + split -> write_parquet(_parts).
+The driver then splits the parts into the outputs in `output.path`:
+  train.parquet, dev.parquet, heldout.parquet   one row per prompt (states worst..best, target last)
+  errors.jsonl                                   every row that could not become an example, with the reason
+  summary.json, config.yaml
+Every key is documented in conf/build_states.yaml. `pipeline/states.py` holds the logic; this file only
+wires it into Ray Data.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from jobs.config import REPO, ConfigError, expand, load_config, to_yaml
+
+TASK_HEADROOM_CPUS = 1.0  # kept free for Ray Data's read/map/write tasks (1 CPU each); without it: a silent hang
+ROW_COLUMNS = ["id", "messages", "reference", "answers", "meta", "error", "error_kind"]
+SPLITS = ("train", "dev", "heldout")
+INPUT_EXTS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+
+
+# ---- config schema ---------------------------------------------------------------------------------
+@dataclass
+class InputCfg:
+    path: str = "../shared/data/alpaca_eval/ranked_responses.jsonl.gz"
+    layout: str = "nested"  # nested: a list of answers per record | flat: one record per (prompt id, answer)
+    id_field: str = "id"
+    prompt_field: str = "instruction"  # a string, or a list of {role, content} messages ending with the user
+    answers_field: Optional[str] = "responses"  # nested layout only; null = the file holds prompts only
+    text_field: str = "output"
+    score_field: Optional[str] = "win_prob_vs_reference"  # number or string holding one; used by score.kind=column
+    generator_field: Optional[str] = "generator"
+    reference_field: Optional[str] = "reference_output"
+    limit: Optional[int] = None
+
+
+@dataclass
+class OutputCfg:
+    path: str = "outputs/build_states"
+
+
+@dataclass
+class BaseCfg:
+    """A base model whose answers join each prompt's candidates (one or more per prompt)."""
+    name: Optional[str] = None  # generator name in the output; null = the model's name
+    kind: str = "hf"  # hf: runs in the job's actors | openai: an OpenAI-compatible endpoint
+    model: str = "default"
+    base_url: Optional[str] = None
+    api_key_env: Optional[str] = None
+    timeout_s: float = 60.0
+    max_retries: int = 3
+    parallel_requests: int = 8
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    do_sample: bool = True
+    num_answers: int = 1
+    batch_size: int = 4
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    concurrency: int = 1
+
+
+@dataclass
+class RewardModelCfg:
+    model: Optional[str] = None
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    label_index: int = 0
+    max_length: int = 4096
+    batch_size: int = 4
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    concurrency: int = 1
+
+
+@dataclass
+class JudgeCfg:
+    base_url: Optional[str] = None
+    model: Optional[str] = None
+    api_key_env: Optional[str] = None
+    timeout_s: float = 60.0
+    max_retries: int = 3
+    parallel_requests: int = 8
+    max_tokens: int = 512
+    template: Optional[str] = None
+    batch_size: int = 4
+    num_cpus: float = 0.25
+    concurrency: int = 1
+
+
+@dataclass
+class ScoreCfg:
+    kind: str = "column"  # column | reward_model | judge
+    reward_model: RewardModelCfg = field(default_factory=RewardModelCfg)
+    judge: JudgeCfg = field(default_factory=JudgeCfg)
+
+
+@dataclass
+class RankCfg:
+    target: str = "best"  # best | reference
+    min_states: int = 2
+
+
+@dataclass
+class FiltersCfg:
+    tokenizer: Optional[str] = "default"
+    trust_remote_code: bool = False
+    max_tokens: Optional[int] = 2048
+    repeat_ngram: int = 4
+    max_repeat_fraction: Optional[float] = 0.5
+
+
+@dataclass
+class SplitCfg:
+    heldout_mod: Optional[int] = 4
+    heldout_rem: int = 0
+    dev_fraction: float = 0.0
+
+
+@dataclass
+class RayCfg:
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    torch_threads: int = 1
+    progress_bars: bool = True
+    rows_per_block: int = 32
+
+
+@dataclass
+class BuildStatesConfig:
+    input: InputCfg = field(default_factory=InputCfg)
+    output: OutputCfg = field(default_factory=OutputCfg)
+    bases: List[BaseCfg] = field(default_factory=list)
+    score: ScoreCfg = field(default_factory=ScoreCfg)
+    rank: RankCfg = field(default_factory=RankCfg)
+    filters: FiltersCfg = field(default_factory=FiltersCfg)
+    split: SplitCfg = field(default_factory=SplitCfg)
+    seed: int = 0
+    ray: RayCfg = field(default_factory=RayCfg)
+    show_samples: int = 1
+
+
+def _resolve(path: str) -> Path:
+    p = Path(expand(path))
+    return p if p.is_absolute() or p.exists() else REPO / p
+
+
+def input_files(path: str) -> list[str]:
+    p = _resolve(path)
+    if p.is_dir():
+        return sorted(f for f in glob.glob(str(p / "**" / "*"), recursive=True) if f.endswith(INPUT_EXTS))
+    return [str(p)] if p.is_file() else []
+
+
+def base_name(b) -> str:
+    return b.name or Path(str(b.model).rstrip("/")).name or "base"
+
+
+def validate(cfg) -> None:
+    from pipeline.openai_http import EndpointConfig
+    from pipeline.states import TARGETS, check_judge_template
+
+    problems = []
+    i = cfg.input
+    if not input_files(i.path):
+        problems.append(f"input.path: no {'/'.join(INPUT_EXTS)} input found at {i.path!r} (set input.path=...)")
+    elif any(not f.endswith(INPUT_EXTS) for f in input_files(i.path)):
+        problems.append(f"input.path: {i.path!r} is not one of {', '.join(INPUT_EXTS)}")
+    if i.layout not in ("nested", "flat"):
+        problems.append(f"input.layout: {i.layout!r} is not nested or flat")
+    if i.layout == "nested" and not i.answers_field and not cfg.bases:
+        problems.append("input.answers_field is null and no bases are configured: no answers to rank")
+    if i.limit is not None and i.limit < 1:
+        problems.append(f"input.limit: must be >= 1 or null, got {i.limit}")
+    kind = cfg.score.kind
+    if kind not in ("column", "reward_model", "judge"):
+        problems.append(f"score.kind: {kind!r} is not column, reward_model or judge")
+    if kind == "column" and not i.score_field:
+        problems.append("score.kind=column needs input.score_field (or use score.kind=reward_model / judge)")
+    if kind == "column" and cfg.bases:
+        problems.append("score.kind=column cannot score the answers of bases (they have no score column); "
+                        "use score.kind=reward_model or judge")
+    if kind == "reward_model":
+        rm = cfg.score.reward_model
+        if not rm.model or rm.model == "default":
+            problems.append("score.reward_model.model: set a HF sequence-classification model (folder or hub id)")
+        _pool_problems("score.reward_model", rm, problems)
+        if rm.max_length < 8:
+            problems.append("score.reward_model.max_length: must be >= 8")
+    if kind == "judge":
+        j = cfg.score.judge
+        ep = EndpointConfig(base_url=j.base_url or "", model=j.model or "", api_key_env=j.api_key_env,
+                            timeout_s=j.timeout_s, max_retries=j.max_retries)
+        problems += [f"score.judge: {p}" for p in ep.validate()]
+        if j.template is not None:
+            try:
+                check_judge_template(j.template)
+            except ValueError as e:
+                problems.append(f"score.judge.template: {e}")
+        if j.parallel_requests < 1 or j.max_tokens < 1:
+            problems.append("score.judge.parallel_requests and max_tokens must be >= 1")
+        _pool_problems("score.judge", j, problems)
+    names = [base_name(b) for b in cfg.bases]
+    if len(set(names)) != len(names):
+        problems.append(f"bases: generator names must be unique, got {names}; set bases.N.name")
+    for n, b in enumerate(cfg.bases):
+        key = f"bases.{n}"
+        if b.kind not in ("hf", "openai"):
+            problems.append(f"{key}.kind: {b.kind!r} is not hf or openai")
+        elif b.kind == "openai":
+            ep = EndpointConfig(base_url=b.base_url or "", model=b.model, api_key_env=b.api_key_env,
+                                timeout_s=b.timeout_s, max_retries=b.max_retries)
+            problems += [f"{key}: {p}" for p in ep.validate()]
+        if b.max_new_tokens < 1 or b.num_answers < 1:
+            problems.append(f"{key}: max_new_tokens and num_answers must be >= 1")
+        if b.do_sample and not (0 < b.top_p <= 1 and b.temperature > 0):
+            problems.append(f"{key}: sampling needs temperature > 0 and 0 < top_p <= 1 (or do_sample=false)")
+        _pool_problems(key, b, problems)
+    if cfg.rank.target not in TARGETS:
+        problems.append(f"rank.target: {cfg.rank.target!r} is not one of {', '.join(TARGETS)}")
+    if cfg.rank.target == "reference" and not i.reference_field:
+        problems.append("rank.target=reference needs input.reference_field")
+    if cfg.rank.min_states < 1:
+        problems.append(f"rank.min_states: must be >= 1, got {cfg.rank.min_states}")
+    f = cfg.filters
+    if f.max_tokens is not None and (f.max_tokens < 2 or not f.tokenizer):
+        problems.append("filters.max_tokens: must be >= 2 and needs filters.tokenizer (or null to skip the filter)")
+    if f.repeat_ngram < 1:
+        problems.append(f"filters.repeat_ngram: must be >= 1, got {f.repeat_ngram}")
+    if f.max_repeat_fraction is not None and not 0 <= f.max_repeat_fraction < 1:
+        problems.append(f"filters.max_repeat_fraction: must be in [0, 1) or null, got {f.max_repeat_fraction}")
+    s = cfg.split
+    if s.heldout_mod is not None and (s.heldout_mod < 1 or not 0 <= s.heldout_rem < s.heldout_mod):
+        problems.append(f"split: need heldout_mod >= 1 and 0 <= heldout_rem < heldout_mod (or heldout_mod=null), "
+                        f"got {s.heldout_mod}, {s.heldout_rem}")
+    if not 0 <= s.dev_fraction < 1:
+        problems.append(f"split.dev_fraction: must be in [0, 1), got {s.dev_fraction}")
+    if cfg.ray.torch_threads < 1 or cfg.ray.rows_per_block < 1:
+        problems.append("ray.torch_threads and ray.rows_per_block must be >= 1")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _pool_problems(key: str, st, problems: list) -> None:
+    if st.batch_size < 1 or st.concurrency < 1:
+        problems.append(f"{key}: batch_size and concurrency must be >= 1")
+    if st.num_cpus <= 0 and getattr(st, "num_gpus", 0) <= 0:
+        problems.append(f"{key}.num_cpus: must be > 0 (fractions such as 0.5 are fine), got {st.num_cpus}")
+    if getattr(st, "dtype", "auto") not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+        problems.append(f"{key}.dtype: {st.dtype!r} is not auto, float32, bfloat16 or float16")
+
+
+def actor_pools(cfg) -> list[tuple[str, object]]:
+    pools = [(f"bases.{n}", b) for n, b in enumerate(cfg.bases)]
+    if cfg.score.kind in ("reward_model", "judge"):
+        pools.append((f"score.{cfg.score.kind}", cfg.score[cfg.score.kind]))
+    return pools
+
+
+def preflight_resources(cfg) -> None:
+    """Refuse actor pools that would leave no CPU for Ray Data's tasks (the pipeline would wait forever)."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    pools = actor_pools(cfg)
+    want_cpu = sum(st.num_cpus * st.concurrency for _, st in pools)
+    want_gpu = sum(getattr(st, "num_gpus", 0.0) * st.concurrency for _, st in pools)
+    problems = []
+    if want_cpu + TASK_HEADROOM_CPUS > cpus:
+        detail = " + ".join(f"{k} {st.num_cpus} x {st.concurrency}" for k, st in pools)
+        problems.append(f"the actor pools ask for {want_cpu:g} CPUs ({detail}) but the cluster has {cpus:g} and "
+                        f"{TASK_HEADROOM_CPUS:g} must stay free for Ray Data's tasks. Lower num_cpus (fractions "
+                        "work, e.g. score.reward_model.num_cpus=0.5) or concurrency.")
+    if want_gpu > gpus:
+        problems.append(f"the actor pools ask for {want_gpu:g} GPUs but the cluster has {gpus:g}; set num_gpus=0 "
+                        "on CPU-only clusters")
+    if problems:
+        raise ConfigError(problems)
+
+
+# ---- reading (thin adapters over pipeline.states) -----------------------------------------------------
+def _fields(i) -> dict:
+    return {"id": i.id_field, "prompt": i.prompt_field, "answers": i.answers_field, "text": i.text_field,
+            "score": i.score_field, "generator": i.generator_field, "reference": i.reference_field}
+
+
+def parse_file(row: dict, fields: dict, layout: str) -> list[dict]:
+    """One JSONL / JSON file (gzipped or not) -> normalized rows; a bad line is one error row."""
+    from pipeline.records import parse_json_array, parse_lines
+    from pipeline.states import error_row, normalize_record
+
+    path, data = row["path"], row["bytes"]
+    src = os.path.basename(path)
+    if path.endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            return [error_row(f"{src}:0", "input", f"not a valid gzip file: {e}")]
+    parse = parse_json_array if path.endswith((".json", ".json.gz")) else parse_lines
+    return [error_row(fid, "input", err) if err else normalize_record(rec, fid, fields, layout)
+            for rec, fid, err in parse(data, src)]
+
+
+def _plain(v):
+    import numpy as np
+
+    if isinstance(v, np.ndarray):
+        return [_plain(x) for x in v.tolist()]
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, bytes):
+        return v.decode("utf-8")
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def parse_parquet_batch(batch: pd.DataFrame, fields: dict, layout: str) -> pd.DataFrame:
+    from pipeline.states import error_row, normalize_record
+
+    out = []
+    for rec in batch.to_dict("records"):
+        # parquet rows carry no line number: a row without a usable id is named by a hash of its content
+        fallback = "parquet:" + hashlib.sha256(repr(sorted(rec.items())).encode()).hexdigest()[:12]
+        try:
+            rec = {k: _plain(v) for k, v in rec.items()}
+        except UnicodeDecodeError as e:
+            out.append(error_row(fallback, "input", f"field is not valid UTF-8 ({e.reason})"))
+            continue
+        out.append(normalize_record(rec, fallback, fields, layout))
+    return pd.DataFrame(out, columns=ROW_COLUMNS)
+
+
+def merge_group(group: pd.DataFrame) -> pd.DataFrame:
+    from pipeline.states import merge_flat
+
+    return pd.DataFrame([merge_flat(group.to_dict("records"))], columns=ROW_COLUMNS)
+
+
+# ---- stages ---------------------------------------------------------------------------------------------
+class DraftStage:
+    """Adds a base model's answers (num_answers per prompt) to every row's candidates.
+
+    HF models answer one prompt per `generate` call (num_answers samples of it, seeded by the job seed, the
+    base name and the row id), so a row's answers never depend on which rows Ray Data batched together."""
+
+    def __init__(self, st: dict, name: str, seed: int, threads: int):
+        import torch
+
+        from pipeline.generate import SamplingParams
+
+        torch.set_num_threads(threads)
+        self.st, self.name, self.seed = st, name, seed
+        self.params = SamplingParams(max_new_tokens=st["max_new_tokens"], temperature=st["temperature"],
+                                     top_p=st["top_p"], do_sample=st["do_sample"], seed=seed)
+        if st["kind"] == "openai":
+            from concurrent.futures import ThreadPoolExecutor
+
+            from pipeline.openai_http import ChatEndpoint, EndpointConfig
+
+            self.endpoint = ChatEndpoint(EndpointConfig(
+                base_url=st["base_url"], model=st["model"], api_key_env=st["api_key_env"],
+                timeout_s=st["timeout_s"], max_retries=st["max_retries"]))
+            self.pool = ThreadPoolExecutor(st["parallel_requests"])
+        else:
+            from pipeline.models import load_model
+
+            self.lm = load_model(st["model"], dtype=st["dtype"], device=st["device"],
+                                 trust_remote_code=st["trust_remote_code"])
+
+    def _answers(self, r: dict) -> list[str]:
+        from pipeline.generate import generate_answers
+
+        msgs, n = json.loads(r["messages"]), self.st["num_answers"]
+        if self.st["kind"] == "openai":
+            p = self.params
+            return list(self.pool.map(lambda _: self.endpoint.chat(
+                msgs, p.max_new_tokens, p.temperature if p.do_sample else 0.0, p.top_p if p.do_sample else 1.0).text,
+                range(n)))
+        return [o[0] for o in generate_answers(self.lm, [msgs] * n, self.params, seed_key=f"{self.name}:{r['id']}")]
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        rows = batch.to_dict("records")
+        n = self.st["num_answers"]
+        gens = [self.name if n == 1 else f"{self.name}#{k}" for k in range(n)]
+        for r in rows:
+            if r["error"]:
+                continue
+            answers = json.loads(r["answers"])
+            try:
+                texts, detail = self._answers(r), ""
+            except Exception as e:  # noqa: BLE001 - one failing prompt must not sink the batch
+                texts, detail = [""] * n, f"{self.name}: {type(e).__name__}: {e}"[:500]
+            for g, t in zip(gens, texts):
+                answers.append({"generator": g, "text": t, "score": None, "raw_score": None,
+                                "drop": "draft_error" if detail else None, "detail": detail})
+            r["answers"] = json.dumps(answers, ensure_ascii=False)
+        return pd.DataFrame(rows, columns=ROW_COLUMNS)
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(spec: str, trust_remote_code: bool):
+    from pipeline.states import load_tokenizer
+
+    return load_tokenizer(spec, trust_remote_code)
+
+
+def filter_batch(batch: pd.DataFrame, f: dict, column_scores: bool, target: str) -> pd.DataFrame:
+    """Content and length filters for every answer (and the reference when it is the target); reads the
+    score column when score.kind=column. Each failing answer gets its reason; nothing is removed here."""
+    from pipeline.prompts import chat_prompt_ids
+    from pipeline.states import column_scores as read_scores
+    from pipeline.states import length_problem, text_problem
+
+    tok = _tokenizer(f["tokenizer"], f["trust_remote_code"]) if f["max_tokens"] else None
+    rows = batch.to_dict("records")
+    for r in rows:
+        if r["error"]:
+            continue
+        answers = json.loads(r["answers"])
+        todo = [a for a in answers if not a["drop"]]
+        for a in todo:
+            p = text_problem(a["text"], f["repeat_ngram"], f["max_repeat_fraction"])
+            if p:
+                a["drop"], a["detail"] = p
+        ref = json.loads(r["reference"])
+        check_ref = target == "reference" and isinstance(ref, str)
+        if check_ref:
+            p = text_problem(ref, f["repeat_ngram"], f["max_repeat_fraction"])
+            if p:
+                r["error"], r["error_kind"] = f"reference answer rejected: {p[1]}", "reference"
+        if tok is not None:
+            n_prompt = len(chat_prompt_ids(tok, json.loads(r["messages"])))
+            todo = [a for a in answers if not a["drop"]]
+            texts = [a["text"] for a in todo] + ([ref] if check_ref and not r["error"] else [])
+            lens = [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
+            for a, n in zip(todo, lens):
+                p = length_problem(n_prompt, n, f["max_tokens"])
+                if p:
+                    a["drop"], a["detail"] = p
+            if check_ref and not r["error"]:
+                p = length_problem(n_prompt, lens[-1], f["max_tokens"])
+                if p:
+                    r["error"], r["error_kind"] = f"reference answer rejected: {p[1]}", "reference"
+        if column_scores:
+            read_scores(answers)
+        r["answers"] = json.dumps(answers, ensure_ascii=False)
+    return pd.DataFrame(rows, columns=ROW_COLUMNS)
+
+
+class RewardStage:
+    """Scores every kept answer with a HF reward model (all answers of one prompt in one forward pass)."""
+
+    def __init__(self, st: dict, threads: int):
+        import torch
+
+        from pipeline.states import RewardModel
+
+        torch.set_num_threads(threads)
+        self.rm = RewardModel(st["model"], device=st["device"], dtype=st["dtype"],
+                              trust_remote_code=st["trust_remote_code"], label_index=st["label_index"],
+                              max_length=st["max_length"])
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        rows = batch.to_dict("records")
+        for r in rows:
+            if r["error"]:
+                continue
+            answers = json.loads(r["answers"])
+            todo = [a for a in answers if not a["drop"]]
+            try:
+                for a, s in zip(todo, self.rm.score(json.loads(r["messages"]), [a["text"] for a in todo])):
+                    a["score"] = s
+            except Exception as e:  # noqa: BLE001
+                for a in todo:
+                    a["drop"], a["detail"] = "score_error", f"reward model: {type(e).__name__}: {e}"[:500]
+            r["answers"] = json.dumps(answers, ensure_ascii=False)
+        return pd.DataFrame(rows, columns=ROW_COLUMNS)
+
+
+class JudgeStage:
+    """Scores every kept answer 1-10 with an OpenAI-compatible judge; an unusable verdict drops the answer
+    with the reason (`pipeline.states.parse_judge_score` never guesses)."""
+
+    def __init__(self, st: dict):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from pipeline.openai_http import ChatEndpoint, EndpointConfig
+        from pipeline.states import DEFAULT_JUDGE_TEMPLATE
+
+        self.endpoint = ChatEndpoint(EndpointConfig(base_url=st["base_url"], model=st["model"],
+                                                    api_key_env=st["api_key_env"], timeout_s=st["timeout_s"],
+                                                    max_retries=st["max_retries"]))
+        self.template, self.max_tokens = st["template"] or DEFAULT_JUDGE_TEMPLATE, st["max_tokens"]
+        self.pool = ThreadPoolExecutor(st["parallel_requests"])
+
+    def _one(self, msgs, a) -> None:
+        from pipeline.states import judge_answer
+
+        try:
+            a["score"] = judge_answer(self.endpoint, msgs, a["text"], self.template, self.max_tokens)
+        except Exception as e:  # noqa: BLE001 - endpoint failures and unparsable verdicts alike
+            a["drop"], a["detail"] = "score_error", f"judge: {type(e).__name__}: {e}"[:500]
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        rows = batch.to_dict("records")
+        parsed = {i: (json.loads(r["messages"]), json.loads(r["answers"])) for i, r in enumerate(rows)
+                  if not r["error"]}
+        work = [(m, a) for m, answers in parsed.values() for a in answers if not a["drop"]]
+        list(self.pool.map(lambda x: self._one(*x), work))
+        for i, (_, answers) in parsed.items():
+            rows[i]["answers"] = json.dumps(answers, ensure_ascii=False)
+        return pd.DataFrame(rows, columns=ROW_COLUMNS)
+
+
+OUT_COLUMNS = ["id", "prompt", "messages", "states", "scores", "generators", "target", "num_states", "split",
+               "dropped", "meta", "error", "error_kind", "answers_in"]
+
+
+def rank_batch(batch: pd.DataFrame, target: str, min_states: int, seed: int, split: dict) -> pd.DataFrame:
+    """Rows -> output rows: states worst..best (lists as JSON until the driver writes typed Parquet)."""
+    from pipeline.states import RowError, rank_states, split_of
+
+    out = []
+    for r in batch.to_dict("records"):
+        msgs = json.loads(r["messages"])
+        answers = json.loads(r["answers"])
+        row = {"id": r["id"], "prompt": msgs[-1]["content"] if msgs else "", "messages": r["messages"],
+               "states": "[]", "scores": "[]", "generators": "[]", "target": "", "num_states": 0,
+               "split": split_of(r["id"], split["heldout_mod"], split["heldout_rem"], split["dev_fraction"], seed),
+               "dropped": "[]", "meta": r["meta"], "error": r["error"], "error_kind": r["error_kind"],
+               "answers_in": len(answers)}
+        if not r["error"]:
+            try:
+                st = rank_states(r["id"], answers, json.loads(r["reference"]), target, min_states, seed)
+                row.update(states=json.dumps(st["states"], ensure_ascii=False), scores=json.dumps(st["scores"]),
+                           generators=json.dumps(st["generators"], ensure_ascii=False), target=st["states"][-1],
+                           num_states=len(st["states"]))
+            except RowError as e:
+                row["error"], row["error_kind"] = str(e), e.kind
+        row["dropped"] = json.dumps([{"generator": a["generator"], "reason": a["drop"], "detail": a["detail"]}
+                                     for a in answers if a["drop"]], ensure_ascii=False)
+        out.append(row)
+    return pd.DataFrame(out, columns=OUT_COLUMNS)
+
+
+# ---- finalize ---------------------------------------------------------------------------------------------
+def _sort_key(x: str):
+    return (0, int(x), "") if str(x).lstrip("-").isdigit() else (1, 0, str(x))
+
+
+def output_schema():
+    import pyarrow as pa
+
+    return pa.schema([("id", pa.string()), ("prompt", pa.string()), ("messages", pa.string()),
+                      ("states", pa.list_(pa.string())), ("scores", pa.list_(pa.float64())),
+                      ("generators", pa.list_(pa.string())), ("target", pa.string()), ("num_states", pa.int64()),
+                      ("split", pa.string()), ("dropped", pa.string()), ("meta", pa.string())])
+
+
+def finalize(cfg, out: Path, parts: Path, rows_in: int, started: float) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.states import DROP_REASONS
+
+    files = sorted(parts.glob("*.parquet"))
+    df = (pa.concat_tables([pq.read_table(f) for f in files]).to_pandas() if files
+          else pd.DataFrame(columns=OUT_COLUMNS))
+    if df["id"].duplicated().any():
+        raise RuntimeError(f"internal error: ids written twice: {df['id'][df['id'].duplicated()].tolist()[:5]}")
+    df = df.iloc[sorted(range(len(df)), key=lambda k: _sort_key(df["id"].iat[k]))].reset_index(drop=True)
+    ok, bad = df[df["error"] == ""], df[df["error"] != ""]
+    schema = output_schema()
+    counts = {}
+    for split in SPLITS:
+        part = ok[ok["split"] == split]
+        cols = {name: part[name].tolist() for name in schema.names}
+        for name in ("states", "scores", "generators"):
+            cols[name] = [json.loads(x) for x in cols[name]]
+        pq.write_table(pa.table(cols, schema=schema), out / f"{split}.parquet")
+        counts[split] = len(part)
+    with open(out / "errors.jsonl", "w") as f:
+        for r in bad.to_dict("records"):
+            f.write(json.dumps({"id": r["id"], "error_kind": r["error_kind"], "error": r["error"],
+                                "split": r["split"], "prompt": r["prompt"][:500]}, ensure_ascii=False) + "\n")
+    dropped = {k: 0 for k in DROP_REASONS}
+    for d in df["dropped"]:
+        for x in json.loads(d):
+            dropped[x["reason"]] = dropped.get(x["reason"], 0) + 1
+    n_states = ok["num_states"].astype(int)
+    ref_states = len(ok) if cfg.rank.target == "reference" else 0
+    wall = time.perf_counter() - started
+    summary = {
+        "rows_in": rows_in, "rows_out": len(ok), "error_rows": len(bad),
+        "rows_by_split": counts,
+        "error_rows_by_kind": {k: int(v) for k, v in bad["error_kind"].value_counts().sort_index().items()},
+        "error_rows_by_split": {s: int((bad["split"] == s).sum()) for s in SPLITS},
+        "answers_in": int(df["answers_in"].sum()),
+        "answers_as_states": int(n_states.sum()) - ref_states,
+        "answers_dropped": dropped,
+        "answers_in_error_rows_not_dropped": int(df["answers_in"].sum()) - (int(n_states.sum()) - ref_states)
+                                             - sum(dropped.values()),
+        "states_per_row": ({"mean": round(float(n_states.mean()), 3), "min": int(n_states.min()),
+                            "max": int(n_states.max()), "histogram": {int(k): int(v) for k, v in
+                                                                     n_states.value_counts().sort_index().items()}}
+                           if len(ok) else {}),
+        "target": cfg.rank.target, "score": cfg.score.kind, "seed": cfg.seed,
+        "wall_s": round(wall, 2), "rows_per_s": round(rows_in / wall, 3) if wall > 0 else 0.0,
+        "outputs": {s: str(out / f"{s}.parquet") for s in SPLITS} | {"errors": str(out / "errors.jsonl")},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary, ok
+
+
+# ---- main -----------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    started = time.perf_counter()
+    cfg = load_config(BuildStatesConfig, "conf/build_states.yaml", argv)
+    validate(cfg)
+    out = Path(expand(cfg.output.path))
+    parts = out / "_parts"
+    if parts.exists():
+        shutil.rmtree(parts)  # a new run: parts of an earlier one would mix in
+    parts.mkdir(parents=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    print("[build_states] resolved config:\n" + to_yaml(cfg), flush=True)
+
+    import ray
+    from ray.data import DataContext
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not ray.is_initialized():
+        env = {"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"],
+                            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}}
+        if cfg.ray.address:
+            ray.init(address=cfg.ray.address, runtime_env=env, log_to_driver=False)
+        else:
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local: bind to 127.0.0.1 only
+            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False)
+    preflight_resources(cfg)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = cfg.ray.progress_bars
+    ctx.execution_options.preserve_order = True  # `limit` picks the same rows every run; outputs are sorted anyway
+
+    # read -> normalized rows ------------------------------------------------------------------------
+    files = input_files(cfg.input.path)
+    fields, layout = _fields(cfg.input), cfg.input.layout
+    pq_files = [f for f in files if f.endswith(".parquet")]
+    js_files = [f for f in files if not f.endswith(".parquet")]
+    pieces = []
+    if js_files:
+        pieces.append(ray.data.read_binary_files(js_files, include_paths=True)
+                      .flat_map(parse_file, fn_kwargs=dict(fields=fields, layout=layout)))
+    if pq_files:
+        pieces.append(ray.data.read_parquet(pq_files).map_batches(
+            parse_parquet_batch, batch_format="pandas", fn_kwargs=dict(fields=fields, layout=layout)))
+    parsed = pieces[0] if len(pieces) == 1 else pieces[0].union(*pieces[1:])
+    if cfg.input.limit:
+        parsed = parsed.limit(cfg.input.limit)
+    if layout == "flat":
+        parsed = parsed.groupby("id").map_groups(merge_group, batch_format="pandas")
+    parsed = parsed.materialize()  # rows are small; the id check and the counts need them all
+
+    ids = parsed.select_columns(["id"]).to_pandas()["id"]
+    dups = ids[ids.duplicated()].unique().tolist()
+    if dups:
+        raise ConfigError([f"input has duplicate ids {dups[:10]}{' ...' if len(dups) > 10 else ''}: set "
+                           "input.id_field to a unique field, or input.layout=flat for one row per answer"])
+    rows_in = len(ids)
+    print(f"[build_states] {rows_in} prompts read from {len(files)} file(s)", flush=True)
+
+    # stages ---------------------------------------------------------------------------------------------
+    ds = parsed.repartition(target_num_rows_per_block=cfg.ray.rows_per_block)
+    threads = cfg.ray.torch_threads
+    for b in cfg.bases:
+        ds = ds.map_batches(DraftStage, batch_format="pandas", batch_size=b.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=b.concurrency),
+                            num_cpus=b.num_cpus, num_gpus=b.num_gpus or None,
+                            fn_constructor_kwargs=dict(st=OmegaConf.to_container(b), name=base_name(b),
+                                                       seed=cfg.seed, threads=threads))
+    ds = ds.map_batches(filter_batch, batch_format="pandas",
+                        fn_kwargs=dict(f=OmegaConf.to_container(cfg.filters),
+                                       column_scores=cfg.score.kind == "column", target=cfg.rank.target))
+    sc = cfg.score
+    if sc.kind == "reward_model":
+        rm = sc.reward_model
+        ds = ds.map_batches(RewardStage, batch_format="pandas", batch_size=rm.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=rm.concurrency),
+                            num_cpus=rm.num_cpus, num_gpus=rm.num_gpus or None,
+                            fn_constructor_kwargs=dict(st=OmegaConf.to_container(rm), threads=threads))
+    elif sc.kind == "judge":
+        j = sc.judge
+        ds = ds.map_batches(JudgeStage, batch_format="pandas", batch_size=j.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=j.concurrency), num_cpus=j.num_cpus,
+                            fn_constructor_kwargs=dict(st=OmegaConf.to_container(j)))
+    ds = ds.map_batches(rank_batch, batch_format="pandas",
+                        fn_kwargs=dict(target=cfg.rank.target, min_states=cfg.rank.min_states, seed=cfg.seed,
+                                       split=OmegaConf.to_container(cfg.split)))
+    ds.write_parquet(str(parts))
+
+    summary, ok = finalize(cfg, out, parts, rows_in, started)
+    shutil.rmtree(parts)
+    print("[build_states] summary:\n" + json.dumps(summary, indent=2), flush=True)
+    for r in ok.head(cfg.show_samples).to_dict("records"):
+        states, scores, gens = json.loads(r["states"]), json.loads(r["scores"]), json.loads(r["generators"])
+        print(f"\n--- id {r['id']} ({r['split']}) ---\nPROMPT: {r['prompt'][:200]}")
+        for t, (s, sc_, g) in enumerate(zip(states, scores, gens)):
+            print(f"  y({t}) {g} score={sc_}: {s[:120]!r}")
+    print(f"\n[build_states] outputs in {out}: " + ", ".join(f"{s}.parquet ({n} rows)"
+                                                          for s, n in summary["rows_by_split"].items())
+          + f", errors.jsonl ({summary['error_rows']} rows)")
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:
+        print(f"[build_states] {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,414 @@
+"""Ranked answer states for consistency training of the aligner: parsing, filters, scoring, ranking, split.
+
+A prompt with several answers of different quality becomes the states y(0) ... y(T), worst to best by
+score; y(T), the target, is the best answer or (``target="reference"``) the reference answer, with every
+model answer ranked below it. `jobs/build_states.py` wires these functions into Ray Data; nothing here
+knows about Ray or the job's config, so all of it is testable with plain values.
+
+An answer travels through the stages as a dict::
+
+    {"generator": str, "text": str, "score": float | None, "raw_score": any, "drop": str | None, "detail": str}
+
+``drop`` is the reason key of an answer that is filtered out (kept in the row, so the summary can count it):
+
+    empty        no text, or only whitespace
+    repetition   repeated word n-gram fraction above the threshold (see `repeated_ngram_fraction`)
+    too_long     prompt (chat template) + answer + EOS longer than max_tokens aligner tokens
+    no_score     the score column is missing or not a number
+    score_error  the reward model or the judge failed, or the judge's verdict names no rating
+    draft_error  a configured base model could not produce the answer
+    duplicate    the same text (stripped) as a better-ranked answer or as the reference target
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+
+DROP_REASONS = ("empty", "repetition", "too_long", "no_score", "score_error", "draft_error", "duplicate")
+TARGETS = ("best", "reference")
+REFERENCE = "reference"  # generator name of the reference answer in the output
+
+
+class RowError(ValueError):
+    """A row that cannot become a training example; `kind` is the summary key, the message the reason."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+# ---- input records ---------------------------------------------------------------------------------
+def _messages_of(prompt) -> list[dict]:
+    """A prompt string, or a chat (list of {role, content}) ending with the user's turn, as messages."""
+    from .prompts import check_messages
+
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise RowError("input", "empty prompt")
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list):
+        try:
+            check_messages(prompt)
+        except ValueError as e:
+            raise RowError("input", f"bad messages: {e}") from None
+        return [{"role": m["role"], "content": m["content"]} for m in prompt]
+    raise RowError("input", f"prompt must be a string or a list of messages, not {type(prompt).__name__}")
+
+
+def _answer(rec: dict, text_field: str, score_field: str | None, generator_field: str | None, n: int) -> dict:
+    text = rec.get(text_field)
+    gen = rec.get(generator_field) if generator_field else None
+    return {"generator": str(gen) if gen is not None else f"answer{n}",
+            "text": text if isinstance(text, str) else "", "score": None,
+            "raw_score": rec.get(score_field) if score_field else None, "drop": None, "detail": ""}
+
+
+def normalize_record(rec, fallback_id: str, fields: dict, layout: str = "nested") -> dict:
+    """One input record -> a normalized row (never raises for bad data; the row then carries the error).
+
+    ``fields`` maps id, prompt, answers, text, score, generator, reference to the record's field names
+    (answers/score/generator/reference may be None). ``nested``: the record holds a list of answers.
+    ``flat``: the record is one (prompt id, prompt, answer, score) row; rows with the same id are merged
+    later by `merge_flat`. A row with no answers field is fine (configured base models may answer it).
+    """
+    if not isinstance(rec, dict):
+        return error_row(fallback_id, "input", f"record is {type(rec).__name__}, not a JSON object")
+    rid = rec.get(fields["id"])
+    if rid is None:
+        return error_row(fallback_id, "input", f"missing id field {fields['id']!r}")
+    rid = str(rid)
+    try:
+        if fields["prompt"] not in rec:
+            raise RowError("input", f"missing prompt field {fields['prompt']!r}")
+        messages = _messages_of(rec[fields["prompt"]])
+        ref = rec.get(fields["reference"]) if fields.get("reference") else None
+        if ref is not None and not isinstance(ref, str):
+            raise RowError("input", f"reference field {fields['reference']!r} must be a string")
+        if layout == "flat":
+            answers = [_answer(rec, fields["text"], fields.get("score"), fields.get("generator"), 0)]
+        else:
+            raw = rec.get(fields["answers"]) if fields.get("answers") else None
+            if raw is None:
+                raw = []
+            if not isinstance(raw, list) or not all(isinstance(a, dict) for a in raw):
+                raise RowError("input", f"answers field {fields['answers']!r} must be a list of objects")
+            answers = [_answer(a, fields["text"], fields.get("score"), fields.get("generator"), n)
+                       for n, a in enumerate(raw)]
+    except RowError as e:
+        return error_row(rid if layout == "nested" else fallback_id, e.kind, f"{e}" + (
+            f" (prompt id {rid})" if layout == "flat" else ""))
+    meta = {k: v for k, v in rec.items() if isinstance(v, (str, int, float, bool)) and k not in
+            {fields[f] for f in ("id", "prompt", "answers", "text", "score", "generator", "reference") if fields.get(f)}}
+    return {"id": rid, "messages": json.dumps(messages, ensure_ascii=False), "reference": json.dumps(ref),
+            "answers": json.dumps(answers, ensure_ascii=False), "meta": json.dumps(meta, ensure_ascii=False),
+            "error": "", "error_kind": ""}
+
+
+def error_row(row_id, kind: str, reason: str) -> dict:
+    return {"id": str(row_id), "messages": "[]", "reference": "null", "answers": "[]", "meta": "{}",
+            "error": reason, "error_kind": kind}
+
+
+def merge_flat(rows: list[dict]) -> dict:
+    """Rows of one prompt id (flat layout) -> one row with all their answers, ordered by (generator, text)
+    so the result does not depend on the order a shuffle delivered them in. The rows must agree on the
+    prompt and the reference; error rows never reach here (their ids are their position in the input)."""
+    rows = sorted(rows, key=lambda r: (r["messages"], r["reference"]))
+    first = dict(rows[0])
+    for r in rows[1:]:
+        for k in ("messages", "reference"):
+            if r[k] != first[k]:
+                return error_row(first["id"], "input", f"the rows of prompt id {first['id']} disagree on the {k}")
+    answers = [a for r in rows for a in json.loads(r["answers"])]
+    answers.sort(key=lambda a: (a["generator"], a["text"], str(a["raw_score"])))
+    first["answers"] = json.dumps(answers, ensure_ascii=False)
+    return first
+
+
+# ---- filters ---------------------------------------------------------------------------------------
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def repeated_ngram_fraction(text: str, n: int = 4) -> float:
+    """Share of the answer's word n-grams that repeat an earlier n-gram of the same answer.
+
+    Words are lower-cased ``\\w+`` runs (punctuation and spacing ignored). With G the list of the answer's
+    n-grams (len(words) - n + 1 of them), the fraction is ``1 - len(set(G)) / len(G)``; 0.0 when the
+    answer has fewer than n words. "a b c d a b c d" with n=4 has 5 n-grams, 4 distinct: 0.2. A loop
+    "x, x, x, ..." tends to 1.0. Normal prose is far below 0.3 for n=4; list-heavy or code answers sit higher.
+    """
+    words = [w.lower() for w in _WORD.findall(text)]
+    if n < 1 or len(words) < n:
+        return 0.0
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def text_problem(text: str, repeat_ngram: int, max_repeat_fraction: float | None) -> tuple[str, str] | None:
+    """(reason key, detail) when the text fails the content filters (empty, repetition), else None."""
+    if not isinstance(text, str) or not text.strip():
+        return "empty", "empty answer"
+    if max_repeat_fraction is not None:
+        f = repeated_ngram_fraction(text, repeat_ngram)
+        if f > max_repeat_fraction:
+            return "repetition", f"repeated {repeat_ngram}-gram fraction {f:.3f} > {max_repeat_fraction}"
+    return None
+
+
+def length_problem(prompt_tokens: int, answer_tokens: int, max_tokens: int | None) -> tuple[str, str] | None:
+    """The training sequence is prompt (with chat template) + answer + EOS; it must fit max_tokens."""
+    if max_tokens is None:
+        return None
+    total = prompt_tokens + answer_tokens + 1
+    if total > max_tokens:
+        return "too_long", f"{prompt_tokens} prompt + {answer_tokens} answer tokens + EOS = {total} > {max_tokens}"
+    return None
+
+
+def parse_score(value) -> float | None:
+    """A score given as a number or a string holding one (AlpacaEval stores floats as strings).
+    None for anything else: missing, empty, not a number, NaN or infinite."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        x = float(value)
+    elif isinstance(value, str):
+        try:
+            x = float(value.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    return x if math.isfinite(x) else None
+
+
+def column_scores(answers: list[dict]) -> None:
+    """Set `score` from `raw_score` for every kept answer; answers without a usable one are dropped."""
+    for a in answers:
+        if a["drop"]:
+            continue
+        s = parse_score(a.get("raw_score"))
+        if s is None:
+            a["drop"], a["detail"] = "no_score", f"score column value {a.get('raw_score')!r} is not a number"
+        else:
+            a["score"] = s
+
+
+# ---- an OpenAI-compatible judge ---------------------------------------------------------------------
+DEFAULT_JUDGE_TEMPLATE = (
+    "Please act as an impartial judge and evaluate the quality of the answer an AI assistant gave to the "
+    "user's question below. Consider helpfulness, relevance, accuracy, depth and level of detail. Begin with "
+    "a short explanation, then rate the answer on a scale of 1 to 10 by writing the rating in exactly this "
+    "format: \"Rating: [[5]]\".\n\n[Question]\n{question}\n\n[The Start of the Answer]\n{answer}\n"
+    "[The End of the Answer]"
+)
+_NUM = r"(\d+(?:\.\d+)?)"
+_JUDGE_PATTERNS = (  # most explicit first; the first pattern that matches decides
+    ("[[N]]", re.compile(r"\[\[\s*" + _NUM + r"\s*(?:/\s*10\s*)?\]\]")),
+    ("Rating: N", re.compile(r"\b(?:rating|score)\s*(?:[:=]|is)\s*\**\s*" + _NUM + r"(?![\d.]*\d)", re.IGNORECASE)),
+    ("N/10", re.compile(r"(?<![\d.])" + _NUM + r"\s*(?:/|out of)\s*10\b", re.IGNORECASE)),
+)
+
+
+def parse_judge_score(verdict: str, lo: float = 1.0, hi: float = 10.0) -> float:
+    """The rating in a judge's verdict, or ValueError with the reason: never a guess.
+
+    Accepted, in this order: ``[[7]]`` / ``[[7.5]]`` / ``[[7/10]]``; ``Rating: 7`` / ``Score = 7``;
+    ``7/10`` / ``7 out of 10``; a verdict that is only a number (``"7"``, ``"7."``). The first form found
+    decides; if it appears several times with different values the verdict is ambiguous (an error); a value
+    outside [lo, hi] is an error.
+    """
+    if not isinstance(verdict, str) or not verdict.strip():
+        raise ValueError("empty verdict")
+    text = verdict.strip()
+    values = None
+    for name, pat in _JUDGE_PATTERNS:
+        found = [float(m) for m in pat.findall(text)]
+        if found:
+            values = found
+            break
+    if values is None:
+        bare = re.fullmatch(_NUM + r"\.?", text)
+        if not bare:
+            raise ValueError(f"no rating found in verdict {_clip(text)!r}")
+        values, name = [float(bare.group(1))], "bare number"
+    if len(set(values)) > 1:
+        raise ValueError(f"ambiguous verdict: several ratings ({', '.join(f'{v:g}' for v in values)}) "
+                         f"in {_clip(text)!r}")
+    v = values[0]
+    if not lo <= v <= hi:
+        raise ValueError(f"rating {v:g} outside {lo:g}-{hi:g} in {_clip(text)!r}")
+    return v
+
+
+def _clip(s: str, n: int = 160) -> str:
+    return s if len(s) <= n else s[:n] + "..."
+
+
+def judge_answer(endpoint, messages: list[dict], answer: str, template: str = DEFAULT_JUDGE_TEMPLATE,
+                 max_tokens: int = 512) -> float:
+    """Ask an OpenAI-compatible judge (`openai_http.ChatEndpoint`, or anything with the same `chat`) for a
+    1-10 rating of `answer` to the last user turn of `messages`; raises ValueError/EndpointError."""
+    question = messages[-1]["content"]
+    if len(messages) > 1:  # earlier dialogue is shown as context
+        ctx = "\n".join(f"{m['role']}: {m['content']}" for m in messages[:-1])
+        question = f"{ctx}\nuser: {question}"
+    prompt = template.format(question=question, answer=answer)
+    verdict = endpoint.chat([{"role": "user", "content": prompt}], max_tokens, 0.0, 1.0).text
+    return parse_judge_score(verdict)
+
+
+def check_judge_template(template: str) -> None:
+    try:
+        template.format(question="q", answer="a")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"judge template must use only {{question}} and {{answer}} fields: {e}") from None
+    if "{answer}" not in template:
+        raise ValueError("judge template must contain {answer}")
+
+
+# ---- a Hugging Face reward model --------------------------------------------------------------------
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    """Only the tokenizer of a model spec (``default``, a HF folder, a .gguf file or a hub id): no weights.
+    ``default`` converts the embedded GGUF once (as `models.load_model` does) and reads the tokenizer there."""
+    from transformers import AutoTokenizer
+
+    from .models import resolve_model_path
+
+    path, gguf = resolve_model_path(spec)
+    kw = {"gguf_file": gguf} if gguf else {}
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
+
+
+class RewardModel:
+    """Pointwise reward r(prompt, answer) from an ``AutoModelForSequenceClassification``.
+
+    The conversation plus the answer as the assistant's turn is rendered with the tokenizer's chat template
+    (plain "User: ... Assistant: ..." text when it has none) and the logit ``label_index`` is the score.
+    One call scores the answers of one prompt together, so a row's scores never depend on how the job
+    happened to batch rows. Sequences longer than ``max_length`` tokens are truncated (right side).
+    """
+
+    def __init__(self, spec: str, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
+                 label_index: int = 0, max_length: int = 4096):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from .models import pick_device, pick_dtype, resolve_model_path
+
+        path, gguf = resolve_model_path(spec)
+        if gguf:
+            raise ValueError("a reward model must be a Hugging Face folder or hub id, not a .gguf file")
+        dev = pick_device(device)
+        self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+        self.tok.padding_side = "right"
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=pick_dtype(dtype, dev), trust_remote_code=trust_remote_code).to(dev).eval()
+        if self.model.config.pad_token_id is None:  # needed to find each row's last token in a padded batch
+            self.model.config.pad_token_id = self.tok.pad_token_id
+        n = self.model.config.num_labels
+        if not 0 <= label_index < n:
+            raise ValueError(f"label_index {label_index} but the reward model has {n} output(s)")
+        self.label_index, self.max_length = label_index, max_length
+
+    def render(self, messages: list[dict], answer: str) -> str:
+        conv = list(messages) + [{"role": "assistant", "content": answer}]
+        if getattr(self.tok, "chat_template", None):
+            return self.tok.apply_chat_template(conv, tokenize=False)
+        names = {"system": "System", "user": "User", "assistant": "Assistant"}
+        return "".join(f"{names[m['role']]}: {m['content']}\n" for m in conv)
+
+    def score(self, messages: list[dict], answers: list[str]) -> list[float]:
+        import torch
+
+        if not answers:
+            return []
+        texts = [self.render(messages, a) for a in answers]
+        has_template = bool(getattr(self.tok, "chat_template", None))
+        enc = self.tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length,
+                       add_special_tokens=not has_template)  # a chat template writes its own special tokens
+        dev = next(self.model.parameters()).device
+        with torch.inference_mode():
+            logits = self.model(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev)).logits
+        return [float(x) for x in logits[:, self.label_index].float().cpu().tolist()]
+
+
+# ---- ranking -----------------------------------------------------------------------------------------
+def _tie_key(seed: int, row_id: str, text: str) -> str:
+    return hashlib.sha256(f"{seed}:{row_id}:{text}".encode()).hexdigest()
+
+
+def rank_states(row_id: str, answers: list[dict], reference: str | None, target: str = "best",
+                min_states: int = 2, seed: int = 0) -> dict:
+    """Kept, scored answers -> states worst..best with the target last; RowError if too few are left.
+
+    Equal scores are ordered by a hash of (seed, row id, text), so the result does not depend on the
+    input order of the answers. Exact duplicate texts keep only the best-ranked copy (the others are
+    dropped as ``duplicate``; with ``target="reference"`` so is a model answer equal to the reference).
+    Returns {"states", "scores", "generators"}; with ``target="reference"`` the last score is None.
+    Mutates `answers` (sets ``drop`` on duplicates).
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if target == "reference" and (reference is None or not reference.strip()):
+        raise RowError("reference", "target=reference but the row has no reference answer")
+    kept = [a for a in answers if not a["drop"]]
+    unscored = [a for a in kept if a["score"] is None]
+    if unscored:  # the stages guarantee a score or a drop; say so loudly rather than rank garbage
+        raise RowError("internal", f"{len(unscored)} kept answers have no score")
+    kept.sort(key=lambda a: (-a["score"], _tie_key(seed, row_id, a["text"])))  # best first
+    seen = {reference.strip()} if target == "reference" else set()
+    ranked = []
+    for a in kept:
+        t = a["text"].strip()
+        if t in seen:
+            a["drop"], a["detail"] = "duplicate", ("same text as the reference" if t == (reference or "").strip()
+                                                   and target == "reference" else "same text as a better answer")
+            continue
+        seen.add(t)
+        ranked.append(a)
+    ranked.reverse()  # worst first
+    states = [a["text"] for a in ranked]
+    scores: list = [a["score"] for a in ranked]
+    gens = [a["generator"] for a in ranked]
+    if target == "reference":
+        states.append(reference)
+        scores.append(None)
+        gens.append(REFERENCE)
+    if len(states) < min_states:
+        counts = drop_counts(answers)
+        why = ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "none dropped"
+        raise RowError("too_few_states", f"{len(states)} state(s) left, min_states is {min_states} "
+                                         f"({len(answers)} answers; dropped: {why})")
+    return {"states": states, "scores": scores, "generators": gens}
+
+
+def drop_counts(answers: list[dict]) -> dict:
+    c = {k: 0 for k in DROP_REASONS}
+    for a in answers:
+        if a["drop"]:
+            c[a["drop"]] = c.get(a["drop"], 0) + 1
+    return c
+
+
+# ---- split -------------------------------------------------------------------------------------------
+def _unit_hash(s: str) -> float:
+    return int.from_bytes(hashlib.sha256(s.encode()).digest()[:8], "big") / 2 ** 64
+
+
+def split_of(row_id: str, heldout_mod: int | None = 4, heldout_rem: int = 0, dev_fraction: float = 0.0,
+             seed: int = 0) -> str:
+    """``heldout`` when id % heldout_mod == heldout_rem (an integer id uses its value, any other id a hash
+    of it), else ``dev`` for a deterministic fraction of the rest (a hash of seed and id), else ``train``.
+    For AlpacaEval (ids 0..804) the defaults give held-out = id % 4 == 0, the rule of ../shared/data."""
+    rid = str(row_id)
+    if heldout_mod:
+        v = int(rid) if re.fullmatch(r"-?\d+", rid) else int(hashlib.sha256(rid.encode()).hexdigest(), 16)
+        if v % heldout_mod == heldout_rem:
+            return "heldout"
+    if dev_fraction > 0 and _unit_hash(f"dev:{seed}:{rid}") < dev_fraction:
+        return "dev"
+    return "train"

@@ -1,0 +1,84 @@
+"""The training objective on a tiny model: zero/positive consistency term, masks, and stop-gradient."""
+import copy
+
+import torch
+
+from pipeline.consistency import Example, collate, common_prefix, losses, make_example, soft_cross_entropy
+from pipeline.tiny import tiny_model, tiny_tokenizer
+
+PAD = 0
+
+
+def _model():
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    return tiny_model("llama", len(tok)), tok
+
+
+def test_make_example_lays_the_state_over_the_target():
+    _, tok = _model()
+    stop = tok.eos_token_id
+    msgs = [{"role": "user", "content": "Name a color."}]
+    e = make_example(tok, msgs, "Blue is a color.", "Red", stop, PAD, max_answer_tokens=64)
+    assert e.target_ids[-1] == stop and len(e.state_ids) == len(e.target_ids)
+    assert e.state_ids[3:] == [PAD] * (len(e.target_ids) - 3)  # "Red" is 3 bytes; the rest is pad-filled
+    long = make_example(tok, msgs, "x" * 10, "y" * 100, stop, PAD, max_answer_tokens=5)
+    assert len(long.target_ids) == 5 and len(long.state_ids) == 5  # cut to the cap, stop token kept
+    ic = make_example(tok, msgs, "Blue.", "Red", stop, PAD, max_answer_tokens=64, in_context=True)
+    assert len(ic.prompt_ids) > len(e.prompt_ids)  # the draft is shown in the prompt
+    assert "Red" in tok.decode(ic.prompt_ids)
+
+
+def test_consistency_is_zero_at_the_target_and_positive_elsewhere():
+    model, _ = _model()
+    prompt, target = [5, 6, 7, 8], [20, 21, 22, 23, 2]
+    same = collate([Example(prompt, target, list(target))], PAD)
+    _, l_con = losses(model, same)
+    assert l_con.item() == 0.0 and not same["con_mask"].any()
+    worse = collate([Example(prompt, target, [20, 21, 40, 41, 42])], PAD)
+    l_ar, l_con = losses(model, worse)
+    assert l_con.item() > 0 and l_ar.item() > 0
+    # only positions after the common prefix (2 tokens) are in the consistency mask
+    assert common_prefix([20, 21, 40, 41, 42], target) == 2
+    assert worse["con_mask"][0].nonzero().flatten().tolist() == [len(prompt) + 2, len(prompt) + 3]
+
+
+def test_prompt_and_padding_contribute_nothing():
+    model, _ = _model()
+    a = Example([5, 6, 7], [20, 21, 22, 2], [30, 31, 32, 33])
+    b = Example([5, 6, 7, 8, 9, 10, 11], [24, 25, 26, 27, 28, 2], [24, 40, 41, 42, 43, 44])
+    batch = collate([a, b], PAD)
+    P = len(a.prompt_ids)
+    assert (batch["labels"][0, :P - 1] == -100).all() and not batch["con_mask"][0, :P].any()
+    assert (batch["labels"][0, P - 1:P + 3] == torch.tensor(a.target_ids)).all()
+    pad_cols = batch["attention_mask"][0] == 0
+    assert pad_cols.sum() == 6 and not batch["con_mask"][0, pad_cols].any()
+    assert (batch["labels"][0, pad_cols] == -100).all()
+    base = losses(model, batch)
+    # whatever sits in the padding changes nothing
+    noisy = {k: v.clone() for k, v in batch.items()}
+    noisy["teacher_ids"][0, pad_cols] = 99
+    noisy["student_ids"][0, pad_cols] = 77
+    again = losses(model, noisy)
+    assert torch.allclose(base[0], again[0]) and torch.allclose(base[1], again[1])
+    # and labels at prompt positions would change L_AR if they were counted: they are not
+    assert torch.equal(collate([a, b], PAD)["labels"], batch["labels"])
+
+
+def test_gradient_flows_only_through_the_student_branch():
+    model, _ = _model()
+    batch = collate([Example([5, 6, 7, 8], [20, 21, 22, 23, 2], [20, 50, 51, 52, 53])], PAD)
+    model.zero_grad()
+    _, l_con = losses(model, batch)
+    l_con.backward()
+    g_live = [p.grad.clone() for p in model.parameters()]
+    # the same loss with the teacher logits from a frozen copy: identical gradients
+    frozen = copy.deepcopy(model)
+    with torch.no_grad():
+        t_logits = frozen(input_ids=batch["teacher_ids"], attention_mask=batch["attention_mask"]).logits
+    model.zero_grad()
+    s_logits = model(input_ids=batch["student_ids"], attention_mask=batch["attention_mask"]).logits
+    soft_cross_entropy(s_logits, t_logits, batch["con_mask"]).backward()
+    for a, b in zip(g_live, (p.grad for p in model.parameters())):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in g_live)
