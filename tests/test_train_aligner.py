@@ -1,0 +1,65 @@
+"""Ray Train + DeepSpeed (ZeRO-2, gloo, 2 CPU workers) on a tiny model: steps, logs, checkpoints, resume, export."""
+import json
+
+import pandas as pd
+import pytest
+
+from jobs.config import ConfigError
+
+
+def _states(path, n=8):
+    rows = []
+    for i in range(n):
+        q = f"Question {i}: name a color."
+        rows.append({"id": str(i), "messages": json.dumps([{"role": "user", "content": q}]),
+                     "states": json.dumps([f"bad answer {i}", f"better answer {i}!", f"The best answer is blue ({i})."])})
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def _args(tmp_path, tiny, **kw):
+    base = {"data.train_path": str(tmp_path / "train.parquet"), "model.path": tiny, "run.storage_path": str(tmp_path / "runs"),
+            "run.name": "t", "train.num_workers": 2, "train.cpus_per_worker": 0.4, "deepspeed.micro_batch": 2,
+            "train.checkpoint_every": 2, "optim.lr": 1e-3, "optim.warmup_steps": 0, "loss.w_con": 1.0}
+    base.update(kw)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.mark.timeout(600)
+def test_train_checkpoint_resume_and_export(tmp_path, tiny_dirs, ray_local):
+    from jobs.train_aligner import main
+
+    tiny = str(tiny_dirs["llama"])
+    _states(tmp_path / "train.parquet")
+    s = main(_args(tmp_path, tiny, **{"train.max_steps": 2, "train.epochs": 3}))
+    run = tmp_path / "runs" / "t"
+    log = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in log] == [1, 2]
+    assert all(r["l_ar"] > 0 and r["l_con"] > 0 and r["tokens_per_s"] > 0 for r in log)
+    assert (run / "loss.png").stat().st_size > 1000 and s["checkpoint"]
+
+    # rerun with the same name and more steps: resumes at step 2, the loss goes on from there
+    s2 = main(_args(tmp_path, tiny, **{"train.max_steps": 4, "train.epochs": 3}))
+    log2 = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in log2] == [1, 2, 3, 4]
+    assert log2[:2] == log  # earlier steps untouched
+    assert s2["last"]["step"] == 4
+
+    # the exported aligner loads by path and refines
+    from pipeline.models import load_model
+    from pipeline.refiner import Refiner, RefineRequest
+
+    lm = load_model(str(run / "aligner"))
+    out = Refiner(lm).refine([RefineRequest([{"role": "user", "content": "hi"}], "draft", "k", 8)])
+    assert out[0].passes >= 1
+
+
+def test_config_errors_are_reported_together(tmp_path, tiny_dirs):
+    from jobs.train_aligner import main
+
+    with pytest.raises(ConfigError) as e:
+        main([f"data.train_path={tmp_path / 'missing.parquet'}", "deepspeed.zero_stage=3", "deepspeed.precision=fp8",
+              "loss.w_ar=0", "loss.w_con=0"])
+    msg = str(e.value)
+    for part in ("not found", "zero_stage=3 needs GPUs", "fp8", "w_ar and w_con"):
+        assert part in msg
