@@ -47,7 +47,7 @@ def main():
     import pandas as pd
     import torch
 
-    from jobs.train_aligner import pick_state
+    from jobs.train_aligner import as_states, pick_state
     from pipeline.jacobi import RefineSettings
     from pipeline.models import load_model
     from pipeline.offline_judge import EmbeddingJudge
@@ -59,7 +59,7 @@ def main():
     df = df[df["id"].astype(str).isin(refs)].head(n)
     reqs, drafts = [], []
     for r in df.itertuples():
-        states = json.loads(r.states)
+        states = as_states(r.states)
         draft = states[pick_state(str(r.id), 0, 0, len(states))]
         reqs.append(RefineRequest(json.loads(r.messages), draft, str(r.id)))
         drafts.append(draft)

@@ -192,6 +192,11 @@ def lr_lambda(cfg, total_steps: int):
     return f
 
 
+def as_states(x) -> list[str]:
+    """The `states` column: a list (build_states writes list<string>) or a JSON-encoded list."""
+    return json.loads(x) if isinstance(x, str) else [str(s) for s in x]
+
+
 def pick_state(row_id: str, epoch: int, seed: int, n_states: int) -> int:
     """Index of the worse state y(t) trained on for this row in this epoch (states[-1] is the target)."""
     return random.Random(f"{seed}:{row_id}:{epoch}").randrange(n_states - 1)
@@ -261,7 +266,7 @@ def train_loop_per_worker(config: dict) -> None:
                 continue  # consumed before the checkpoint this run resumed from
             examples = []
             for r in batch.to_dict("records"):
-                states = json.loads(r["states"])
+                states = as_states(r["states"])
                 t = pick_state(str(r["id"]), epoch, config["train"]["seed"], len(states))
                 ex = make_example(tok, json.loads(r["messages"]), states[-1], states[t], stop_id, pad_id,
                                   d["max_answer_tokens"], m["in_context"], template)
@@ -389,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     ds = ray.data.read_parquet(expand(cfg.data.train_path), columns=["id", "messages", "states"])
-    ds = ds.filter(lambda r: len(json.loads(r["states"])) >= 2)
+    ds = ds.filter(lambda r: len(as_states(r["states"])) >= 2)
     if cfg.data.limit:
         ds = ds.limit(cfg.data.limit)
     ds = ds.materialize()
@@ -434,8 +439,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    # run the importable module's main, so Ray pickles its functions by reference, not from __main__
+    from jobs.train_aligner import main as _main
+
     try:
-        main()
+        _main()
     except ConfigError as e:
         print(f"[train_aligner] {e}", file=sys.stderr)
         sys.exit(2)
