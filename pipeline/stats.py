@@ -112,3 +112,35 @@ def lc_win_rate_ci(prefs: list[float], len_diff: list[float], n_boot: int = 300,
         vals.append(length_controlled_win_rate([prefs[i] for i in s], [len_diff[i] for i in s])["lc_win_rate"])
     vals.sort()
     return vals[int(0.025 * n_boot)], vals[int(0.975 * n_boot) - 1]
+
+
+def pairwise_agreement(groups: list[list[tuple[float, float]]], n_boot: int = 1000, seed: int = 0) -> dict:
+    """How often a judge orders two answers to the same prompt like a trusted reference judge does.
+
+    `groups`: per prompt, (reference score, judge score) for each answer. Every pair with different
+    reference scores counts; the judge agrees when it orders the pair the same way (a judge tie counts 1/2).
+    The interval resamples prompts.
+    """
+    per_prompt = []
+    for g in groups:
+        agree = total = 0.0
+        for i in range(len(g)):
+            for j in range(i + 1, len(g)):
+                dt, dj = g[i][0] - g[j][0], g[i][1] - g[j][1]
+                if dt == 0:
+                    continue
+                total += 1
+                agree += 0.5 if dj == 0 else float((dt > 0) == (dj > 0))
+        if total:
+            per_prompt.append((agree, total))
+    if not per_prompt:
+        return {"agreement": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "pairs": 0, "prompts": 0}
+    rng = random.Random(seed)
+    boots = []
+    for _ in range(n_boot):
+        s = rng.choices(per_prompt, k=len(per_prompt))
+        boots.append(sum(a for a, _ in s) / sum(t for _, t in s))
+    boots.sort()
+    return {"agreement": sum(a for a, _ in per_prompt) / sum(t for _, t in per_prompt),
+            "ci_low": boots[int(0.025 * n_boot)], "ci_high": boots[int(0.975 * n_boot) - 1],
+            "pairs": int(sum(t for _, t in per_prompt)), "prompts": len(per_prompt)}

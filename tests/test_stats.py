@@ -43,3 +43,15 @@ def test_length_control_keeps_a_real_quality_edge():
     prefs = [float(rng.random() < 1 / (1 + math.exp(-(b0 + 0.8 * math.tanh(d / 100))))) for d in diffs]
     r = length_controlled_win_rate(prefs, diffs)
     assert abs(r["lc_win_rate"] - 1 / (1 + math.exp(-b0))) < 0.06
+
+
+def test_pairwise_agreement_counts_pairs_and_ties():
+    from pipeline.stats import pairwise_agreement
+
+    perfect = [[(0.1, 1.0), (0.5, 2.0), (0.9, 3.0)]] * 5
+    assert pairwise_agreement(perfect)["agreement"] == 1.0
+    reversed_ = [[(0.1, 3.0), (0.5, 2.0), (0.9, 1.0)]] * 5
+    assert pairwise_agreement(reversed_)["agreement"] == 0.0
+    ties = [[(0.1, 1.0), (0.9, 1.0), (0.9, 5.0)]]  # one judge tie (1/2), one pair with equal truth (skipped)
+    r = pairwise_agreement(ties)
+    assert r["pairs"] == 2 and r["agreement"] == (0.5 + 1.0) / 2
