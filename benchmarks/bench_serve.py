@@ -56,7 +56,7 @@ def main():
     from serve_app.config import AppArgs
     from serve_app.protocol import conversation_key
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}})
     serve.start(http_options={"host": "127.0.0.1", "port": PORT, "request_timeout_s": 900})
     small = {"ray_actor_options": {"num_cpus": 0.4}}

@@ -145,6 +145,26 @@ class SplitCfg:
 
 
 @dataclass
+class TrajectoryCfg:
+    """CLLM-style Jacobi trajectories: the current aligner refines each worse state (reference loop)."""
+    enabled: bool = False
+    model: str = "default"
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    in_context: bool = False
+    block_size: int = 32
+    max_iter: int = 64
+    max_new_tokens: int = 256
+    reserve_tokens: int = 0
+    max_states: int = 8
+    batch_size: int = 4
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    concurrency: int = 1
+
+
+@dataclass
 class RayCfg:
     address: Optional[str] = None
     num_cpus: Optional[int] = None
@@ -162,14 +182,22 @@ class BuildStatesConfig:
     rank: RankCfg = field(default_factory=RankCfg)
     filters: FiltersCfg = field(default_factory=FiltersCfg)
     split: SplitCfg = field(default_factory=SplitCfg)
+    trajectory: TrajectoryCfg = field(default_factory=TrajectoryCfg)
     seed: int = 0
     ray: RayCfg = field(default_factory=RayCfg)
     show_samples: int = 1
 
 
 def _resolve(path: str) -> Path:
+    """An absolute path (Ray workers do not share the driver's working directory): relative paths are
+    taken from the working directory, else from the repository root."""
     p = Path(expand(path))
-    return p if p.is_absolute() or p.exists() else REPO / p
+    return (p if p.is_absolute() or p.exists() else REPO / p).resolve()
+
+
+def _missing_local(spec) -> bool:
+    """A model spec that names a local path (./x, /x, ~/x) which does not exist."""
+    return bool(spec) and str(spec).startswith((".", "/", "~")) and not Path(expand(str(spec))).exists()
 
 
 def input_files(path: str) -> list[str]:
@@ -211,6 +239,8 @@ def validate(cfg) -> None:
         rm = cfg.score.reward_model
         if not rm.model or rm.model == "default":
             problems.append("score.reward_model.model: set a HF sequence-classification model (folder or hub id)")
+        elif _missing_local(rm.model):
+            problems.append(f"score.reward_model.model: not found: {rm.model}")
         _pool_problems("score.reward_model", rm, problems)
         if rm.max_length < 8:
             problems.append("score.reward_model.max_length: must be >= 8")
@@ -238,6 +268,8 @@ def validate(cfg) -> None:
             ep = EndpointConfig(base_url=b.base_url or "", model=b.model, api_key_env=b.api_key_env,
                                 timeout_s=b.timeout_s, max_retries=b.max_retries)
             problems += [f"{key}: {p}" for p in ep.validate()]
+        elif _missing_local(b.model):
+            problems.append(f"{key}.model: not found: {b.model}")
         if b.max_new_tokens < 1 or b.num_answers < 1:
             problems.append(f"{key}: max_new_tokens and num_answers must be >= 1")
         if b.do_sample and not (0 < b.top_p <= 1 and b.temperature > 0):
@@ -252,6 +284,8 @@ def validate(cfg) -> None:
     f = cfg.filters
     if f.max_tokens is not None and (f.max_tokens < 2 or not f.tokenizer):
         problems.append("filters.max_tokens: must be >= 2 and needs filters.tokenizer (or null to skip the filter)")
+    if f.max_tokens is not None and _missing_local(f.tokenizer):
+        problems.append(f"filters.tokenizer: not found: {f.tokenizer}")
     if f.repeat_ngram < 1:
         problems.append(f"filters.repeat_ngram: must be >= 1, got {f.repeat_ngram}")
     if f.max_repeat_fraction is not None and not 0 <= f.max_repeat_fraction < 1:
@@ -262,6 +296,20 @@ def validate(cfg) -> None:
                         f"got {s.heldout_mod}, {s.heldout_rem}")
     if not 0 <= s.dev_fraction < 1:
         problems.append(f"split.dev_fraction: must be in [0, 1), got {s.dev_fraction}")
+    t = cfg.trajectory
+    if t.enabled:
+        from pipeline.jacobi import RefineSettings
+
+        try:
+            RefineSettings(block_size=t.block_size, max_iter=t.max_iter, max_new_tokens=t.max_new_tokens,
+                           reserve_tokens=t.reserve_tokens).validate()
+        except ValueError as e:
+            problems.append(f"trajectory: {e}")
+        if t.max_states < 2:
+            problems.append(f"trajectory.max_states: must be >= 2 (the answer and the fixed point), got {t.max_states}")
+        if _missing_local(t.model):
+            problems.append(f"trajectory.model: not found: {t.model}")
+        _pool_problems("trajectory", t, problems)
     if cfg.ray.torch_threads < 1 or cfg.ray.rows_per_block < 1:
         problems.append("ray.torch_threads and ray.rows_per_block must be >= 1")
     if problems:
@@ -281,6 +329,8 @@ def actor_pools(cfg) -> list[tuple[str, object]]:
     pools = [(f"bases.{n}", b) for n, b in enumerate(cfg.bases)]
     if cfg.score.kind in ("reward_model", "judge"):
         pools.append((f"score.{cfg.score.kind}", cfg.score[cfg.score.kind]))
+    if cfg.trajectory.enabled:
+        pools.append(("trajectory", cfg.trajectory))
     return pools
 
 
@@ -319,7 +369,7 @@ def parse_file(row: dict, fields: dict, layout: str) -> list[dict]:
 
     path, data = row["path"], row["bytes"]
     src = os.path.basename(path)
-    if path.endswith(".gz"):
+    if data[:2] == b"\x1f\x8b":  # still gzipped (Ray usually decompresses .gz files itself while reading)
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError) as e:
@@ -341,7 +391,9 @@ def _plain(v):
     if isinstance(v, bytes):
         return v.decode("utf-8")
     if isinstance(v, np.generic):
-        return v.item()
+        v = v.item()
+    if isinstance(v, float) and v != v:
+        return None  # pandas writes a missing value of a numeric column as NaN
     return v
 
 
@@ -544,7 +596,7 @@ class JudgeStage:
 
 
 OUT_COLUMNS = ["id", "prompt", "messages", "states", "scores", "generators", "target", "num_states", "split",
-               "dropped", "meta", "error", "error_kind", "answers_in"]
+               "dropped", "meta", "error", "error_kind", "answers_in", "trajectories"]
 
 
 def rank_batch(batch: pd.DataFrame, target: str, min_states: int, seed: int, split: dict) -> pd.DataFrame:
@@ -559,7 +611,7 @@ def rank_batch(batch: pd.DataFrame, target: str, min_states: int, seed: int, spl
                "states": "[]", "scores": "[]", "generators": "[]", "target": "", "num_states": 0,
                "split": split_of(r["id"], split["heldout_mod"], split["heldout_rem"], split["dev_fraction"], seed),
                "dropped": "[]", "meta": r["meta"], "error": r["error"], "error_kind": r["error_kind"],
-               "answers_in": len(answers)}
+               "answers_in": len(answers), "trajectories": "[]"}
         if not r["error"]:
             try:
                 st = rank_states(r["id"], answers, json.loads(r["reference"]), target, min_states, seed)
@@ -574,6 +626,44 @@ def rank_batch(batch: pd.DataFrame, target: str, min_states: int, seed: int, spl
     return pd.DataFrame(out, columns=OUT_COLUMNS)
 
 
+class TrajectoryStage:
+    """CLLM-style Jacobi trajectories: the current aligner runs the reference Jacobi loop from every state
+    below the target; each gives {"from": state index, "states": [...], "fixed_point", "passes", "converged"}.
+    Greedy and seeded (reserved tokens: seed and "id#state"), so reruns give the same trajectories."""
+
+    def __init__(self, st: dict, seed: int, threads: int):
+        import torch
+
+        from pipeline.jacobi import RefineSettings
+        from pipeline.models import load_model
+        from pipeline.refiner import Refiner
+
+        torch.set_num_threads(threads)
+        lm = load_model(st["model"], dtype=st["dtype"], device=st["device"], trust_remote_code=st["trust_remote_code"])
+        settings = RefineSettings(block_size=st["block_size"], max_iter=st["max_iter"],
+                                  max_new_tokens=st["max_new_tokens"], reserve_tokens=st["reserve_tokens"], seed=seed)
+        self.refiner = Refiner(lm, settings, mode="reference", in_context=st["in_context"])
+        self.max_states = st["max_states"]
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        from pipeline.states import jacobi_trajectory
+
+        rows = batch.to_dict("records")
+        for r in rows:
+            if r["error"]:
+                continue
+            msgs, states = json.loads(r["messages"]), json.loads(r["states"])
+            out = []
+            for t, text in enumerate(states[:-1]):
+                try:
+                    out.append({"from": t, **jacobi_trajectory(self.refiner, msgs, text, f"{r['id']}#{t}",
+                                                               self.max_states)})
+                except Exception as e:  # noqa: BLE001 - e.g. over the aligner's context window
+                    out.append({"from": t, "error": f"{type(e).__name__}: {e}"[:300]})
+            r["trajectories"] = json.dumps(out, ensure_ascii=False)
+        return pd.DataFrame(rows, columns=OUT_COLUMNS)
+
+
 # ---- finalize ---------------------------------------------------------------------------------------------
 def _sort_key(x: str):
     return (0, int(x), "") if str(x).lstrip("-").isdigit() else (1, 0, str(x))
@@ -585,7 +675,17 @@ def output_schema():
     return pa.schema([("id", pa.string()), ("prompt", pa.string()), ("messages", pa.string()),
                       ("states", pa.list_(pa.string())), ("scores", pa.list_(pa.float64())),
                       ("generators", pa.list_(pa.string())), ("target", pa.string()), ("num_states", pa.int64()),
-                      ("split", pa.string()), ("dropped", pa.string()), ("meta", pa.string())])
+                      ("split", pa.string()), ("dropped", pa.string()), ("meta", pa.string()),
+                      ("trajectories", pa.string())])
+
+
+def trajectory_stats(col) -> dict:
+    trs = [t for x in col for t in json.loads(x)]
+    good = [t for t in trs if "error" not in t]
+    return {"count": len(trs), "errors": len(trs) - len(good),
+            "mean_states": round(sum(len(t["states"]) for t in good) / len(good), 3) if good else 0.0,
+            "mean_passes": round(sum(t["passes"] for t in good) / len(good), 3) if good else 0.0,
+            "converged_fraction": round(sum(t["converged"] for t in good) / len(good), 4) if good else 0.0}
 
 
 def finalize(cfg, out: Path, parts: Path, rows_in: int, started: float) -> dict:
@@ -636,6 +736,7 @@ def finalize(cfg, out: Path, parts: Path, rows_in: int, started: float) -> dict:
                                                                      n_states.value_counts().sort_index().items()}}
                            if len(ok) else {}),
         "target": cfg.rank.target, "score": cfg.score.kind, "seed": cfg.seed,
+        **({"trajectories": trajectory_stats(ok["trajectories"])} if cfg.trajectory.enabled else {}),
         "wall_s": round(wall, 2), "rows_per_s": round(rows_in / wall, 3) if wall > 0 else 0.0,
         "outputs": {s: str(out / f"{s}.parquet") for s in SPLITS} | {"errors": str(out / "errors.jsonl")},
     }
@@ -658,6 +759,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ray
     from ray.data import DataContext
+    from ray.data.context import ShuffleStrategy
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not ray.is_initialized():
@@ -672,6 +774,10 @@ def main(argv: list[str] | None = None) -> dict:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
     ctx.execution_options.preserve_order = True  # `limit` picks the same rows every run; outputs are sorted anyway
+    # flat layout's groupby: the task-based sort shuffle. The default hash shuffle starts aggregator actors that
+    # need CPUs of their own (seconds on small data, and a wait where actor pools hold the CPUs). Datasets copy
+    # the context when they are created, so this must be set before the first read.
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
 
     # read -> normalized rows ------------------------------------------------------------------------
     files = input_files(cfg.input.path)
@@ -689,7 +795,9 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.input.limit:
         parsed = parsed.limit(cfg.input.limit)
     if layout == "flat":
-        parsed = parsed.groupby("id").map_groups(merge_group, batch_format="pandas")
+        # a few partitions are plenty for prompt-sized rows (Ray's default is 200)
+        parts_n = max(2, int(ray.cluster_resources().get("CPU", 2)))
+        parsed = parsed.groupby("id", num_partitions=parts_n).map_groups(merge_group, batch_format="pandas")
     parsed = parsed.materialize()  # rows are small; the id check and the counts need them all
 
     ids = parsed.select_columns(["id"]).to_pandas()["id"]
@@ -727,6 +835,12 @@ def main(argv: list[str] | None = None) -> dict:
     ds = ds.map_batches(rank_batch, batch_format="pandas",
                         fn_kwargs=dict(target=cfg.rank.target, min_states=cfg.rank.min_states, seed=cfg.seed,
                                        split=OmegaConf.to_container(cfg.split)))
+    t = cfg.trajectory
+    if t.enabled:
+        ds = ds.map_batches(TrajectoryStage, batch_format="pandas", batch_size=t.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=t.concurrency),
+                            num_cpus=t.num_cpus, num_gpus=t.num_gpus or None,
+                            fn_constructor_kwargs=dict(st=OmegaConf.to_container(t), seed=cfg.seed, threads=threads))
     ds.write_parquet(str(parts))
 
     summary, ok = finalize(cfg, out, parts, rows_in, started)
@@ -744,8 +858,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    # run the importable module's main, so Ray pickles its functions by reference, not from __main__
+    from jobs.build_states import main as _main
+
     try:
-        main()
+        _main()
     except ConfigError as e:
         print(f"[build_states] {e}", file=sys.stderr)
         sys.exit(2)

@@ -99,8 +99,8 @@ def normalize_record(rec, fallback_id: str, fields: dict, layout: str = "nested"
     except RowError as e:
         return error_row(rid if layout == "nested" else fallback_id, e.kind, f"{e}" + (
             f" (prompt id {rid})" if layout == "flat" else ""))
-    meta = {k: v for k, v in rec.items() if isinstance(v, (str, int, float, bool)) and k not in
-            {fields[f] for f in ("id", "prompt", "answers", "text", "score", "generator", "reference") if fields.get(f)}}
+    used = {fields[f] for f in ("id", "prompt", "answers", "text", "score", "generator", "reference") if fields.get(f)}
+    meta = {k: v for k, v in rec.items() if isinstance(v, (str, int, float, bool)) and k not in used}
     return {"id": rid, "messages": json.dumps(messages, ensure_ascii=False), "reference": json.dumps(ref),
             "answers": json.dumps(answers, ensure_ascii=False), "meta": json.dumps(meta, ensure_ascii=False),
             "error": "", "error_kind": ""}
@@ -412,3 +412,60 @@ def split_of(row_id: str, heldout_mod: int | None = 4, heldout_rem: int = 0, dev
     if dev_fraction > 0 and _unit_hash(f"dev:{seed}:{rid}") < dev_fraction:
         return "dev"
     return "train"
+
+
+# ---- CLLM-style Jacobi trajectories -------------------------------------------------------------------
+class _RecordingModel:
+    """Wraps a causal LM for `jacobi.reference_refine` and keeps the input of every forward pass. Each
+    input is the aligner's context + the answer so far + the current Jacobi block, so the inputs *are* the
+    trajectory's states (no change to the reference loop needed)."""
+
+    def __init__(self, model):
+        self.model, self.inputs = model, []
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, input_ids, **kw):
+        self.inputs.append(input_ids[0].tolist())
+        return self.model(input_ids=input_ids, **kw)
+
+
+def _evenly(xs: list, k: int) -> list:
+    """k items of xs evenly spaced, the first and the last always among them (all of xs when k >= len)."""
+    if k >= len(xs):
+        return list(xs)
+    if k <= 1:
+        return [xs[-1]]
+    return [xs[round(i * (len(xs) - 1) / (k - 1))] for i in range(k)]
+
+
+def jacobi_trajectory(refiner, messages: list[dict], answer: str, key: str, max_states: int = 8) -> dict:
+    """Run the aligner's reference Jacobi loop from `answer` and return the states it passes through.
+
+    State k is the text of (answer so far + Jacobi block) at pass k, cut at the first stop token: state 0
+    is the answer's first block (after the reserved tokens), the last state is the aligner's fixed point
+    (its greedy answer), as in CLLM's Jacobi trajectories. Consecutive equal texts are merged and at most
+    `max_states` are kept, evenly spaced, the first and the last always. `refiner` is a
+    `pipeline.refiner.Refiner` (any mode; the reference loop is used here either way).
+    Returns {"states": [...], "fixed_point": str, "passes": int, "converged": bool}.
+    """
+    from .jacobi import reference_refine
+    from .refiner import RefineRequest
+
+    item = refiner.encode(RefineRequest(messages, answer, key=key))
+    lm = refiner.lm
+    rec = _RecordingModel(lm.model)
+    res = reference_refine(rec, item, refiner.s, lm.stop_ids, refiner.pad_id)
+    stops = set(lm.stop_ids)
+    n = len(item.prompt_ids)
+    texts = []
+    for ids in rec.inputs:
+        ans = ids[n:]
+        cut = next((i for i, t in enumerate(ans) if t in stops), len(ans))
+        texts.append(lm.tokenizer.decode(ans[:cut], skip_special_tokens=True).strip())
+    final = lm.tokenizer.decode(res.token_ids, skip_special_tokens=True).strip()
+    texts.append(final)
+    merged = [t for i, t in enumerate(texts) if i == 0 or t != texts[i - 1]]
+    return {"states": _evenly(merged, max_states), "fixed_point": final, "passes": res.passes,
+            "converged": res.converged}

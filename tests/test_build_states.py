@@ -1,0 +1,362 @@
+"""build_states: ranking, filters, split, scorers (pure functions) and the Ray Data job end to end."""
+import gzip
+import json
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from jobs.config import REPO, ConfigError, load_config
+from pipeline.states import (RowError, length_problem, parse_judge_score, parse_score, rank_states,
+                             repeated_ngram_fraction, split_of, text_problem)
+from tests.conftest import shared_file
+
+FAST = ["ray.progress_bars=false", "show_samples=0"]
+
+
+def ans(text, score=None, gen="g", drop=None):
+    return {"generator": gen, "text": text, "score": score, "raw_score": None, "drop": drop, "detail": ""}
+
+
+# ---- pure functions -----------------------------------------------------------------------------------
+def test_rank_orders_worst_to_best_and_picks_the_target():
+    answers = [ans("mid", 0.5, "b"), ans("worst", 0.1, "a"), ans("best", 0.9, "c"), ans("dropped", 5.0, "d", "empty")]
+    st = rank_states("7", answers, reference="REF", target="best")
+    assert st == {"states": ["worst", "mid", "best"], "scores": [0.1, 0.5, 0.9], "generators": ["a", "b", "c"]}
+    st = rank_states("7", [dict(a, drop=a["drop"]) for a in answers], reference="REF", target="reference")
+    assert st["states"] == ["worst", "mid", "best", "REF"] and st["scores"][-1] is None
+    assert st["generators"][-1] == "reference", "the reference is the target, every answer ranks below it"
+
+
+def test_rank_ties_do_not_depend_on_input_order_and_duplicates_keep_the_better_copy():
+    base = [ans(f"t{i}", 1.0, f"g{i}") for i in range(6)] + [ans("low", 0.0)]
+    orders = set()
+    for k in range(5):
+        xs = [dict(a) for a in base]
+        random.Random(k).shuffle(xs)
+        orders.add(tuple(rank_states("x", xs, None, seed=3)["states"]))
+    assert len(orders) == 1, "equal scores are ordered by a hash of (seed, id, text), not by input order"
+    assert next(iter(orders))[0] == "low"
+    answers = [ans("same", 0.2, "a"), ans("same ", 0.8, "b"), ans("other", 0.5, "c")]
+    st = rank_states("x", answers, None)
+    assert st["generators"] == ["c", "b"] and answers[0]["drop"] == "duplicate"
+    answers = [ans("REF", 0.9, "a"), ans("other", 0.5, "c")]
+    st = rank_states("x", answers, "REF", target="reference")
+    assert st["states"] == ["other", "REF"] and answers[0]["drop"] == "duplicate"
+
+
+def test_rank_rejects_rows_with_too_few_states():
+    with pytest.raises(RowError, match="1 state.*min_states is 2.*1 empty") as e:
+        rank_states("x", [ans("only", 0.3), ans("", drop="empty")], None, min_states=2)
+    assert e.value.kind == "too_few_states"
+    with pytest.raises(RowError) as e:
+        rank_states("x", [ans("a", 0.3)], None, target="reference")
+    assert e.value.kind == "reference"
+    assert rank_states("x", [ans("a", 0.3)], "R", target="reference", min_states=2)["states"] == ["a", "R"]
+
+
+def test_filters():
+    assert repeated_ngram_fraction("a b c d a b c d", 4) == pytest.approx(1 - 4 / 5)  # 5 4-grams, 4 distinct
+    assert repeated_ngram_fraction("one two three", 4) == 0.0  # fewer words than n
+    assert repeated_ngram_fraction("Stop, stop. STOP! stop stop", 1) == pytest.approx(0.8)  # case and punctuation
+    assert text_problem("", 4, 0.5)[0] == "empty" and text_problem(" \n", 4, 0.5)[0] == "empty"
+    assert text_problem("go " * 40, 4, 0.5)[0] == "repetition"
+    assert text_problem("go " * 40, 4, None) is None, "null threshold switches the filter off"
+    assert text_problem("A normal answer with several different words in it.", 4, 0.5) is None
+    assert length_problem(10, 89, 100) is None  # 10 + 89 + EOS = 100 fits
+    assert length_problem(10, 90, 100)[0] == "too_long"
+    assert length_problem(10, 10**6, None) is None
+    assert parse_score("1.8e-07") == pytest.approx(1.8e-07) and parse_score(3) == 3.0
+    assert [parse_score(x) for x in ("n/a", "", None, "nan", float("inf"), True, [1])] == [None] * 7
+
+
+def test_split_rule_keeps_heldout_ids_out_of_train():
+    splits = {i: split_of(str(i), 4, 0, dev_fraction=0.1, seed=0) for i in range(805)}
+    assert all((s == "heldout") == (i % 4 == 0) for i, s in splits.items())
+    assert sum(s == "heldout" for s in splits.values()) == 202  # ids 0, 4, ..., 804
+    dev = [i for i, s in splits.items() if s == "dev"]
+    assert 30 < len(dev) < 90 and all(i % 4 for i in dev), "dev is a hashed share of the train ids"
+    assert dev == [i for i in range(805) if split_of(str(i), 4, 0, 0.1, 0) == "dev"], "deterministic"
+    assert dev != [i for i in range(805) if split_of(str(i), 4, 0, 0.1, 1) == "dev"], "the seed picks the dev ids"
+    assert split_of("7", 4, 3) == "heldout" and split_of("7", None, 0) == "train"
+    assert {split_of(f"q{i}", 4, 0) for i in range(50)} == {"train", "heldout"}, "string ids: hashed"
+
+
+@pytest.mark.parametrize("verdict,score", [
+    ("Good answer.\nRating: [[7]]", 7.0), ("[[7.5]]", 7.5), ("[[ 8/10 ]]", 8.0), ("Rating: 6", 6.0),
+    ("score = 9.", 9.0), ("I give it 8/10.", 8.0), ("7 out of 10", 7.0), ("8", 8.0), ("8.", 8.0),
+    ("[[7]] ... so again [[7]]", 7.0), ("Rating: 7.5.", 7.5), ("[[10]]", 10.0), ("[[1]]", 1.0)])
+def test_judge_verdicts_that_parse(verdict, score):
+    assert parse_judge_score(verdict) == score
+
+
+@pytest.mark.parametrize("verdict,why", [
+    ("", "empty"), ("A fine answer, well done.", "no rating"), ("Rating: ten", "no rating"),
+    ("[[3]] at first, but [[9]] in the end", "ambiguous"), ("3/10 for style, 8/10 overall", "ambiguous"),
+    ("Rating: [[11]]", "outside"), ("[[0]]", "outside"), ("[[-3]]", "no rating"), ("9/100", "no rating"),
+    (None, "empty")])
+def test_judge_verdicts_that_are_errors_never_guesses(verdict, why):
+    with pytest.raises(ValueError, match=why):
+        parse_judge_score(verdict)
+
+
+def test_judge_answer_asks_the_endpoint_and_parses():
+    from pipeline.states import judge_answer
+
+    class FakeEndpoint:  # the one method of openai_http.ChatEndpoint the judge uses
+        def __init__(self, reply):
+            self.reply, self.seen = reply, []
+
+        def chat(self, messages, max_tokens, temperature, top_p):
+            self.seen.append((messages, temperature))
+            return type("C", (), {"text": self.reply})()
+
+    ep = FakeEndpoint("Clear and correct. Rating: [[9]]")
+    assert judge_answer(ep, [{"role": "user", "content": "2+2?"}], "4") == 9.0
+    (msgs, temp), = ep.seen
+    assert "2+2?" in msgs[0]["content"] and "4" in msgs[0]["content"] and temp == 0.0
+    with pytest.raises(ValueError, match="no rating"):
+        judge_answer(FakeEndpoint("It is fine."), [{"role": "user", "content": "q"}], "a")
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory):
+    """A tiny random LlamaForSequenceClassification (num_labels=1) with the byte-level chat tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from pipeline.tiny import tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny_rm")
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, num_labels=1,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    LlamaForSequenceClassification(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_reward_model_scores_each_answer_independently_of_the_batch(tiny_rm):
+    from pipeline.states import RewardModel
+
+    rm = RewardModel(str(tiny_rm))
+    msgs = [{"role": "user", "content": "Name a color."}]
+    answers = ["Blue.", "A much longer answer about the color red, and why it is warm.", "Green"]
+    batch = rm.score(msgs, answers)
+    alone = [rm.score(msgs, [a])[0] for a in answers]
+    assert len(batch) == 3 and all(isinstance(x, float) for x in batch)
+    assert batch == pytest.approx(alone, abs=1e-5), "padding must not change a score"
+    assert len({round(x, 6) for x in batch}) == 3
+    assert "<|assistant|>Blue.<eos>" in rm.render(msgs, "Blue."), "the chat template renders the pair"
+    with pytest.raises(ValueError, match="label_index"):
+        RewardModel(str(tiny_rm), label_index=1)
+
+
+def test_draft_stage_adds_seeded_answers(tiny_dirs):
+    from omegaconf import OmegaConf
+
+    from jobs.build_states import ROW_COLUMNS, BaseCfg, DraftStage
+    from pipeline.states import error_row
+
+    st = OmegaConf.to_container(OmegaConf.structured(BaseCfg(model=str(tiny_dirs["llama"]), max_new_tokens=8,
+                                                             num_answers=2)))
+    stage = DraftStage(st, "tiny", seed=0, threads=1)
+    rows = pd.DataFrame([{"id": "1", "messages": json.dumps([{"role": "user", "content": "Hi?"}]),
+                          "reference": "null", "answers": json.dumps([ans("given", None, "file")]), "meta": "{}",
+                          "error": "", "error_kind": ""}, error_row("2", "input", "bad")], columns=ROW_COLUMNS)
+    out1, out2 = stage(rows.copy()), stage(rows.copy())
+    a1 = json.loads(out1["answers"][0])
+    assert [a["generator"] for a in a1] == ["file", "tiny#0", "tiny#1"]
+    assert a1 == json.loads(out2["answers"][0]), "seeded by (seed, base, row id): reruns draw the same samples"
+    assert out1["answers"][1] == "[]", "error rows are left alone"
+
+
+# ---- the job ------------------------------------------------------------------------------------------
+def _good(i, k):
+    return {"generator": f"m{k}", "output": f"Answer {k} to question {i}, with its own words.",
+            "win_prob_vs_reference": str(0.1 * k)}
+
+
+def _records():
+    recs = [
+        {"id": 1, "instruction": "Q1", "reference_output": "R1",
+         "responses": [_good(1, 1), _good(1, 5), _good(1, 3), dict(_good(1, 4), win_prob_vs_reference="0.5")]},
+        {"id": 2, "instruction": "Q2", "reference_output": "R2", "responses": [
+            {"generator": "e1", "output": "", "win_prob_vs_reference": "0.9"},
+            {"generator": "e2", "output": "  \n", "win_prob_vs_reference": "0.9"},
+            {"generator": "rep", "output": "go " * 40, "win_prob_vs_reference": "0.9"},
+            {"generator": "long", "output": " ".join(f"word{n}" for n in range(150)), "win_prob_vs_reference": "0.9"},
+            _good(2, 1), _good(2, 2)]},
+        {"id": 3, "instruction": "Q3", "reference_output": "R3", "responses": [
+            dict(_good(3, 1), win_prob_vs_reference="n/a"), _good(3, 2), _good(3, 3),
+            dict(_good(3, 3), generator="copy", win_prob_vs_reference="0.1")]},
+        {"id": 4, "instruction": "Q4", "reference_output": "R4", "responses": [_good(4, k) for k in range(3)]},
+        {"id": 5, "instruction": "Q5", "reference_output": "R5", "responses": [
+            _good(5, 1), {"generator": "e", "output": "", "win_prob_vs_reference": "0.2"}]},
+        {"id": 6, "prompt": "wrong field", "responses": [_good(6, 1), _good(6, 2)]},
+    ]
+    recs += [{"id": i, "instruction": f"Q{i}", "reference_output": f"R{i}", "responses": [_good(i, 1), _good(i, 2)]}
+             for i in range(7, 25)]
+    return recs
+
+
+def _write_gz(path: Path, recs, bad_line=True) -> Path:
+    lines = [json.dumps(r).encode() for r in recs] + ([b'{"id": 99, "instruction": '] if bad_line else [])
+    path.write_bytes(gzip.compress(b"\n".join(lines) + b"\n", mtime=0))
+    return path
+
+
+def _run(args):
+    from jobs.build_states import main
+
+    return main(args + FAST)
+
+
+@pytest.mark.timeout(240)
+def test_job_filters_ranks_splits_and_is_deterministic(tmp_path, tiny_dirs, ray_local):
+    src = _write_gz(tmp_path / "in.jsonl.gz", _records())
+    args = [f"input.path={src}", f"filters.tokenizer={tiny_dirs['llama']}", "filters.max_tokens=600",
+            "split.dev_fraction=0.3", "seed=1"]
+    s = _run(args + [f"output.path={tmp_path / 'a'}"])
+    out = tmp_path / "a"
+    assert s["rows_in"] == 25 and s["rows_out"] == 22 and s["error_rows"] == 3
+    assert s["error_rows_by_kind"] == {"input": 2, "too_few_states": 1}
+    assert s["answers_dropped"] == {"empty": 3, "repetition": 1, "too_long": 1, "no_score": 1, "score_error": 0,
+                                    "draft_error": 0, "duplicate": 1}
+    errors = {e["id"]: e for e in map(json.loads, open(out / "errors.jsonl"))}
+    assert "missing prompt field 'instruction'" in errors["6"]["error"]
+    assert "not valid JSON" in errors["in.jsonl.gz:25"]["error"]
+    assert errors["5"]["error_kind"] == "too_few_states" and "1 empty" in errors["5"]["error"]
+    parts = {sp: pd.read_parquet(out / f"{sp}.parquet") for sp in ("train", "dev", "heldout")}
+    assert sum(map(len, parts.values())) == 22 and len(parts["dev"]) > 0
+    assert not any(int(i) % 4 == 0 for sp in ("train", "dev") for i in parts[sp]["id"]), "no held-out id in training"
+    assert all(int(i) % 4 == 0 for i in parts["heldout"]["id"])
+    rows = pd.concat(parts.values()).set_index("id")
+    r1 = rows.loc["1"]
+    assert list(r1["scores"]) == sorted(r1["scores"]) and r1["scores"][-1] == pytest.approx(0.5)
+    assert r1["target"] == r1["states"][-1] and r1["num_states"] == 4
+    r2 = rows.loc["2"]
+    assert list(r2["generators"]) == ["m1", "m2"], "empty, repetitive and over-length answers are dropped"
+    assert {d["reason"] for d in json.loads(r2["dropped"])} == {"empty", "repetition", "too_long"}
+    assert list(rows.loc["3"]["generators"]) == ["m2", "m3"], "the lower-scored duplicate and the unscored go"
+    assert json.loads(rows.loc["1"]["messages"]) == [{"role": "user", "content": "Q1"}]
+
+    s2 = _run(args + [f"output.path={tmp_path / 'b'}"])
+    for f in ("train.parquet", "dev.parquet", "heldout.parquet", "errors.jsonl"):
+        assert (out / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f"{f} differs between two runs"
+    assert s2["rows_by_split"] == s["rows_by_split"]
+
+
+def test_parquet_rows_are_normalized_like_json_rows(tmp_path):
+    """What Ray's read_parquet hands the parser: pandas batches with numpy arrays for lists and NaN for gaps."""
+    from jobs.build_states import BuildStatesConfig, _fields, parse_parquet_batch
+    from pipeline.states import normalize_record
+
+    recs = _records()[:2] + [{"id": 30, "instruction": "Q30", "reference_output": None, "responses": []}]
+    pd.DataFrame(recs).to_parquet(tmp_path / "x.parquet")
+    fields = _fields(load_config(BuildStatesConfig, "conf/build_states.yaml", []).input)
+    rows = parse_parquet_batch(pd.read_parquet(tmp_path / "x.parquet"), fields, "nested").to_dict("records")
+    expect = [normalize_record(r, "-", fields) for r in recs]
+    for r, e in zip(rows, expect):
+        assert json.loads(r["answers"]) == json.loads(e["answers"]) and r["messages"] == e["messages"]
+        assert r["error"] == "" and json.loads(r["reference"]) == json.loads(e["reference"])
+    assert rows[1]["error_kind"] == "" and len(json.loads(rows[1]["answers"])) == 6
+
+
+@pytest.mark.timeout(240)
+def test_job_reward_model_flat_layout_reference_target(tmp_path, tiny_rm, ray_local):
+    from pipeline.states import RewardModel
+
+    flat = [{"qid": f"q{i}", "question": f"Question {i}?", "answer": f"Answer {k} to {i}.", "model": f"m{k}",
+             "ref": f"Reference {i}."} for i in range(5) for k in range(3)]
+    flat.append({"qid": "q9", "question": "Lonely?", "answer": "", "model": "m0", "ref": "Ref."})
+    src = tmp_path / "flat.jsonl"  # (Ray's read_parquet costs ~15 s cold here; the Parquet parser is tested above)
+    src.write_text("".join(json.dumps(r) + "\n" for r in flat[::-1]))  # reversed: the merge must not care
+    s = _run([f"input.path={src}", f"output.path={tmp_path / 'o'}", "input.layout=flat", "input.id_field=qid",
+              "input.prompt_field=question", "input.text_field=answer", "input.generator_field=model",
+              "input.score_field=null", "input.reference_field=ref", "score.kind=reward_model",
+              f"score.reward_model.model={tiny_rm}", "rank.target=reference", "filters.max_tokens=null",
+              "split.heldout_mod=null"])
+    assert s["rows_in"] == 6 and s["rows_out"] == 5 and s["answers_dropped"]["empty"] == 1
+    assert s["error_rows_by_kind"] == {"too_few_states": 1}, "q9: only the reference is left"
+    df = pd.read_parquet(tmp_path / "o" / "train.parquet").set_index("id")
+    rm = RewardModel(str(tiny_rm))
+    for qid, r in df.iterrows():
+        assert r["num_states"] == 4 and r["states"][-1] == r["target"] and r["generators"][-1] == "reference"
+        assert pd.isna(r["scores"][-1]) and list(r["scores"][:-1]) == sorted(r["scores"][:-1])
+        direct = dict(zip(r["states"][:-1], rm.score([{"role": "user", "content": r["prompt"]}],
+                                                     list(r["states"][:-1]))))
+        assert list(r["scores"][:-1]) == pytest.approx([direct[t] for t in r["states"][:-1]], abs=1e-4)
+
+
+@pytest.mark.timeout(240)
+def test_job_on_real_alpaca_eval_ranked_responses(tmp_path, tiny_dirs, ray_local):
+    path = shared_file("alpaca_eval/ranked_responses.jsonl.gz")
+    s = _run([f"input.path={path}", f"output.path={tmp_path}", "input.limit=16",
+              f"filters.tokenizer={tiny_dirs['llama']}", "filters.max_tokens=8192"])
+    assert s["rows_in"] == 16 and s["rows_out"] + s["error_rows"] == 16 and s["answers_in"] == 16 * 8
+    src = {}
+    with gzip.open(path, "rt") as f:
+        for line, _ in zip(f, range(16)):
+            r = json.loads(line)
+            src[str(r["id"])] = r
+    held = pd.read_parquet(tmp_path / "heldout.parquet")
+    train = pd.read_parquet(tmp_path / "train.parquet")
+    assert set(held["id"]) <= {"0", "4", "8", "12"} and not any(int(i) % 4 == 0 for i in train["id"])
+    for _, r in pd.concat([train, held]).iterrows():
+        given = {a["generator"]: float(a["win_prob_vs_reference"]) for a in src[r["id"]]["responses"]}
+        assert list(r["scores"]) == sorted(r["scores"]) == [given[g] for g in r["generators"]]
+        assert r["target"] == r["states"][-1] and r["prompt"] == src[r["id"]]["instruction"]
+        kept_best = max(given[g] for g in r["generators"])
+        assert r["scores"][-1] == kept_best
+
+
+def test_config_errors_are_reported_together(tmp_path, ray_local):
+    from jobs.build_states import BuildStatesConfig, preflight_resources, validate
+
+    with pytest.raises(ConfigError, match="nope"):
+        load_config(BuildStatesConfig, "conf/build_states.yaml", ["rank.nope=1"])
+    cfg = load_config(BuildStatesConfig, "conf/build_states.yaml", [
+        "input.path=/does/not/exist.jsonl", "rank.target=worst", "score.kind=reward_model",
+        "split.heldout_rem=4", "filters.max_repeat_fraction=1.5", "bases=[{model: /no/such/model}]"])
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    msg = str(e.value)
+    for key in ("input.path", "rank.target", "score.reward_model.model", "split", "filters.max_repeat_fraction",
+                "bases.0.model"):
+        assert key in msg, f"{key} missing from {msg}"
+    cfg = load_config(BuildStatesConfig, "conf/build_states.yaml",
+                      ["score.kind=judge", "score.judge.base_url=http://x/v1", "score.judge.model=j",
+                       "score.judge.num_cpus=1", "score.judge.concurrency=2"])
+    with pytest.raises(ConfigError, match="fractions"):
+        preflight_resources(cfg)
+
+
+def test_conf_file_loads_and_validates(tmp_path):
+    from jobs.build_states import BuildStatesConfig, validate
+
+    src = _write_gz(tmp_path / "x.jsonl.gz", _records()[:1], bad_line=False)
+    cfg = load_config(BuildStatesConfig, REPO / "conf/build_states.yaml", [f"input.path={src}"])
+    validate(cfg)
+    assert cfg.score.kind == "column" and cfg.rank.target == "best" and cfg.split.heldout_mod == 4
+
+
+def test_jacobi_trajectory_runs_from_the_answer_to_the_aligner_fixed_point(tiny_dirs):
+    from pipeline.jacobi import RefineSettings
+    from pipeline.models import load_model
+    from pipeline.refiner import Refiner, RefineRequest
+    from pipeline.states import jacobi_trajectory
+
+    lm = load_model(str(tiny_dirs["llama"]))
+    msgs = [{"role": "user", "content": "Say something."}]
+    settings = RefineSettings(block_size=6, max_iter=50, max_new_tokens=12, reserve_tokens=0)
+    tr = jacobi_trajectory(Refiner(lm, settings, mode="reference"), msgs, "abcdefghijkl", key="1", max_states=100)
+    greedy = Refiner(lm, RefineSettings(max_new_tokens=12), mode="ar").refine([RefineRequest(msgs, "x")])[0].text
+    assert tr["converged"] and tr["fixed_point"] == greedy == tr["states"][-1], "a greedy Jacobi fixed point"
+    assert tr["states"][0] == "abcdef", "state 0 is the answer's first block"
+    assert len(tr["states"]) >= 3 and all(a != b for a, b in zip(tr["states"], tr["states"][1:]))
+    short = jacobi_trajectory(Refiner(lm, settings, mode="reference"), msgs, "abcdefghijkl", key="1", max_states=3)
+    assert len(short["states"]) == 3 and short["states"][0] == "abcdef" and short["states"][-1] == greedy
