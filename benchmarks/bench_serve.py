@@ -1,6 +1,7 @@
 """The Serve graph over HTTP vs the same pipeline called in-process, and batching on vs off under load.
 
     .venv/bin/python benchmarks/bench_serve.py [requests=8] [max_tokens=32] [clients=8] [per_client=2]
+        [batch_wait_timeout_s=0.1] [latency_only=0]
 
 Pipeline: the default model drafts (greedy) and the default model refines with the fast Jacobi engine,
 prompts from the bundled demo set. One torch thread per model on both sides.
@@ -8,6 +9,7 @@ prompts from the bundled demo set. One torch thread per model on both sides.
    (generate_answers + Refiner.refine) interleaved request by request; p50 of each (goal: ratio <= 1.10).
 2. Throughput: `clients` concurrent HTTP clients, each sending `per_client` requests, against two copies of
    the app that differ only in max_batch_size (8 vs 1) of the base and aligner (goal: >= 2x).
+The latency side runs against the batching app, so it pays the batch wait of a lone request (twice).
 """
 from __future__ import annotations
 
@@ -27,11 +29,11 @@ sys.path.insert(0, str(ROOT))
 PORT = 8391
 
 
-def app_args(batch: int, max_tokens: int) -> dict:
+def app_args(batch: int, max_tokens: int, wait: float) -> dict:
     return {"bases": {"smollm2": {"kind": "hf", "model": "default", "torch_threads": 1, "max_batch_size": batch,
-                                  "batch_wait_timeout_s": 0.05}},
+                                  "batch_wait_timeout_s": wait}},
             "aligners": {"jacobi": {"model": "default", "torch_threads": 1, "max_batch_size": batch,
-                                    "batch_wait_timeout_s": 0.05, "refine": {"max_new_tokens": max_tokens}}},
+                                    "batch_wait_timeout_s": wait, "refine": {"max_new_tokens": max_tokens}}},
             "models": {"diffpo": {"base": "smollm2", "aligner": "jacobi"}},
             "max_tokens_cap": max_tokens, "default_max_tokens": max_tokens, "request_timeout_s": 600}
 
@@ -39,6 +41,7 @@ def app_args(batch: int, max_tokens: int) -> dict:
 def main():
     kv = dict(a.split("=", 1) for a in sys.argv[1:])
     latency_only = kv.get("latency_only", "0") == "1"
+    wait = float(kv.get("batch_wait_timeout_s", 0.1))
     n, max_tokens = int(kv.get("requests", 8)), int(kv.get("max_tokens", 32))
     clients, per_client = int(kv.get("clients", 8)), int(kv.get("per_client", 2))
     prompts = [json.loads(x)["prompt"] for x in open(ROOT / "pipeline/data/demo_prompts.jsonl")]
@@ -62,8 +65,8 @@ def main():
     small = {"ray_actor_options": {"num_cpus": 0.4}}
     opts = {"base-smollm2": small, "aligner-jacobi": small, "Ingress": {"ray_actor_options": {"num_cpus": 0.05}}}
     t = time.perf_counter()
-    serve.run(build_graph(AppArgs(**app_args(8, max_tokens)), opts), name="batched", route_prefix="/b", blocking=False)
-    serve.run(build_graph(AppArgs(**app_args(1, max_tokens)), opts), name="unbatched", route_prefix="/u",
+    serve.run(build_graph(AppArgs(**app_args(8, max_tokens, wait)), opts), name="batched", route_prefix="/b", blocking=False)
+    serve.run(build_graph(AppArgs(**app_args(1, max_tokens, wait)), opts), name="unbatched", route_prefix="/u",
               blocking=False)
     print(f"serve apps up in {time.perf_counter() - t:.1f}s", flush=True)
 
