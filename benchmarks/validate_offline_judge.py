@@ -1,6 +1,6 @@
 """How far the offline judge can be trusted: agreement with GPT-4-turbo on real answers of 8 models.
 
-    .venv/bin/python benchmarks/validate_offline_judge.py [prompts=805] [split=all|heldout|train]
+    .venv/bin/python benchmarks/validate_offline_judge.py [prompts=805] [split=heldout|train|all]
 
 For each AlpacaEval instruction, `ranked_responses.jsonl.gz` holds 8 models' answers with the GPT-4-turbo
 judge's probability of beating the reference. For every pair of answers to the same instruction we ask
@@ -28,7 +28,7 @@ def main():
         print(f"skipped: {RANKED} not found (needs ../shared/data)")
         return
     kv = dict(a.split("=", 1) for a in sys.argv[1:])
-    n, split = int(kv.get("prompts", 805)), kv.get("split", "all")
+    n, split = int(kv.get("prompts", 805)), kv.get("split", "heldout")
     import torch
 
     from pipeline.offline_judge import EmbeddingJudge
@@ -42,8 +42,10 @@ def main():
     judge = EmbeddingJudge()
     t0 = time.perf_counter()
     answers = [a["output"] for r in rows for a in r["responses"]]
-    refs = [r["reference_output"] for r in rows for _ in r["responses"]]
-    sims = judge.similarity(answers, refs)
+    ref_vecs = judge.embed([r["reference_output"] for r in rows])  # each reference once
+    ans_vecs = judge.embed([a or " " for a in answers])
+    owner = [i for i, r in enumerate(rows) for _ in r["responses"]]
+    sims = [0.0 if not a.strip() else float(ans_vecs[k] @ ref_vecs[owner[k]]) for k, a in enumerate(answers)]
     wall = time.perf_counter() - t0
     lens = [len(a.split()) for a in answers]
     # length-residualised similarity: subtract the least-squares fit of sim on log length
