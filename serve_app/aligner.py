@@ -17,6 +17,7 @@ from pipeline.refiner import Refiner, RefineRequest
 from .config import AlignerArgs
 from .metrics import RefineMetrics
 from .protocol import BadRequest
+from .batchwait import AdaptiveWait
 from .threads import set_torch_threads
 
 
@@ -32,7 +33,7 @@ class Aligner:
                                template=a.template or DEFAULT_CORRECTION_TEMPLATE)
         self.metrics = RefineMetrics(name)
         self._refine_batch.set_max_batch_size(a.max_batch_size)
-        self._refine_batch.set_batch_wait_timeout_s(a.batch_wait_timeout_s)
+        self.window = AdaptiveWait(self._refine_batch, a.batch_wait_timeout_s, a.adaptive_batch_wait)
 
     async def refine(self, req: dict) -> dict:
         t0 = time.perf_counter()
@@ -41,7 +42,11 @@ class Aligner:
         except Exception as e:  # over the context window, a template that refuses the conversation ...
             self.metrics.record("rejected")
             raise BadRequest(f"the aligner cannot refine this request: {e}") from None
-        res = await self._refine_batch(item)
+        self.window.arrive()
+        try:
+            res = await self._refine_batch(item)
+        finally:
+            self.window.leave()
         res["refine_ms"] = (time.perf_counter() - t0) * 1000
         self.metrics.record("ok", res["refine_ms"], res["iterations"], res["tokens_per_pass"])
         return res

@@ -21,6 +21,7 @@ from pipeline.prompts import chat_prompt_ids
 from .config import HFBaseArgs, OpenAIBaseArgs
 from .metrics import DraftMetrics
 from .protocol import BadRequest, UpstreamError
+from .batchwait import AdaptiveWait
 from .threads import set_torch_threads
 
 
@@ -38,7 +39,8 @@ class HFBase:
         self.context_window = getattr(cfg, "max_position_embeddings", None)
         self.metrics = DraftMetrics(name)
         self._generate_batch.set_max_batch_size(self.args.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self.window = AdaptiveWait(self._generate_batch, self.args.batch_wait_timeout_s,
+                                   self.args.adaptive_batch_wait)
 
     async def draft(self, req: dict) -> dict:
         t0 = time.perf_counter()
@@ -51,7 +53,11 @@ class HFBase:
             self.metrics.record("rejected")
             raise BadRequest(f"prompt of {n_prompt} tokens + max_tokens {req['max_tokens']} exceeds the base "
                              f"model's context window of {self.context_window} tokens")
-        out = await self._generate_batch(req)
+        self.window.arrive()
+        try:
+            out = await self._generate_batch(req)
+        finally:
+            self.window.leave()
         out["prompt_tokens"] = n_prompt
         out["draft_ms"] = (time.perf_counter() - t0) * 1000
         self.metrics.record("ok", out["draft_ms"], out["completion_tokens"])

@@ -29,7 +29,8 @@ class HFBaseArgs(_Strict):
     trust_remote_code: bool = False
     torch_threads: int | None = None  # None: the replica's CPU allotment (at least 1)
     max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    batch_wait_timeout_s: float = Field(0.1, ge=0)  # how long a batch waits for company ...
+    adaptive_batch_wait: bool = True  # ... only while other requests are around (a lone request never waits)
     seed: int = 0
 
 
@@ -75,7 +76,8 @@ class AlignerArgs(_Strict):
     trust_remote_code: bool = False
     torch_threads: int | None = None
     max_batch_size: int = Field(8, ge=1)  # 1 turns batching off
-    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    batch_wait_timeout_s: float = Field(0.1, ge=0)
+    adaptive_batch_wait: bool = True
 
     @field_validator("mode")
     @classmethod

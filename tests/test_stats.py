@@ -55,3 +55,4 @@ def test_pairwise_agreement_counts_pairs_and_ties():
     ties = [[(0.1, 1.0), (0.9, 1.0), (0.9, 5.0)]]  # one judge tie (1/2), one pair with equal truth (skipped)
     r = pairwise_agreement(ties)
     assert r["pairs"] == 2 and r["agreement"] == (0.5 + 1.0) / 2
+
