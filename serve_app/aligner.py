@@ -42,7 +42,7 @@ class Aligner:
         except Exception as e:  # over the context window, a template that refuses the conversation ...
             self.metrics.record("rejected")
             raise BadRequest(f"the aligner cannot refine this request: {e}") from None
-        self.window.arrive()
+        self.window.arrive(req.get("concurrent", False))
         try:
             res = await self._refine_batch(item)
         finally:

@@ -53,7 +53,7 @@ class HFBase:
             self.metrics.record("rejected")
             raise BadRequest(f"prompt of {n_prompt} tokens + max_tokens {req['max_tokens']} exceeds the base "
                              f"model's context window of {self.context_window} tokens")
-        self.window.arrive()
+        self.window.arrive(req.get("concurrent", False))
         try:
             out = await self._generate_batch(req)
         finally:

@@ -2,27 +2,25 @@
 
 `@serve.batch` waits `batch_wait_timeout_s` after a batch's first request for more to arrive. That wait
 buys throughput when requests come together and costs latency when one comes alone. `AdaptiveWait` sets the
-window per arrival: the configured wait while other requests are in flight in this replica (or one arrived
-within the last two windows), no wait for a request that arrives to an idle replica.
+window per arrival: the configured wait when the app is serving other requests (the ingress passes
+`concurrent`: more than one request in flight there) or other requests are in flight in this replica, and
+no wait otherwise. A per-replica signal alone is not enough: requests move between the stages in groups,
+so a stage often looks idle just before a group arrives.
 """
 from __future__ import annotations
-
-import time
 
 
 class AdaptiveWait:
     def __init__(self, batch_handler, wait_s: float, adaptive: bool = True):
         self.handler, self.wait_s, self.adaptive = batch_handler, wait_s, adaptive
-        self.inflight, self.last_arrival = 0, float("-inf")
+        self.inflight = 0
         batch_handler.set_batch_wait_timeout_s(wait_s)
 
-    def arrive(self) -> None:
-        now = time.monotonic()
+    def arrive(self, concurrent: bool = False) -> None:
         if self.adaptive:
-            busy = self.inflight > 0 or now - self.last_arrival < 2 * self.wait_s
+            busy = concurrent or self.inflight > 0
             self.handler.set_batch_wait_timeout_s(self.wait_s if busy else 0.0)
         self.inflight += 1
-        self.last_arrival = now
 
     def leave(self) -> None:
         self.inflight -= 1

@@ -68,6 +68,7 @@ class Ingress:
         self.bases, self.aligners = bases, aligners
         self.api_key = os.environ.get(self.args.api_key_env) or None
         self.created = int(time.time())
+        self.inflight = 0  # chat requests being served: tells the model deployments whether to batch-wait
 
     def check_health(self):
         if set(self.bases) != {r.base for r in self.args.models.values()}:
@@ -147,18 +148,26 @@ class Ingress:
         messages = [m.plain() for m in req.messages]
         key = conversation_key(messages)
         deadline = time.monotonic() + self.args.request_timeout_s
+        self.inflight += 1
+        try:
+            return await self._complete(req, route, messages, key, max_tokens, deadline)
+        finally:
+            self.inflight -= 1
+
+    async def _complete(self, req, route, messages, key, max_tokens, deadline):
         temperature = 0.7 if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p
-
         draft = await self._call(self.bases[route.base].draft,
                                  {"messages": messages, "max_tokens": max_tokens, "temperature": temperature,
-                                  "top_p": top_p, "key": key}, deadline, f"base model {route.base!r}")
+                                  "top_p": top_p, "key": key, "concurrent": self.inflight > 1}, deadline,
+                                 f"base model {route.base!r}")
         extra = {"base": route.base, "aligner": route.aligner, "draft_ms": round(draft["draft_ms"], 1)}
         text, finish, completion_tokens = draft["text"], draft["finish_reason"], draft["completion_tokens"]
         if route.aligner is not None:
             ref = await self._call(self.aligners[route.aligner].refine,
                                    {"messages": messages, "draft": draft["text"], "max_tokens": max_tokens,
-                                    "key": key}, deadline, f"aligner {route.aligner!r}")
+                                    "key": key, "concurrent": self.inflight > 1}, deadline,
+                                   f"aligner {route.aligner!r}")
             extra.update(draft=draft["text"], iterations=ref["iterations"], tokens_per_pass=ref["tokens_per_pass"],
                          converged=ref["converged"], refine_ms=round(ref["refine_ms"], 1), mode=ref["mode"],
                          refine_batch_size=ref["batch_size"])

@@ -10,12 +10,14 @@ def test_adaptive_batch_wait_opens_only_under_concurrency():
 
     h = Handler()
     w = AdaptiveWait(h, 0.1)
-    w.last_arrival = -1e9  # idle for long
     w.arrive()
     assert h.s == 0.0  # a lone request does not wait for company
     w.arrive()
-    assert h.s == 0.1  # another request is in flight: the window opens
+    assert h.s == 0.1  # another request is in flight here: the window opens
     w.leave()
+    w.leave()
+    w.arrive(concurrent=True)
+    assert h.s == 0.1  # the ingress is serving others: they are on their way
     w.leave()
     fixed = AdaptiveWait(h, 0.1, adaptive=False)
     fixed.arrive()
