@@ -25,7 +25,7 @@ from typing import Optional
 import pandas as pd
 from omegaconf import OmegaConf
 
-from jobs.config import REPO, ConfigError, expand, load_config, to_yaml
+from jobs.config import REPO, ConfigError, expand, init_ray, load_config, to_yaml
 
 DEMO_PROMPTS = REPO / "pipeline" / "data" / "demo_prompts.jsonl"
 READ_HEADROOM_CPUS = 0.5  # left free for Ray Data's read/write tasks; without it the pipeline can hang
@@ -508,15 +508,7 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
     from ray.data import DataContext
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if not ray.is_initialized():
-        env = {"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"],
-                            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}}
-        if cfg.ray.address:
-            ray.init(address=cfg.ray.address, runtime_env=env, log_to_driver=False)
-        else:
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local: bind to 127.0.0.1 only
-            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
     ctx.execution_options.preserve_order = cfg.input.limit is not None  # `limit` must pick the same rows again

@@ -33,7 +33,7 @@ from typing import List, Optional
 import pandas as pd
 from omegaconf import OmegaConf
 
-from jobs.config import REPO, ConfigError, expand, load_config, to_yaml
+from jobs.config import REPO, ConfigError, expand, init_ray, load_config, to_yaml
 
 TASK_HEADROOM_CPUS = 1.0  # kept free for Ray Data's read/map/write tasks (1 CPU each); without it: a silent hang
 ROW_COLUMNS = ["id", "messages", "reference", "answers", "meta", "error", "error_kind"]
@@ -761,15 +761,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ray.data import DataContext
     from ray.data.context import ShuffleStrategy
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if not ray.is_initialized():
-        env = {"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"],
-                            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}}
-        if cfg.ray.address:
-            ray.init(address=cfg.ray.address, runtime_env=env, log_to_driver=False)
-        else:
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local: bind to 127.0.0.1 only
-            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=False)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
     preflight_resources(cfg)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars

@@ -60,3 +60,21 @@ def to_yaml(cfg) -> str:
 
 def expand(path: str) -> str:
     return os.path.expanduser(os.path.expandvars(path))
+
+
+def init_ray(address: str | None, num_cpus: int | None, extra_env: dict | None = None,
+             log_to_driver: bool = False) -> None:
+    """Start or join Ray for a job (no-op if the driver already did): workers get the repo on PYTHONPATH and
+    the offline setting; a local Ray binds to 127.0.0.1 only."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    env = {"env_vars": {"HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"],
+                        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {})}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=log_to_driver)
+    else:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=log_to_driver)

@@ -31,7 +31,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-from jobs.config import REPO, ConfigError, expand, load_config, to_yaml
+from jobs.config import REPO, ConfigError, expand, init_ray, load_config, to_yaml
 
 
 # ---- config ------------------------------------------------------------------------------------------
@@ -382,12 +382,8 @@ def main(argv: list[str] | None = None) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if not ray.is_initialized():
-        env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "DS_ACCELERATOR": "cuda" if cfg.train.use_gpu else "cpu"}
-        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": env})
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, log_to_driver=True,
+             extra_env={"DS_ACCELERATOR": "cuda" if cfg.train.use_gpu else "cpu"})
 
     storage = Path(expand(cfg.run.storage_path)).resolve()
     run_dir = storage / cfg.run.name
