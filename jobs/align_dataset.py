@@ -93,6 +93,8 @@ class AlignerCfg(StageCfg):
     reseed: bool = True
     reseed_ngram: int = 3
     prompt_lookup: int = 0
+    vectors: dict[str, str] = field(default_factory=dict)  # alignment vectors: name -> folder (jobs.extract_vector)
+    knobs: dict[str, float] = field(default_factory=dict)  # name -> λ: aligner weights = θ + Σ λ·AV
 
 
 @dataclass
@@ -173,6 +175,13 @@ def validate(cfg) -> None:
         if st.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
             problems.append(f"{name}.dtype: {st.dtype!r} is not auto, float32, bfloat16 or float16")
     if cfg.base.max_new_tokens < 1:
+    for name in cfg.aligner.knobs:
+        if name not in cfg.aligner.vectors:
+            problems.append(f"aligner.knobs.{name}: no vector named {name!r} in aligner.vectors "
+                            f"(have {sorted(cfg.aligner.vectors)})")
+    for name, path in cfg.aligner.vectors.items():
+        if not (Path(expand(path)) / "vector.json").exists():
+            problems.append(f"aligner.vectors.{name}: no alignment vector at {path} (write one with jobs.extract_vector)")
         problems.append("base.max_new_tokens: must be >= 1")
     if cfg.base.kind not in ("hf", "openai"):
         problems.append(f"base.kind: {cfg.base.kind!r} is not hf or openai")
@@ -338,6 +347,11 @@ class RefineStage:
         torch.set_num_threads(threads)
         lm = load_model(st["model"], **_model_kwargs(st))
         self.mode = st["mode"] + ("+in_context" if st["in_context"] else "")
+        if st.get("knobs"):  # alignment vectors: the aligner's weights become θ + Σ λ·AV, once
+            from pipeline.vectors import load_knobbed
+
+            load_knobbed(lm, {n: expand(p) for n, p in st["vectors"].items() if n in st["knobs"]},
+                         cache_size=0).apply(dict(st["knobs"]))
         self.refiner = Refiner(lm, refine_settings(st), mode=st["mode"], in_context=st["in_context"],
                                template=st["template"] or DEFAULT_CORRECTION_TEMPLATE,
                                prompt_lookup=st["prompt_lookup"])
