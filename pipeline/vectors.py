@@ -454,6 +454,9 @@ class KnobbedModel:
                  bounds: tuple[float, float] | None = None, base_source: str | None = None, check_base: bool = True):
         if cache_size < 0:
             raise ValueError("cache_size must be >= 0")
+        prev = model.__dict__.get("_diffpo_knobbed")
+        if prev is not None:  # a model already under knobs: take the base weights back before capturing them
+            prev.apply({})
         self.model, self.cache_size, self.bounds = model, cache_size, bounds
         dev = next(model.parameters()).device
         self.vectors: dict[str, AlignmentVector] = {}
@@ -489,6 +492,7 @@ class KnobbedModel:
         self.current: tuple = ()
         self.hits = self.misses = 0
         self.lock = threading.RLock()
+        model.__dict__["_diffpo_knobbed"] = self
 
     # ---- settings --------------------------------------------------------------------------------------
     @property
