@@ -129,7 +129,8 @@ def input_files(path: str) -> list[str]:
         return [str(DEMO_PROMPTS)]
     p = Path(expand(path))
     if p.is_dir():
-        files = sorted(f for ext in ("jsonl", "json", "parquet") for f in glob.glob(str(p / f"**/*.{ext}"), recursive=True))
+        files = sorted(f for ext in ("jsonl", "jsonl.gz", "json", "parquet")
+                       for f in glob.glob(str(p / f"**/*.{ext}"), recursive=True))
         return files
     return [str(p)] if p.exists() else []
 
@@ -142,7 +143,7 @@ def validate(cfg) -> None:
     problems = []
     files = input_files(cfg.input.path)
     if not files:
-        problems.append(f"input.path: no .jsonl/.json/.parquet input found at {cfg.input.path!r}")
+        problems.append(f"input.path: no .jsonl/.jsonl.gz/.json/.parquet input found at {cfg.input.path!r}")
     if cfg.input.format not in FORMATS:
         problems.append(f"input.format: {cfg.input.format!r} is not one of {', '.join(FORMATS)}")
     if cfg.input.drafts_path and not Path(expand(cfg.input.drafts_path)).exists():
@@ -174,7 +175,6 @@ def validate(cfg) -> None:
             problems.append(f"{name}.num_cpus: must be > 0 (fractions such as 0.5 are fine), got {st.num_cpus}")
         if st.dtype not in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
             problems.append(f"{name}.dtype: {st.dtype!r} is not auto, float32, bfloat16 or float16")
-    if cfg.base.max_new_tokens < 1:
     for name in cfg.aligner.knobs:
         if name not in cfg.aligner.vectors:
             problems.append(f"aligner.knobs.{name}: no vector named {name!r} in aligner.vectors "
@@ -182,6 +182,7 @@ def validate(cfg) -> None:
     for name, path in cfg.aligner.vectors.items():
         if not (Path(expand(path)) / "vector.json").exists():
             problems.append(f"aligner.vectors.{name}: no alignment vector at {path} (write one with jobs.extract_vector)")
+    if cfg.base.max_new_tokens < 1:
         problems.append("base.max_new_tokens: must be >= 1")
     if cfg.base.kind not in ("hf", "openai"):
         problems.append(f"base.kind: {cfg.base.kind!r} is not hf or openai")
@@ -346,12 +347,12 @@ class RefineStage:
 
         torch.set_num_threads(threads)
         lm = load_model(st["model"], **_model_kwargs(st))
-        self.mode = st["mode"] + ("+in_context" if st["in_context"] else "")
         if st.get("knobs"):  # alignment vectors: the aligner's weights become θ + Σ λ·AV, once
             from pipeline.vectors import load_knobbed
 
             load_knobbed(lm, {n: expand(p) for n, p in st["vectors"].items() if n in st["knobs"]},
                          cache_size=0).apply(dict(st["knobs"]))
+        self.mode = st["mode"] + ("+in_context" if st["in_context"] else "")
         self.refiner = Refiner(lm, refine_settings(st), mode=st["mode"], in_context=st["in_context"],
                                template=st["template"] or DEFAULT_CORRECTION_TEMPLATE,
                                prompt_lookup=st["prompt_lookup"])
@@ -403,6 +404,10 @@ def parse_file(row: dict, fmt: str, id_field, drafts_by_key) -> list[dict]:
     from pipeline.records import error_row, normalize, parse_json_array, parse_lines
 
     path, data = row["path"], row["bytes"]
+    if path.endswith(".gz"):
+        import gzip
+
+        data, path = gzip.decompress(data), path[:-3]
     src = os.path.basename(path)
     parse = parse_json_array if path.endswith(".json") else parse_lines
     out = []

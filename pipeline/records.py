@@ -6,6 +6,8 @@ Supported, detected per record (`fmt="auto"`) or forced:
 * ``messages``     {"id", "messages": [{"role", "content"}, ...] ending with a user turn, ["draft"]};
 * ``mt_bench``     FastChat question file {"question_id", "turns": [...], "category"}; drafts for every turn may
                    come from a FastChat answer file {"question_id", "choices": [{"turns": [...]}]}.
+* ``hh_rlhf``      Anthropic HH-RLHF {"chosen", "rejected"}: the dialogue up to the last human turn is the
+                   prompt; the chosen final answer is kept as the reference, the rejected one in meta.
 
 A normalized row (all strings, so that Arrow never has to guess types):
     id       str       the row's key (output, resume and seeding all use it)
@@ -18,12 +20,13 @@ A normalized row (all strings, so that Arrow never has to guess types):
 from __future__ import annotations
 
 import json
+import re
 
-FORMATS = ("auto", "prompts", "messages", "mt_bench")
+FORMATS = ("auto", "prompts", "messages", "mt_bench", "hh_rlhf")
 ID_KEYS = ("id", "question_id")
 PROMPT_KEYS = ("prompt", "instruction", "question")
 DRAFT_KEYS = ("draft", "output", "response")
-_META_KEYS = ("category", "dataset", "generator", "reference_output", "reference")
+_META_KEYS = ("category", "dataset", "generator", "reference_output", "reference", "rejected")
 
 
 def error_row(row_id: str, reason: str) -> dict:
@@ -45,7 +48,9 @@ def normalize(rec, fallback_id: str, fmt: str = "auto", id_key: str | None = Non
         return error_row(fallback_id, f"missing id field {id_key!r}")
     rid = str(rid) if rid is not None else fallback_id
     try:
-        history, turns, drafts = _parse(rec, fmt)
+        if fmt == "hh_rlhf" or (fmt == "auto" and "chosen" in rec and "messages" not in rec):
+            rec = hh_rlhf_record(rec)
+        history, turns, drafts = _parse(rec, fmt if fmt != "hh_rlhf" else "messages")
     except ValueError as e:
         return error_row(rid, str(e))
     if drafts is None and drafts_by_key:
@@ -56,7 +61,7 @@ def normalize(rec, fallback_id: str, fmt: str = "auto", id_key: str | None = Non
         if len(drafts) < len(turns):
             return error_row(rid, f"{len(turns)} turns but only {len(drafts)} drafts")
         drafts = drafts[:len(turns)]
-    meta = {k: rec[k] for k in _META_KEYS if k in rec and isinstance(rec[k], (str, int, float))}
+    meta = {k: rec[k] for k in _META_KEYS if k in rec and (isinstance(rec[k], (str, int, float)) or _str_list(rec[k]))}
     return {"id": rid, "history": json.dumps(history), "turns": json.dumps(turns),
             "drafts": None if drafts is None else json.dumps(drafts), "meta": json.dumps(meta), "error": None}
 
@@ -98,6 +103,32 @@ def _parse(rec: dict, fmt: str):
             raise ValueError("empty prompt")
         return [], [prompt], _draft_field(rec)
     raise ValueError(f"unknown input format {fmt!r}")
+
+
+_HH_SPLIT = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def hh_dialogue(text: str) -> list[dict]:
+    """An HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") as chat messages."""
+    if not isinstance(text, str):
+        raise ValueError("HH-RLHF 'chosen'/'rejected' must be strings")
+    parts = _HH_SPLIT.split("\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
+    msgs = [{"role": "user" if who == "Human" else "assistant", "content": body.strip()}
+            for who, body in zip(parts[1::2], parts[2::2])]
+    if not msgs:
+        raise ValueError("no 'Human:'/'Assistant:' turns in the HH-RLHF dialogue")
+    return msgs
+
+
+def hh_rlhf_record(rec: dict) -> dict:
+    """{"chosen", "rejected"} -> {"messages" up to the last human turn, "reference": chosen answer, "rejected"}."""
+    chosen, rejected = hh_dialogue(rec.get("chosen")), hh_dialogue(rec.get("rejected", ""))
+    if chosen[-1]["role"] != "assistant" or len(chosen) < 2:
+        raise ValueError("HH-RLHF 'chosen' must end with an assistant turn after a human turn")
+    out = {k: v for k, v in rec.items() if k not in ("chosen", "rejected")}
+    out.update(messages=chosen[:-1], reference=chosen[-1]["content"],
+               rejected=rejected[-1]["content"] if rejected and rejected[-1]["role"] == "assistant" else "")
+    return out
 
 
 def _draft_field(rec: dict):

@@ -120,25 +120,6 @@ def test_judge_answer_asks_the_endpoint_and_parses():
         judge_answer(FakeEndpoint("It is fine."), [{"role": "user", "content": "q"}], "a")
 
 
-@pytest.fixture(scope="module")
-def tiny_rm(tmp_path_factory):
-    """A tiny random LlamaForSequenceClassification (num_labels=1) with the byte-level chat tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    from pipeline.tiny import tiny_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny_rm")
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, num_labels=1,
-                      pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    LlamaForSequenceClassification(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
 def test_reward_model_scores_each_answer_independently_of_the_batch(tiny_rm):
     from pipeline.states import RewardModel
 
