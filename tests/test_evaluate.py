@@ -230,7 +230,7 @@ def test_evaluate_job_end_to_end(tmp_path, tiny_dirs, tiny_rm, ray_local):
 
 @pytest.mark.parametrize("override,msg", [
     ("methods=[draft,nope]", "choose from"),
-    ("stats.baseline=refine", "not among the methods"),
+    ("stats.baseline=refine_reference", "not among the methods"),
     ("methods=[draft,best_of_n]", None),  # fine with the offline judge on
     ("judges.llm.enabled=true", "base_url"),
     ("judges.offline.enabled=false", "enable at least one"),

@@ -208,6 +208,32 @@ def _fuzz_cases(rng: random.Random) -> list[tuple[str, bytes | dict, dict]]:
     return cases
 
 
+def test_llm_judge_over_http_records_what_it_cannot_parse(server, monkeypatch, tmp_path):
+    """The evaluation's LLM judge talking to this project's own OpenAI-compatible server: the tiny random model
+    answers gibberish, which must be recorded as unparsed with its raw text, never turned into a number."""
+    import math
+
+    from pipeline.judges import LLMJudge, load_fastchat_prompts
+    from pipeline.openai_http import ChatEndpoint, EndpointConfig
+    from tests.test_evaluate import write_prompts
+
+    monkeypatch.setenv(TEST_API_KEY_ENV, TEST_API_KEY)
+    prompts = load_fastchat_prompts(write_prompts(tmp_path / "p.jsonl"))
+
+    def judge(model):
+        return LLMJudge(ChatEndpoint(EndpointConfig(base_url=server["url"] + "/v1", model=model,
+                                                    api_key_env=TEST_API_KEY_ENV, timeout_s=30, max_retries=1)),
+                        prompts, max_tokens=12)
+
+    v = judge("tiny").grade(["Is this a good answer?"], ["Yes."])[0]
+    assert v.status == "unparsed" and v.raw.strip() and math.isnan(v.number)
+    assert judge("tiny").grade(["Is this a good answer?"], ["Yes."])[0].raw == v.raw  # greedy: same verdict again
+    p = judge("tiny").compare("Pick one.", "A.", "B.")
+    assert p.status == "unparsed" and p.value is None
+    err = judge("no-such-model").compare("Pick one.", "A.", "B.")
+    assert err.status == "error" and "404" in err.raw
+
+
 def test_fuzz_hostile_requests_get_4xx_json_and_server_stays_healthy(server):
     cases = _fuzz_cases(random.Random(0))
     assert len(cases) >= 200
