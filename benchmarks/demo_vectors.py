@@ -1,18 +1,20 @@
 """Alignment vectors on the real default model: two style fine-tunes, their vectors, and λ sweeps.
 
-    .venv/bin/python benchmarks/demo_vectors.py [steps=20] [lr=1e-4] [prompts=6] [max_new_tokens=128] \
-        [grid_concise=0,0.5,1,1.5] [grid_detailed=0,0.75,1.5] [out=outputs/demo_vectors] [retrain=false]
+    .venv/bin/python benchmarks/demo_vectors.py [steps=20] [lr=1e-4] [prompts=8] [max_new_tokens=192] \
+        [grid_concise=0,0.5,1,1.5] [grid_detailed=0,0.5,1] [out=outputs/demo_vectors] [retrain=false] [reuse_search=false]
 
 1. Two aligned variants of SmolLM2-135M-Instruct (the embedded default), each a short plain-PyTorch full
    fine-tune (AdamW, embeddings frozen) on AlpacaEval *train* instructions (id % 4 != 0) from
    ../shared/data/alpaca_eval/ranked_responses.jsonl.gz (read there, never copied):
      concise  — target = the shortest of the 8 models' answers / the reference with 5..40 words
      detailed — target = the longest answer (>= 150 words), cut to `detailed_tokens` tokens
-2. Their vectors (python -m jobs.extract_vector, dense; plus a rank-16 compressed copy of `concise`), with the
-   extraction's peak memory measured in a child process.
+2. Their vectors (jobs.extract_vector, dense; plus a rank-16 compressed copy of `concise`), with the peak
+   private memory the extraction adds (sampled from /proc/self/status; the memory-mapped checkpoints' file
+   pages are page cache and not counted).
 3. python -m jobs.search_knobs over the λ grid of both vectors on held-out instructions (id % 4 == 0 with short
-   GPT-4 references, so the base's answers are not all at the length cap), greedy, score = mean answer words.
-4. demo_vectors.png: mean words against λ for each vector alone, and the heat map of the mix.
+   GPT-4 references, so the base's answers are not all at the length cap), greedy, score = mean answer words
+   (target 60); the answers' token counts (and the share at the cap) are computed from its answers.jsonl.
+4. demo_vectors.png: mean answer tokens against λ for each vector alone, and the heat map of the mix.
 Outputs under `out` (git-ignored); models are reused on a rerun unless retrain=true. Ends with figure lines.
 """
 from __future__ import annotations
@@ -21,8 +23,6 @@ import gzip
 import json
 import os
 import random
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -123,17 +123,87 @@ def finetune(name: str, pairs, out_dir: Path, steps: int, batch: int, lr: float,
     return info
 
 
-def extract_in_child(aligned: Path, domain: str, out: Path, extra: list[str]) -> tuple[dict, float]:
-    """jobs.extract_vector in a child process; returns (metadata, child's peak RSS in MB)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-m", "jobs.extract_vector", f"aligned={aligned}", f"domain={domain}",
-                    f"out={out}", *extra], cwd=ROOT, check=True)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return json.loads((out / "vector.json").read_text()), max(peak, before) / 1024
+def extract(aligned: Path, domain: str, out: Path, extra: list[str]) -> tuple[dict, float]:
+    """python -m jobs.extract_vector's main, in-process; returns (metadata, peak private memory it added, MB)."""
+    from benchmarks.bench_vectors import Peak
+    from jobs.extract_vector import main as extract_main
+
+    with Peak() as pk:
+        meta = extract_main([f"aligned={aligned}", f"domain={domain}", f"out={out}", *extra])
+    return meta, pk.extra_mb
 
 
 def monotone(xs: list[float], increasing: bool) -> bool:
     return all((b >= a) if increasing else (b <= a) for a, b in zip(xs, xs[1:]))
+
+
+def token_table(search_dir: Path, base_dir: Path, max_new: int):
+    """The search table plus, per grid point, answer tokens (mean, s.e.) and the share of answers at the cap,
+    computed from answers.jsonl with the model's tokenizer."""
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    table = pd.read_csv(search_dir / "table.csv")
+    per: dict = {}
+    for line in open(search_dir / "answers.jsonl"):
+        r = json.loads(line)
+        key = (r["knobs"]["concise"], r["knobs"]["detailed"])
+        per.setdefault(key, []).append(len(tok(r["answer"], add_special_tokens=False)["input_ids"]))
+    means, sems, capped = [], [], []
+    for _, row in table.iterrows():
+        t = per[(row["lambda_concise"], row["lambda_detailed"])]
+        m = sum(t) / len(t)
+        means.append(m)
+        sems.append((sum((x - m) ** 2 for x in t) / max(1, len(t) - 1)) ** 0.5 / len(t) ** 0.5)
+        capped.append(sum(x >= max_new - 2 for x in t) / len(t))
+    table["tokens"], table["sem_tokens"], table["at_cap"] = means, sems, capped
+    table = table.rename(columns={"score_concise": "words", "sem_concise": "sem_words"})
+    table.to_csv(search_dir / "table_tokens.csv", index=False)
+    return table
+
+
+def make_figure(table, out: Path, max_new: int, n_rows: int):
+    """demo_vectors.png: each vector alone (curves) and the mix (heat map); returns the two 1-D slices."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    alone_c = table[table["lambda_detailed"] == 0].sort_values("lambda_concise")
+    alone_d = table[table["lambda_concise"] == 0].sort_values("lambda_detailed")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    a1.errorbar(alone_c["lambda_concise"], alone_c["tokens"], yerr=alone_c["sem_tokens"], marker="o",
+                capsize=3, label="concise vector alone")
+    a1.errorbar(alone_d["lambda_detailed"], alone_d["tokens"], yerr=alone_d["sem_tokens"], marker="s",
+                capsize=3, label="detailed vector alone")
+    a1.axhline(max_new, color="gray", ls=":", lw=1)
+    a1.text(0, max_new, f" {max_new}-token cap", va="bottom", fontsize=8, color="gray")
+    a1.set_xlabel("λ")
+    a1.set_ylabel(f"mean answer tokens ({n_rows} held-out prompts, ± s.e.)")
+    a1.set_title("SmolLM2-135M + λ · AV: answer length")
+    a1.grid(alpha=0.3)
+    a1.legend()
+    xs, ys = sorted(table["lambda_concise"].unique()), sorted(table["lambda_detailed"].unique())
+    grid = np.full((len(ys), len(xs)), np.nan)
+    for _, r in table.iterrows():
+        grid[ys.index(r["lambda_detailed"]), xs.index(r["lambda_concise"])] = r["tokens"]
+    im = a2.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
+    a2.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
+    a2.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
+    mid = (np.nanmin(grid) + np.nanmax(grid)) / 2
+    for i in range(len(ys)):
+        for j in range(len(xs)):
+            a2.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", color="k" if grid[i, j] > mid else "w")
+    a2.set_xlabel("λ concise")
+    a2.set_ylabel("λ detailed")
+    a2.set_title("mean answer tokens, both vectors mixed")
+    fig.colorbar(im, ax=a2, shrink=0.85)
+    fig.tight_layout()
+    fig.savefig(out / "demo_vectors.png", dpi=120)
+    plt.close(fig)
+    return alone_c, alone_d
 
 
 def main() -> None:
@@ -147,9 +217,9 @@ def main() -> None:
     out = Path(kv.get("out", ROOT / "outputs/demo_vectors"))
     out.mkdir(parents=True, exist_ok=True)
     steps, lr = int(kv.get("steps", 20)), float(kv.get("lr", 1e-4))
-    n_prompts, max_new = int(kv.get("prompts", 6)), int(kv.get("max_new_tokens", 128))
+    n_prompts, max_new = int(kv.get("prompts", 8)), int(kv.get("max_new_tokens", 192))
     grid_c = [float(x) for x in kv.get("grid_concise", "0,0.5,1,1.5").split(",")]
-    grid_d = [float(x) for x in kv.get("grid_detailed", "0,0.75,1.5").split(",")]
+    grid_d = [float(x) for x in kv.get("grid_detailed", "0,0.5,1").split(",")]
     retrain = kv.get("retrain", "false").lower() == "true"
     t_all = time.perf_counter()
 
@@ -168,10 +238,13 @@ def main() -> None:
     from pipeline.vectors import checkpoint_dir
 
     base_dir = checkpoint_dir("default")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(base_dir))  # imports and tokenizer caches: not part of the measurement
     vec, peaks = {}, {}
     for name in ("concise", "detailed"):
-        vec[name], peaks[name] = extract_in_child(out / "models" / name, name, out / "vectors" / name, [])
-    vec["concise_r16"], peaks["concise_r16"] = extract_in_child(out / "models" / "concise", "concise_r16",
+        vec[name], peaks[name] = extract(out / "models" / name, name, out / "vectors" / name, [])
+    vec["concise_r16"], peaks["concise_r16"] = extract(out / "models" / "concise", "concise_r16",
                                                                 out / "vectors" / "concise_r16",
                                                                 ["compression.rank=16"])
     model_mb = sum(f.stat().st_size for f in base_dir.glob("*.safetensors")) / 1e6
@@ -187,10 +260,12 @@ def main() -> None:
             f"domains.detailed.grid=[{','.join(map(str, grid_d))}]",
             "domains.concise.score=length_words", "domains.detailed.score=length_words",
             "domains.concise.target=60", "domains.detailed.target=60"]
-    summary = search(args)
-    import pandas as pd
-
-    table = pd.read_csv(out / "search" / "table.csv")
+    if kv.get("reuse_search", "false").lower() == "true" and (out / "search" / "summary.json").exists():
+        summary = json.loads((out / "search" / "summary.json").read_text())
+        print(f"[demo] reusing {out / 'search'} (reuse_search=false to redo)")
+    else:
+        summary = search(args)
+    table = token_table(out / "search", checkpoint_dir("default"), max_new)
 
     # the compressed vector at λ = 1, same prompts
     from jobs.search_knobs import answer_all, load_prompts
@@ -204,88 +279,56 @@ def main() -> None:
     rows = load_prompts(str(out / "heldout.jsonl"), n_prompts)
     gen = OmegaConf.create({"max_new_tokens": max_new, "batch_size": n_prompts})
     km.apply({"concise_r16": 1.0})
-    words_r16 = sum(len(a.split()) for a in answer_all(lm, rows, gen)) / len(rows)
+    ans = answer_all(lm, rows, gen)
+    r16_words = sum(len(a.split()) for a in ans) / len(rows)
+    r16_tokens = sum(len(lm.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in ans) / len(rows)
     del km, lm
 
-    # 4. figure
-    import matplotlib
+    alone_c, alone_d = make_figure(table, out, max_new, len(rows))
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    alone_c = table[table["lambda_detailed"] == 0].sort_values("lambda_concise")
-    alone_d = table[table["lambda_concise"] == 0].sort_values("lambda_detailed")
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    a1.errorbar(alone_c["lambda_concise"], alone_c["score_concise"], yerr=alone_c["sem_concise"], marker="o",
-                capsize=3, label="concise vector alone")
-    a1.errorbar(alone_d["lambda_detailed"], alone_d["score_detailed"], yerr=alone_d["sem_detailed"], marker="s",
-                capsize=3, label="detailed vector alone")
-    a1.axhline(max_new * 0.75, color="gray", ls=":", lw=1)
-    a1.text(0, max_new * 0.75, f" ~{max_new}-token cap", va="bottom", fontsize=8, color="gray")
-    a1.set_xlabel("λ")
-    a1.set_ylabel(f"mean answer words ({len(rows)} held-out prompts, ± s.e.)")
-    a1.set_title("SmolLM2-135M + λ · AV: answer length")
-    a1.grid(alpha=0.3)
-    a1.legend()
-    xs, ys = sorted(table["lambda_concise"].unique()), sorted(table["lambda_detailed"].unique())
-    grid = np.full((len(ys), len(xs)), np.nan)
-    for _, r in table.iterrows():
-        grid[ys.index(r["lambda_detailed"]), xs.index(r["lambda_concise"])] = r["score_concise"]
-    im = a2.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
-    a2.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
-    a2.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
-    for i in range(len(ys)):
-        for j in range(len(xs)):
-            a2.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", color="w")
-    a2.set_xlabel("λ concise")
-    a2.set_ylabel("λ detailed")
-    a2.set_title("mean answer words, both vectors mixed")
-    fig.colorbar(im, ax=a2, shrink=0.85)
-    fig.tight_layout()
-    fig.savefig(out / "demo_vectors.png", dpi=120)
-    plt.close(fig)
-
-    base_words = float(table[(table["lambda_concise"] == 0) & (table["lambda_detailed"] == 0)]["score_concise"].iloc[0])
-
-    def at(c, d):
+    def at(c, d, col="tokens"):
         t = table[(table["lambda_concise"] == c) & (table["lambda_detailed"] == d)]
-        return float(t["score_concise"].iloc[0]) if len(t) else float("nan")
+        return float(t[col].iloc[0]) if len(t) else float("nan")
 
-    c1 = at(1.0, 0.0)
     d_top = max(grid_d)
     result = {
-        "train": train, "base_words": base_words, "table": str(out / "search/table.csv"),
-        "figure": str(out / "demo_vectors.png"), "heatmap": summary["figure"],
-        "monotone_concise": monotone(list(alone_c["score_concise"]), increasing=False),
-        "monotone_detailed": monotone(list(alone_d["score_detailed"]), increasing=True),
-        "words_concise_r16_at_1": words_r16, "wall_s": round(time.perf_counter() - t_all, 1),
-        "extract_peak_rss_mb": peaks, "model_mb": model_mb,
+        "train": train, "base_tokens": at(0.0, 0.0), "base_words": at(0.0, 0.0, "words"),
+        "table": str(out / "search/table_tokens.csv"), "figure": str(out / "demo_vectors.png"),
+        "heatmap": summary["figure"],
+        "monotone_tokens": [monotone(list(alone_c["tokens"]), False), monotone(list(alone_d["tokens"]), True)],
+        "monotone_words": [monotone(list(alone_c["words"]), False), monotone(list(alone_d["words"]), True)],
+        "r16_at_1": {"tokens": r16_tokens, "words": r16_words}, "wall_s": round(time.perf_counter() - t_all, 1),
+        "extract_peak_added_mb": peaks, "model_mb": model_mb,
         "vector_mb": {k: v["compression"]["stored_bytes"] / 1e6 for k, v in vec.items()},
         "r16_rel_error_total": vec["concise_r16"]["compression"]["rel_error_total"],
         "search_wall_s": summary["wall_s"], "prompts": [r["id"] for r in prompts],
     }
     (out / "demo_result.json").write_text(json.dumps(result, indent=2, default=str))
-    print(table.to_string(index=False))
-    print(f"\n[demo] figure {out / 'demo_vectors.png'}, heat map {summary['figure']}, table {out / 'search/table.csv'}")
+    cols = ["lambda_concise", "lambda_detailed", "tokens", "sem_tokens", "at_cap", "words", "sem_words", "seconds"]
+    print(table[cols].to_string(index=False))
+    print(f"\n[demo] figure {out / 'demo_vectors.png'}, heat map {summary['figure']}, "
+          f"table {out / 'search/table_tokens.csv'}")
     for name in ("concise", "detailed"):
         t = train[name]
-        print(f"figure: {name} fine-tune loss first5 -> last5 = {t['loss_first5']:.3f} -> {t['loss_last5']:.3f} "
-              f"({t['steps']} steps x {t['batch']}, {t['train_s']} s)")
-    print(f"figure: base mean answer words = {base_words:.1f}")
-    for _, r in alone_c.iterrows():
-        print(f"figure: mean words, concise lambda={r['lambda_concise']:g} = {r['score_concise']:.1f}")
-    for _, r in alone_d.iterrows():
-        print(f"figure: mean words, detailed lambda={r['lambda_detailed']:g} = {r['score_detailed']:.1f}")
-    print(f"figure: monotone in lambda (concise down, detailed up) = {result['monotone_concise']}, "
-          f"{result['monotone_detailed']}")
-    print(f"figure: mix concise=1 + detailed={d_top:g} mean words = {at(1.0, d_top):.1f} "
-          f"(concise alone {c1:.1f}, detailed alone {at(0.0, d_top):.1f})")
-    print(f"figure: concise rank-16 vector at lambda=1 mean words = {words_r16:.1f} (dense {c1:.1f}; "
+        print(f"figure: {name} fine-tune = {t['steps']} steps x {t['batch']} in {t['train_s']} s "
+              f"(loss first5 {t['loss_first5']:.3f}, last5 {t['loss_last5']:.3f})")
+    print(f"figure: base mean answer tokens = {at(0, 0):.1f} ({at(0, 0, 'words'):.1f} words, "
+          f"{at(0, 0, 'at_cap'):.0%} at the {max_new}-token cap)")
+    for name, alone in (("concise", alone_c), ("detailed", alone_d)):
+        for _, r in alone.iterrows():
+            print(f"figure: {name} lambda={r[f'lambda_{name}']:g}: mean tokens = {r['tokens']:.1f} "
+                  f"(words {r['words']:.1f}, at cap {r['at_cap']:.0%})")
+    print(f"figure: monotone in lambda, tokens (concise down, detailed up) = {result['monotone_tokens']}; "
+          f"words = {result['monotone_words']}")
+    print(f"figure: mix concise=1 + detailed={d_top:g}: mean tokens = {at(1.0, d_top):.1f} "
+          f"(concise alone {at(1.0, 0.0):.1f}, detailed alone {at(0.0, d_top):.1f})")
+    print(f"figure: mix concise=0.5 + detailed=0.5: mean tokens = {at(0.5, 0.5):.1f} "
+          f"(concise alone {at(0.5, 0.0):.1f}, detailed alone {at(0.0, 0.5):.1f})")
+    print(f"figure: concise rank-16 vector at lambda=1: mean tokens = {r16_tokens:.1f} (dense {at(1.0, 0.0):.1f}; "
           f"total rel. error {result['r16_rel_error_total']:.3f}, "
           f"{result['vector_mb']['concise_r16']:.1f} MB vs {result['vector_mb']['concise']:.1f} MB)")
-    print(f"figure: extraction peak RSS / checkpoint size = {peaks['concise'] / model_mb:.2f} "
-          f"({peaks['concise']:.0f} MB for a {model_mb:.0f} MB model)")
+    print(f"figure: extraction peak added memory / checkpoint size = {peaks['detailed'] / model_mb:.2f} "
+          f"({peaks['detailed']:.0f} MB for a {model_mb:.0f} MB checkpoint)")
     print(f"figure: demo wall time s = {result['wall_s']}")
 
 

@@ -201,10 +201,12 @@ def plot(table, names: list[str], cfg, path: Path) -> bool:
             ax.set_xlabel(f"λ ({a})")
             ax.set_ylabel(f"λ ({b})")
             ax.set_title(title)
+            mid = (np.nanmin(grid) + np.nanmax(grid)) / 2
             for i in range(len(ys)):
                 for j in range(len(xs)):
                     if grid[i, j] == grid[i, j]:
-                        ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", color="w", fontsize=8)
+                        ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", fontsize=8,
+                                color="k" if grid[i, j] > mid else "w")
             fig.colorbar(im, ax=ax, shrink=0.8)
     else:
         return False

@@ -2,7 +2,8 @@
 
 Extraction (`extract_vector`) reads two Hugging Face checkpoint folders of the same architecture tensor by
 tensor through `safetensors.safe_open` (memory-mapped) and writes each difference straight to disk with a
-small streaming safetensors writer, so memory stays at about two tensors, not three models. Before reading
+small streaming safetensors writer (float64 arithmetic in 32 MB chunks), so the memory it adds stays at about
+three copies of the largest tensor, not three models. Before reading
 any data it checks architecture, tensor names, shapes, dtypes and the tokenizer and names what differs.
 Output folder::
 
@@ -297,6 +298,35 @@ def _low_rank(d: torch.Tensor, c: Compression) -> tuple[torch.Tensor, torch.Tens
     return (U[:, :r] * S[:r]).contiguous(), Vh[:r].contiguous(), r
 
 
+_CHUNK = 1 << 22  # elements per step of the float64 arithmetic below (32 MB), so big tensors add little memory
+
+
+def _delta(a: torch.Tensor, b: torch.Tensor, vdt: torch.dtype) -> tuple[torch.Tensor, float, float]:
+    """(a - b) stored in `vdt`, computed exactly in float64 chunk by chunk; returns it, the exact delta's
+    norm and the norm of the storage rounding error."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    out = torch.empty(fa.numel(), dtype=vdt)
+    n2 = e2 = 0.0
+    for i in range(0, fa.numel(), _CHUNK):
+        d = fa[i:i + _CHUNK].double() - fb[i:i + _CHUNK].double()
+        s = d.to(vdt)
+        out[i:i + _CHUNK] = s
+        n2 += float(d.square().sum())
+        e2 += float((s.double() - d).square().sum())
+    return out.view(a.shape), n2 ** 0.5, e2 ** 0.5
+
+
+def _low_rank_error(A: torch.Tensor, B: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """||A @ B - (a - b)|| in float64, a block of rows at a time."""
+    Bd = B.double()
+    rows = max(1, _CHUNK // max(1, a.shape[1]))
+    e2 = 0.0
+    for i in range(0, a.shape[0], rows):
+        d = a[i:i + rows].double() - b[i:i + rows].double()
+        e2 += float((A[i:i + rows].double() @ Bd - d).square().sum())
+    return e2 ** 0.5
+
+
 def extract_vector(base: str, aligned: str, out: str | Path, domain: str, compression: Compression | None = None,
                    dtype: str = "float32", skip_unchanged: bool = True, log=print) -> dict:
     """Write `out/vector.safetensors` + `out/vector.json` for AV = aligned − base; returns the metadata."""
@@ -316,8 +346,6 @@ def extract_vector(base: str, aligned: str, out: str | Path, domain: str, compre
     if cfg.get("tie_word_embeddings"):
         emb = next((n for n in names if n.endswith(("embed_tokens.weight", "wte.weight"))), None)
         tied = {"lm_head.weight": emb} if emb else {}
-        warnings.append("tied input/output embeddings: the embedding delta also moves the output head"
-                        + (f" ({emb} = lm_head.weight)" if emb else ""))
     hb, ha = hashlib.sha256(), hashlib.sha256()
     writer = _StreamWriter(out / VECTOR_FILE)
     tensors, unchanged, skipped = {}, [], []
@@ -339,28 +367,25 @@ def extract_vector(base: str, aligned: str, out: str | Path, domain: str, compre
                                       "it cannot be scaled by λ")
                 skipped.append(name)
                 continue
-            d = a.to(torch.float64) - b.to(torch.float64)
-            del a, b
-            nrm = float(torch.linalg.vector_norm(d))
-            if nrm == 0 and skip_unchanged:
+            if skip_unchanged and torch.equal(a, b):
                 unchanged.append(name)
                 continue
-            entry = {"shape": list(d.shape), "dtype": dtype, "norm": nrm}
-            dense_bytes += d.numel() * vdt.itemsize
+            stored, nrm, err = _delta(a, b, vdt)
+            entry = {"shape": list(stored.shape), "dtype": dtype, "norm": nrm}
+            dense_bytes += stored.numel() * vdt.itemsize
             lr = None
-            if (comp.enabled and d.ndim == 2 and min(d.shape) >= comp.min_dim and nrm > 0
+            if (comp.enabled and stored.ndim == 2 and min(stored.shape) >= comp.min_dim and nrm > 0
                     and not any(p.search(name) for p in excl)):
-                lr = _low_rank(d, comp)
+                lr = _low_rank(stored, comp)
             if lr is None:
-                stored = d.to(vdt)
                 stored_bytes += writer.add(name, stored)
-                rel = float(torch.linalg.vector_norm(stored.double() - d)) / nrm if nrm else 0.0
-                entry.update(kind="dense", rel_error=rel)
+                entry.update(kind="dense", rel_error=err / nrm if nrm else 0.0)
             else:
+                del stored
                 A, B, r = lr[0].to(vdt), lr[1].to(vdt), lr[2]
                 stored_bytes += writer.add(name + ":A", A) + writer.add(name + ":B", B)
-                rel = float(torch.linalg.vector_norm(A.double() @ B.double() - d)) / nrm
-                entry.update(kind="low_rank", rank=r, rel_error=rel)
+                entry.update(kind="low_rank", rank=r, rel_error=_low_rank_error(A, B, a, b) / nrm)
+            del a, b
             err2 += (entry["rel_error"] * nrm) ** 2
             norm2 += nrm ** 2
             tensors[name] = entry
@@ -368,6 +393,9 @@ def extract_vector(base: str, aligned: str, out: str | Path, domain: str, compre
         writer.f.close()
         writer.tmp.unlink(missing_ok=True)
         raise
+    if tied and tied["lm_head.weight"] in tensors:
+        warnings.append(f"tied input/output embeddings ({tied['lm_head.weight']} = lm_head.weight): the embedding "
+                        "delta also moves the output head")
     meta = {
         "format": FORMAT, "version": VERSION, "domain": domain,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -1,7 +1,10 @@
 """The aligner deployment: refines drafts with the Jacobi engine; concurrent requests are refined together.
 
-``refine(req) -> dict`` with ``req = {messages, draft, max_tokens, key}``. Encoding (and the context-window
-check) happens per request, before batching, so one bad request fails alone with `BadRequest`.
+``refine(req) -> dict`` with ``req = {messages, draft, max_tokens, key, alignment?}``. Encoding (and the
+context-window check, and the knob check) happens per request, before batching, so one bad request fails alone
+with `BadRequest`. With alignment vectors configured, a batch is split by knob setting and each group runs on
+its merged variant (pipeline/vectors.py: LRU-cached, switched by pointer swap); the result says whether the
+variant came from the cache.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE
 from pipeline.refiner import Refiner, RefineRequest
 
 from .config import AlignerArgs
-from .metrics import RefineMetrics
+from .metrics import RefineMetrics, VariantMetrics
 from .protocol import BadRequest
 from .batchwait import AdaptiveWait
 from .threads import set_torch_threads
@@ -29,9 +32,11 @@ class Aligner:
         a = self.args
         set_torch_threads(a.torch_threads)
         lm = load_model(a.model, device=a.device, dtype=a.dtype, trust_remote_code=a.trust_remote_code)
+        self.knobbed = a.knobbed(lm)
         self.refiner = Refiner(lm, a.settings(), mode=a.mode, in_context=a.in_context,
                                template=a.template or DEFAULT_CORRECTION_TEMPLATE)
         self.metrics = RefineMetrics(name)
+        self.variant_metrics = VariantMetrics(name) if self.knobbed else None
         self._refine_batch.set_max_batch_size(a.max_batch_size)
         self.window = AdaptiveWait(self._refine_batch, a.batch_wait_timeout_s, a.adaptive_batch_wait)
 
@@ -39,27 +44,53 @@ class Aligner:
         t0 = time.perf_counter()
         try:
             item = self.refiner.encode(RefineRequest(req["messages"], req["draft"], req["key"], req["max_tokens"]))
-        except Exception as e:  # over the context window, a template that refuses the conversation ...
+            knobs = self._knobs(req.get("alignment"))
+        except Exception as e:  # over the context window, a template that refuses the conversation, bad knobs ...
             self.metrics.record("rejected")
             raise BadRequest(f"the aligner cannot refine this request: {e}") from None
         self.window.arrive(req.get("concurrent", False))
         try:
-            res = await self._refine_batch(item)
+            res = await self._refine_batch((item, knobs))
         finally:
             self.window.leave()
         res["refine_ms"] = (time.perf_counter() - t0) * 1000
         self.metrics.record("ok", res["refine_ms"], res["iterations"], res["tokens_per_pass"])
         return res
 
+    def _knobs(self, alignment) -> tuple:
+        if not alignment:
+            return ()
+        if self.knobbed is None:
+            raise ValueError(f"aligner {self.name!r} has no alignment vectors")
+        return self.knobbed.normalize(alignment)
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _refine_batch(self, items: list) -> list[dict]:
-        self.metrics.batch_size.observe(len(items))
-        results = await asyncio.to_thread(self.refiner.refine_items, items)
-        return [{"text": r.text, "completion_tokens": len(r.token_ids), "iterations": r.passes,
-                 "tokens_per_pass": round(r.tokens_per_pass, 3), "converged": r.converged,
-                 "finish_reason": "stop" if r.stop == "eos" else "length", "batch_size": len(items),
-                 "mode": self.args.mode + ("+in_context" if self.args.in_context else "")}
-                for r in results]
+    async def _refine_batch(self, pairs: list) -> list[dict]:
+        self.metrics.batch_size.observe(len(pairs))
+        return await asyncio.to_thread(self._refine_groups, pairs)
+
+    def _refine_groups(self, pairs: list) -> list[dict]:
+        """One engine call per knob setting in the batch, each on its merged variant."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, knobs) in enumerate(pairs):
+            groups.setdefault(knobs, []).append(i)
+        out: list[dict | None] = [None] * len(pairs)
+        for knobs, idx in groups.items():
+            items = [pairs[i][0] for i in idx]
+            if self.knobbed is None:
+                results, info = self.refiner.refine_items(items), None
+            else:
+                with self.knobbed.use(knobs) as sw:
+                    results = self.refiner.refine_items(items)
+                info = sw.as_dict()
+                self.variant_metrics.record(sw.cache, sw.switch_ms)
+            for i, r in zip(idx, results):
+                out[i] = {"text": r.text, "completion_tokens": len(r.token_ids), "iterations": r.passes,
+                          "tokens_per_pass": round(r.tokens_per_pass, 3), "converged": r.converged,
+                          "finish_reason": "stop" if r.stop == "eos" else "length", "batch_size": len(pairs),
+                          "mode": self.args.mode + ("+in_context" if self.args.in_context else ""),
+                          **({"alignment": info} if info else {})}
+        return out
 
     def check_health(self):
         if self.refiner is None:

@@ -19,7 +19,7 @@ from pipeline.openai_http import ChatEndpoint, EndpointConfig, EndpointError, En
 from pipeline.prompts import chat_prompt_ids
 
 from .config import HFBaseArgs, OpenAIBaseArgs
-from .metrics import DraftMetrics
+from .metrics import DraftMetrics, VariantMetrics
 from .protocol import BadRequest, UpstreamError
 from .batchwait import AdaptiveWait
 from .threads import set_torch_threads
@@ -37,7 +37,9 @@ class HFBase:
                              trust_remote_code=self.args.trust_remote_code)
         cfg = self.lm.model.config.get_text_config(decoder=True)
         self.context_window = getattr(cfg, "max_position_embeddings", None)
+        self.knobbed = self.args.knobbed(self.lm)  # alignment vectors (None without)
         self.metrics = DraftMetrics(name)
+        self.variant_metrics = VariantMetrics(name) if self.knobbed else None
         self._generate_batch.set_max_batch_size(self.args.max_batch_size)
         self.window = AdaptiveWait(self._generate_batch, self.args.batch_wait_timeout_s,
                                    self.args.adaptive_batch_wait)
@@ -49,6 +51,15 @@ class HFBase:
         except Exception as e:  # a template that refuses this conversation (e.g. role order)
             self.metrics.record("rejected")
             raise BadRequest(f"the base model's chat template refused the conversation: {e}") from None
+        if req.get("alignment"):
+            if self.knobbed is None:
+                self.metrics.record("rejected")
+                raise BadRequest(f"base {self.name!r} has no alignment vectors")
+            try:
+                req = dict(req, alignment=self.knobbed.normalize(req["alignment"]))
+            except ValueError as e:
+                self.metrics.record("rejected")
+                raise BadRequest(str(e)) from None
         if self.context_window and n_prompt + req["max_tokens"] > self.context_window:
             self.metrics.record("rejected")
             raise BadRequest(f"prompt of {n_prompt} tokens + max_tokens {req['max_tokens']} exceeds the base "
@@ -68,18 +79,26 @@ class HFBase:
         return await asyncio.to_thread(self._generate, reqs)
 
     def _generate(self, reqs: list[dict]) -> list[dict]:
-        groups = defaultdict(list)  # one generate call per distinct sampling setting
+        groups = defaultdict(list)  # one generate call per distinct sampling and knob setting
         for i, r in enumerate(reqs):
-            groups[(r["max_tokens"], r["temperature"], r["top_p"])].append(i)
+            groups[(r["max_tokens"], r["temperature"], r["top_p"], r.get("alignment") or ())].append(i)
         out: list[dict | None] = [None] * len(reqs)
-        for (max_tokens, temperature, top_p), idx in groups.items():
+        for (max_tokens, temperature, top_p, knobs), idx in groups.items():
             params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                     do_sample=temperature > 0, seed=self.args.seed)
-            answers = generate_answers(self.lm, [reqs[i]["messages"] for i in idx], params,
-                                       seed_key=",".join(reqs[i]["key"] for i in idx))
+            convs, seed_key = [reqs[i]["messages"] for i in idx], ",".join(reqs[i]["key"] for i in idx)
+            info = None
+            if self.knobbed is None:
+                answers = generate_answers(self.lm, convs, params, seed_key=seed_key)
+            else:
+                with self.knobbed.use(knobs) as sw:
+                    answers = generate_answers(self.lm, convs, params, seed_key=seed_key)
+                info = sw.as_dict()
+                self.variant_metrics.record(sw.cache, sw.switch_ms)
             for i, (text, n, _) in zip(idx, answers):
                 out[i] = {"text": text, "completion_tokens": n, "batch_size": len(reqs),
-                          "finish_reason": "length" if n >= max_tokens else "stop"}
+                          "finish_reason": "length" if n >= max_tokens else "stop",
+                          **({"alignment": info} if info else {})}
         return out
 
     def check_health(self):

@@ -20,7 +20,37 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class HFBaseArgs(_Strict):
+class KnobBounds(_Strict):
+    """Allowed range of every λ a request may send (out-of-range values get a 400)."""
+    min: float = -1.0
+    max: float = 2.0
+
+    @model_validator(mode="after")
+    def _order(self):
+        if not self.min <= self.max:
+            raise ValueError(f"knob_bounds: min {self.min} must be <= max {self.max}")
+        return self
+
+
+class VectorArgs(_Strict):
+    """Alignment vectors of an in-process model: requests set `alignment: {name: λ}` and are served by
+    θ + Σ λ·AV (pipeline/vectors.py); merged variants stay in an LRU of `variant_cache_size` entries."""
+    vectors: dict[str, str] = Field(default_factory=dict)  # name -> folder written by jobs.extract_vector
+    knob_bounds: KnobBounds = Field(default_factory=KnobBounds)
+    variant_cache_size: int = Field(2, ge=0)  # merged variants kept (each one model's worth of the touched weights)
+    check_vector_base: bool = True  # each vector's recorded base hash must match the loaded model
+
+    def knobbed(self, lm):
+        """The KnobbedModel over a loaded model, or None without vectors."""
+        if not self.vectors:
+            return None
+        from pipeline.vectors import load_knobbed
+
+        return load_knobbed(lm, self.vectors, cache_size=self.variant_cache_size,
+                            bounds=(self.knob_bounds.min, self.knob_bounds.max), check_base=self.check_vector_base)
+
+
+class HFBaseArgs(VectorArgs):
     """A Hugging Face causal LM in the replica; concurrent requests are batched into one `generate`."""
     kind: Literal["hf"] = "hf"
     model: str = "default"  # "default" (SmolLM2-135M-Instruct, offline), an HF folder, a .gguf or a hub id
@@ -65,7 +95,7 @@ BaseArgs = Annotated[Union[HFBaseArgs, OpenAIBaseArgs, VLLMBaseArgs], Field(disc
 _REFINE_KEYS = {f.name for f in fields(RefineSettings)}
 
 
-class AlignerArgs(_Strict):
+class AlignerArgs(VectorArgs):
     model: str = "default"
     mode: str = "fast"  # fast | reference | ar
     in_context: bool = False  # show the draft in the aligner's prompt (Aligner-style correction)
@@ -128,8 +158,25 @@ class AppArgs(_Strict):
                 problems.append(f"models.{name}.base: no base named {r.base!r} (have {sorted(self.bases)})")
             if r.aligner is not None and r.aligner not in self.aligners:
                 problems.append(f"models.{name}.aligner: no aligner named {r.aligner!r} (have {sorted(self.aligners)})")
+            base = self.bases.get(r.base)
+            both = set(getattr(base, "vectors", {})) & set(self.aligners[r.aligner].vectors if r.aligner in
+                                                            self.aligners else {})
+            if both:
+                problems.append(f"models.{name}: vector names {sorted(both)} are on both its base and its aligner; "
+                                "a request's alignment knob must name one model's vector")
         if self.default_max_tokens > self.max_tokens_cap:
             problems.append("default_max_tokens must be <= max_tokens_cap")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def knob_owners(self, route: ModelRoute) -> dict[str, tuple[str, VectorArgs]]:
+        """Vector name -> ("base" | "aligner", that model's args), for the models of a route."""
+        out = {}
+        base = self.bases[route.base]
+        if isinstance(base, HFBaseArgs):
+            out.update({n: ("base", base) for n in base.vectors})
+        if route.aligner is not None:
+            al = self.aligners[route.aligner]
+            out.update({n: ("aligner", al) for n in al.vectors})
+        return out

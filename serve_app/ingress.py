@@ -130,7 +130,9 @@ class Ingress:
         self._auth(request)
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": self.created, "owned_by": "diffpo",
-             "base": r.base, "aligner": r.aligner, "description": r.description}
+             "base": r.base, "aligner": r.aligner, "description": r.description,
+             "alignment_vectors": {v: {"model": who, "min": a.knob_bounds.min, "max": a.knob_bounds.max}
+                                   for v, (who, a) in sorted(self.args.knob_owners(r).items())}}
             for name, r in sorted(self.args.models.items())]}
 
     @api.post("/v1/chat/completions")
@@ -145,29 +147,56 @@ class Ingress:
         if max_tokens > self.args.max_tokens_cap:
             raise ApiError(400, f"max_tokens {max_tokens} is over this server's cap of {self.args.max_tokens_cap}",
                            param="max_tokens")
+        knobs = self._split_knobs(req.model, route, req.alignment)
         messages = [m.plain() for m in req.messages]
         key = conversation_key(messages)
         deadline = time.monotonic() + self.args.request_timeout_s
         self.inflight += 1
         try:
-            return await self._complete(req, route, messages, key, max_tokens, deadline)
+            return await self._complete(req, route, messages, key, max_tokens, deadline, knobs)
         finally:
             self.inflight -= 1
 
-    async def _complete(self, req, route, messages, key, max_tokens, deadline):
+    def _split_knobs(self, model: str, route, alignment: dict | None) -> dict[str, dict]:
+        """The request's `alignment` knobs split by the model that owns each vector, checked against the
+        config (names, bounds) so a bad knob is a 400 before any model runs."""
+        out: dict[str, dict] = {"base": {}, "aligner": {}}
+        if not alignment:
+            return out
+        owners = self.args.knob_owners(route)
+        for name, lam in alignment.items():
+            if name not in owners:
+                raise ApiError(400, f"unknown alignment vector {name!r} for model {model!r}; available: "
+                                    f"{sorted(owners) or 'none'}", param="alignment", code="invalid_alignment")
+            who, margs = owners[name]
+            lo, hi = margs.knob_bounds.min, margs.knob_bounds.max
+            if not lo <= lam <= hi:
+                raise ApiError(400, f"alignment[{name!r}] = {lam} is outside the allowed range [{lo}, {hi}]",
+                               param="alignment", code="invalid_alignment")
+            out[who][name] = lam
+        return out
+
+    async def _complete(self, req, route, messages, key, max_tokens, deadline, knobs=None):
+        knobs = knobs or {"base": {}, "aligner": {}}
         temperature = 0.7 if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p
         draft = await self._call(self.bases[route.base].draft,
                                  {"messages": messages, "max_tokens": max_tokens, "temperature": temperature,
-                                  "top_p": top_p, "key": key, "concurrent": self.inflight > 1}, deadline,
+                                  "top_p": top_p, "key": key, "concurrent": self.inflight > 1,
+                                  **({"alignment": knobs["base"]} if knobs["base"] else {})}, deadline,
                                  f"base model {route.base!r}")
         extra = {"base": route.base, "aligner": route.aligner, "draft_ms": round(draft["draft_ms"], 1)}
+        if "alignment" in draft:
+            extra.setdefault("alignment", {})["base"] = draft["alignment"]
         text, finish, completion_tokens = draft["text"], draft["finish_reason"], draft["completion_tokens"]
         if route.aligner is not None:
             ref = await self._call(self.aligners[route.aligner].refine,
                                    {"messages": messages, "draft": draft["text"], "max_tokens": max_tokens,
-                                    "key": key, "concurrent": self.inflight > 1}, deadline,
+                                    "key": key, "concurrent": self.inflight > 1,
+                                    **({"alignment": knobs["aligner"]} if knobs["aligner"] else {})}, deadline,
                                    f"aligner {route.aligner!r}")
+            if "alignment" in ref:
+                extra.setdefault("alignment", {})["aligner"] = ref["alignment"]
             extra.update(draft=draft["text"], iterations=ref["iterations"], tokens_per_pass=ref["tokens_per_pass"],
                          converged=ref["converged"], refine_ms=round(ref["refine_ms"], 1), mode=ref["mode"],
                          refine_batch_size=ref["batch_size"])

@@ -59,3 +59,20 @@ class RefineMetrics:
             self.iterations.observe(passes)
         if tokens_per_pass is not None:
             self.tokens_per_pass.observe(tokens_per_pass)
+
+
+class VariantMetrics:
+    """Alignment-vector knob switches of one model: cache outcome (hit / miss / base) and switch time."""
+
+    def __init__(self, name: str):
+        tags = {"model": name}
+        self.switches = metrics.Counter("diffpo_variant_switches", "Knob-setting switches by cache outcome",
+                                        tag_keys=("model", "outcome"))
+        self.switches.set_default_tags(tags)
+        self.switch_ms = metrics.Histogram("diffpo_variant_switch_ms", "Time to switch to a knob setting (ms)",
+                                           boundaries=[0.1, 1, 10, 50, 100, 250, 500, 1000, 5000], tag_keys=("model",))
+        self.switch_ms.set_default_tags(tags)
+
+    def record(self, outcome: str, ms: float):
+        self.switches.inc(1, tags={"outcome": outcome})
+        self.switch_ms.observe(ms)

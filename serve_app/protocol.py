@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 # Request fields we accept but cannot honour: refuse them rather than silently ignore them.
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "stop",
@@ -73,6 +74,7 @@ class ChatRequest(BaseModel):
     n: StrictInt = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    alignment: dict[StrictStr, StrictFloat | StrictInt] | None = None  # DiffPO extra: {vector name: λ}
 
 
 def _describe(e: ValidationError) -> tuple[str, str | None]:
@@ -108,6 +110,13 @@ def parse_chat_request(raw: bytes, max_messages: int) -> ChatRequest:
         raise ApiError(400, "only n=1 is supported", param="n", code="unsupported_parameter")
     if len(req.messages) > max_messages:
         raise ApiError(400, f"at most {max_messages} messages per request (got {len(req.messages)})", param="messages")
+    if req.alignment is not None:
+        if len(req.alignment) > 64:
+            raise ApiError(400, "alignment: at most 64 knobs", param="alignment", code="invalid_alignment")
+        bad = [k for k, v in req.alignment.items() if not math.isfinite(v)]
+        if bad:
+            raise ApiError(400, f"alignment[{bad[0]!r}] must be a finite number", param="alignment",
+                           code="invalid_alignment")
     msgs = req.messages
     if msgs[-1].role != "user":
         raise ApiError(400, "the last message must be the user's turn", param="messages")
