@@ -622,6 +622,7 @@ def main(argv: list[str] | None = None) -> dict:
         res = ray.cluster_resources().get("CPU", 0.0)
         threads = cfg.ray.torch_threads
         stages = [("base", cfg.base.num_cpus * cfg.base.concurrency)] if drafted else []
+        stages += [("best_of_n", cfg.base.num_cpus)] if "best_of_n" in cfg.methods else []
         stages += [("aligner", cfg.aligner.num_cpus * cfg.aligner.concurrency), ("judges", cfg.judges.num_cpus)]
         if sum(c for _, c in stages) + READ_HEADROOM_CPUS > res:
             raise ConfigError([f"the stages ask for {sum(c for _, c in stages):g} CPUs ({stages}) and "
