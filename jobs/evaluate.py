@@ -331,6 +331,11 @@ class MethodStage:
         need = [m for m in methods if m in ALIGNER_METHODS]
         lm = load_model(st["model"], dtype=st["dtype"], device=st["device"],
                         trust_remote_code=st["trust_remote_code"]) if need else None
+        if need and st.get("knobs"):  # alignment-vector knob settings: the aligner becomes θ + Σ λ·AV
+            from pipeline.vectors import load_knobbed
+
+            load_knobbed(lm, {n: expand(p) for n, p in st["vectors"].items() if n in st["knobs"]},
+                         cache_size=0).apply(dict(st["knobs"]))
         self.refiners = {m: Refiner(lm, refine_settings(st), mode=ALIGNER_METHODS[m][0], in_context=ALIGNER_METHODS[m][1],
                                     template=st["template"] or DEFAULT_CORRECTION_TEMPLATE) for m in need}
 
@@ -529,6 +534,7 @@ def finalize(cfg, out: Path, parts: Path, rows_in: int, started: float, drafted:
     df = pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True) if files else \
         pd.DataFrame(columns=LONG_COLUMNS + ["offline_sim", "llm_score", "llm_pref", "rm_score", "rm_pref", "judge_notes"])
     df = df.drop_duplicates(subset=["id", "method"], keep="last")
+    df = df[df["method"].isin(list(cfg.methods))]  # a rerun with fewer methods reports only those
     df["_o"] = df["method"].map({m: i for i, m in enumerate(cfg.methods)})
     df = df.sort_values(["id", "_o"], key=lambda s: s.map(_sort_key) if s.name == "id" else s).drop(columns="_o")
     df = df.reset_index(drop=True)
