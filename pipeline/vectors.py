@@ -555,9 +555,11 @@ class KnobbedModel:
             if not terms:
                 out[n] = base
                 continue
-            acc = base.to(torch.float32)
+            acc = base.to(torch.float32, copy=True)  # = base + AV_1·λ_1 + ..., two roundings per term, in place
+            tmp = torch.empty_like(acc)  # (no temporaries per term: they would fragment the heap)
             for vec, lam in terms:
-                acc = acc + vec.delta(n) * lam
+                torch.mul(vec.delta(n), lam, out=tmp)
+                acc.add_(tmp)
             out[n] = acc.to(base.dtype)
         return out
 
