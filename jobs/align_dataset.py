@@ -443,6 +443,22 @@ def parse_parquet_batch(batch: pd.DataFrame, fmt: str, id_field, drafts_by_key) 
     return pd.DataFrame(out, columns=["id", "history", "turns", "drafts", "meta", "error"])
 
 
+def read_inputs(files: list[str], fmt: str, id_field, drafts_by_key):
+    """A Ray Dataset of normalized rows (or error rows) from JSONL/JSON(.gz) and Parquet input files."""
+    import ray
+
+    kw = dict(fmt=fmt, id_field=id_field, drafts_by_key=drafts_by_key)
+    js = [f for f in files if not f.endswith(".parquet")]
+    pq_files = [f for f in files if f.endswith(".parquet")]
+    pieces = []
+    if js:
+        pieces.append(ray.data.read_binary_files(js, include_paths=True).flat_map(parse_file, fn_kwargs=kw))
+    if pq_files:
+        pieces.append(ray.data.read_parquet(pq_files).map_batches(parse_parquet_batch, batch_format="pandas",
+                                                                  fn_kwargs=kw))
+    return pieces[0] if len(pieces) == 1 else pieces[0].union(*pieces[1:])
+
+
 # ---- resume and finalize ----------------------------------------------------------------------------
 def done_ids(parts: Path) -> set[str]:
     """Ids already written by an earlier run; unreadable (half-written) part files are removed."""
@@ -537,17 +553,7 @@ def main(argv: list[str] | None = None) -> dict:
     files = input_files(cfg.input.path)
     drafts_by_key = load_drafts(expand(cfg.input.drafts_path)) if cfg.input.drafts_path else None
     fmt, id_field = cfg.input.format, cfg.input.id_field
-    pq_files = [f for f in files if f.endswith(".parquet")]
-    js_files = [f for f in files if not f.endswith(".parquet")]
-    pieces = []
-    if js_files:
-        pieces.append(ray.data.read_binary_files(js_files, include_paths=True)
-                      .flat_map(parse_file, fn_kwargs=dict(fmt=fmt, id_field=id_field, drafts_by_key=drafts_by_key)))
-    if pq_files:
-        pieces.append(ray.data.read_parquet(pq_files).map_batches(
-            parse_parquet_batch, batch_format="pandas",
-            fn_kwargs=dict(fmt=fmt, id_field=id_field, drafts_by_key=drafts_by_key)))
-    parsed = pieces[0] if len(pieces) == 1 else pieces[0].union(*pieces[1:])
+    parsed = read_inputs(files, fmt, id_field, drafts_by_key)
     if cfg.input.limit:
         parsed = parsed.limit(cfg.input.limit)
     parsed = parsed.materialize()  # prompts are small; counting and the duplicate check need them all

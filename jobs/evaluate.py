@@ -31,8 +31,8 @@ from typing import Optional
 import pandas as pd
 from omegaconf import OmegaConf
 
-from jobs.align_dataset import (AlignerCfg, BaseCfg, DraftStage, RayCfg, _sort_key, input_files, parse_file,
-                                parse_parquet_batch, refine_settings)
+from jobs.align_dataset import (AlignerCfg, BaseCfg, DraftStage, RayCfg, _sort_key, input_files, read_inputs,
+                                refine_settings)
 from jobs.config import REPO, ConfigError, expand, init_ray, load_config, to_yaml
 
 METHODS = ("draft", "refine", "refine_reference", "in_context", "aligner_ar", "best_of_n")
@@ -600,15 +600,7 @@ def main(argv: list[str] | None = None) -> dict:
     files = benchmark_files(b.path)
     drafts_by_key = load_drafts(str(_path(b.drafts_path))) if b.drafts_path else None
     refs = load_references(b.references_path)
-    kw = dict(fmt=b.format, id_field=b.id_field, drafts_by_key=drafts_by_key)
-    pieces = []
-    js = [f for f in files if not f.endswith(".parquet")]
-    pq_files = [f for f in files if f.endswith(".parquet")]
-    if js:
-        pieces.append(ray.data.read_binary_files(js, include_paths=True).flat_map(parse_file, fn_kwargs=kw))
-    if pq_files:
-        pieces.append(ray.data.read_parquet(pq_files).map_batches(parse_parquet_batch, batch_format="pandas", fn_kwargs=kw))
-    parsed = pieces[0] if len(pieces) == 1 else pieces[0].union(*pieces[1:])
+    parsed = read_inputs(files, b.format, b.id_field, drafts_by_key)
     rows = parsed.to_pandas()  # benchmarks are small (hundreds to thousands of prompts); the models are the heavy part
     rows = rows[[keep_row(i, b.id_mod, b.id_rem) for i in rows["id"]]]
     if b.limit:
