@@ -109,24 +109,34 @@ class ChatEndpoint:
     def _retryable(self, attempt: int, resp: httpx.Response | None) -> bool:
         return attempt < self.cfg.max_retries and (resp is None or resp.status_code in RETRY_STATUS)
 
+    def _outcome(self, attempt: int, resp: httpx.Response | None, err: Exception | None,
+                 t0: float) -> tuple[Completion | None, float]:
+        """What one attempt means: (the completion, 0) when it is final, (None, delay) to try again after the
+        delay; raises when the endpoint refused the request or every attempt is spent."""
+        if resp is not None and (resp.status_code < 400 or not self._retryable(attempt, resp)):
+            return self._parse(resp, time.perf_counter() - t0), 0.0
+        if not self._retryable(attempt, resp):
+            raise EndpointError(f"{self.url} failed after {attempt + 1} attempts: "
+                                f"{type(err).__name__}: {err}" if err else f"{self.url} failed")
+        return None, self._delay(attempt, resp)
+
     def chat(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.7,
              top_p: float = 1.0) -> Completion:
-        """Blocking call with retries (the batch job's draft stage)."""
+        """Blocking call with retries (the batch job's draft stage, the evaluation's LLM judge)."""
         body = self.payload(messages, max_tokens, temperature, top_p)
         with httpx.Client(timeout=self.cfg.timeout_s) as client:
-            for attempt in range(self.cfg.max_retries + 1):
+            attempt = 0
+            while True:
                 t0, resp, err = time.perf_counter(), None, None
                 try:
                     resp = client.post(self.url, json=body, headers=self.headers)
                 except httpx.HTTPError as e:
                     err = e
-                if resp is not None and (resp.status_code < 400 or not self._retryable(attempt, resp)):
-                    return self._parse(resp, time.perf_counter() - t0)
-                if not self._retryable(attempt, resp):
-                    break
-                time.sleep(self._delay(attempt, resp))
-        raise EndpointError(f"{self.url} failed after {self.cfg.max_retries + 1} attempts: "
-                            f"{type(err).__name__}: {err}" if err else f"{self.url} failed")
+                done, delay = self._outcome(attempt, resp, err, t0)
+                if done is not None:
+                    return done
+                time.sleep(delay)
+                attempt += 1
 
     async def achat(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.7,
                     top_p: float = 1.0, client: httpx.AsyncClient | None = None) -> Completion:
@@ -135,19 +145,18 @@ class ChatEndpoint:
         own = client is None
         client = client or httpx.AsyncClient(timeout=self.cfg.timeout_s)
         try:
-            for attempt in range(self.cfg.max_retries + 1):
+            attempt = 0
+            while True:
                 t0, resp, err = time.perf_counter(), None, None
                 try:
                     resp = await client.post(self.url, json=body, headers=self.headers)
                 except httpx.HTTPError as e:
                     err = e
-                if resp is not None and (resp.status_code < 400 or not self._retryable(attempt, resp)):
-                    return self._parse(resp, time.perf_counter() - t0)
-                if not self._retryable(attempt, resp):
-                    break
-                await asyncio.sleep(self._delay(attempt, resp))
+                done, delay = self._outcome(attempt, resp, err, t0)
+                if done is not None:
+                    return done
+                await asyncio.sleep(delay)
+                attempt += 1
         finally:
             if own:
                 await client.aclose()
-        raise EndpointError(f"{self.url} failed after {self.cfg.max_retries + 1} attempts: "
-                            f"{type(err).__name__}: {err}" if err else f"{self.url} failed")
