@@ -16,7 +16,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Optional
 import pandas as pd
 from omegaconf import OmegaConf
 
-from jobs.config import REPO, ConfigError, expand, init_ray, load_config, to_yaml
+from jobs.config import REPO, ConfigError, expand, init_ray, load_config, run_job, to_yaml
 
 DEMO_PROMPTS = REPO / "pipeline" / "data" / "demo_prompts.jsonl"
 READ_HEADROOM_CPUS = 0.5  # left free for Ray Data's read/write tasks; without it the pipeline can hang
@@ -598,8 +597,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as e:
-        print(f"[align_dataset] {e}", file=sys.stderr)
-        sys.exit(2)
+    run_job("align_dataset")

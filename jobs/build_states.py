@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import List, Optional
 import pandas as pd
 from omegaconf import OmegaConf
 
-from jobs.config import REPO, ConfigError, expand, init_ray, load_config, to_yaml
+from jobs.config import REPO, ConfigError, expand, init_ray, load_config, run_job, to_yaml
 
 TASK_HEADROOM_CPUS = 1.0  # kept free for Ray Data's read/map/write tasks (1 CPU each); without it: a silent hang
 ROW_COLUMNS = ["id", "messages", "reference", "answers", "meta", "error", "error_kind"]
@@ -850,11 +849,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    # run the importable module's main, so Ray pickles its functions by reference, not from __main__
-    from jobs.build_states import main as _main
-
-    try:
-        _main()
-    except ConfigError as e:
-        print(f"[build_states] {e}", file=sys.stderr)
-        sys.exit(2)
+    run_job("build_states")

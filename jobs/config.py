@@ -78,3 +78,17 @@ def init_ray(address: str | None, num_cpus: int | None, extra_env: dict | None =
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=log_to_driver)
+
+
+def run_job(module: str, errors: tuple = ()) -> None:
+    """The command line of a job: run `jobs.<module>.main` imported under its module name (so Ray pickles the
+    job's stage classes by reference, not from ``__main__``), and turn a config error (or one of `errors`) into
+    one clear message and exit status 2."""
+    import importlib
+
+    main = importlib.import_module(f"jobs.{module}").main
+    try:
+        main()
+    except (ConfigError, *errors) as e:
+        print(f"[{module}] {e}", file=sys.stderr)
+        sys.exit(2)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from omegaconf import OmegaConf
 
 from jobs.align_dataset import (AlignerCfg, BaseCfg, DraftStage, RayCfg, _sort_key, input_files, read_inputs,
                                 refine_settings)
-from jobs.config import REPO, ConfigError, expand, init_ray, load_config, to_yaml
+from jobs.config import REPO, ConfigError, expand, init_ray, load_config, run_job, to_yaml
 
 METHODS = ("draft", "refine", "refine_reference", "in_context", "aligner_ar", "best_of_n")
 ALIGNER_METHODS = {"refine": ("fast", False), "refine_reference": ("reference", False),
@@ -660,10 +659,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from jobs.evaluate import main as _main  # the module's own name, so Ray pickles the stages by reference
-
-    try:
-        _main()
-    except ConfigError as e:
-        print(f"[evaluate] {e}", file=sys.stderr)
-        sys.exit(2)
+    run_job("evaluate")

@@ -12,11 +12,10 @@ Every key of conf/extract_vector.yaml can be given as key=value.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from jobs.config import ConfigError, expand, load_config
+from jobs.config import ConfigError, expand, load_config, run_job
 
 
 @dataclass
@@ -87,8 +86,4 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     from pipeline.vectors import VectorError
 
-    try:
-        main()
-    except (ConfigError, VectorError) as e:
-        print(f"[extract_vector] {e}", file=sys.stderr)
-        sys.exit(2)
+    run_job("extract_vector", errors=(VectorError, FileNotFoundError))

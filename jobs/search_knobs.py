@@ -20,13 +20,12 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from jobs.config import REPO, ConfigError, expand, load_config, to_yaml
+from jobs.config import REPO, ConfigError, expand, load_config, run_job, to_yaml
 
 SCORES = ("length_words", "length_tokens", "judge")
 
@@ -298,8 +297,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as e:
-        print(f"[search_knobs] {e}", file=sys.stderr)
-        sys.exit(2)
+    run_job("search_knobs")

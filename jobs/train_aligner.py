@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -31,7 +29,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-from jobs.config import REPO, ConfigError, expand, init_ray, load_config, to_yaml
+from jobs.config import REPO, ConfigError, expand, init_ray, load_config, run_job, to_yaml
 
 
 # ---- config ------------------------------------------------------------------------------------------
@@ -435,11 +433,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    # run the importable module's main, so Ray pickles its functions by reference, not from __main__
-    from jobs.train_aligner import main as _main
-
-    try:
-        _main()
-    except ConfigError as e:
-        print(f"[train_aligner] {e}", file=sys.stderr)
-        sys.exit(2)
+    run_job("train_aligner")

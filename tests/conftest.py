@@ -22,6 +22,35 @@ def shared_file(rel: str) -> Path:
     return p
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_serve_app(app, name: str, port: int, timeout_s: float = 120) -> str:
+    """Start Serve on 127.0.0.1:port, deploy `app` and wait until its /healthz answers; returns the base URL."""
+    import time
+
+    import httpx
+    from ray import serve
+
+    url = f"http://127.0.0.1:{port}"
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
+    serve.run(app, name=name, route_prefix="/", blocking=False)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return url
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """Tiny random Llama / Qwen2 / GPT-2 folders, each with the byte-level tokenizer and a chat template."""

@@ -14,16 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.conftest import TEST_API_KEY, TEST_API_KEY_ENV
+from tests.conftest import TEST_API_KEY, TEST_API_KEY_ENV, free_port, run_serve_app
 
 pytestmark = pytest.mark.timeout(600)
 MAX_NEW = 48
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +27,7 @@ def server(ray_local, tiny_dirs):
     from serve_app.app import build_graph
     from serve_app.config import AppArgs
 
-    port = _free_port()
+    port = free_port()
     tiny = str(tiny_dirs["llama"])
     url = f"http://127.0.0.1:{port}"
     args = AppArgs(**{
@@ -61,16 +55,7 @@ def server(ray_local, tiny_dirs):
                "base-tiny-remote": {"ray_actor_options": {"num_cpus": 0.05}},
                "aligner-tight": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 1,
                                  "max_queued_requests": 1}}
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-    serve.run(build_graph(args, options), name="diffpo", route_prefix="/", blocking=False)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    run_serve_app(build_graph(args, options), "diffpo", port)
     yield {"url": url, "port": port, "tiny": tiny}
     serve.shutdown()
 

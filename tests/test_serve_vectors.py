@@ -4,14 +4,12 @@
 Its own app on its own port, shut down at the end of the module (the shared local Ray stays up).
 """
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from tests.conftest import TEST_API_KEY, TEST_API_KEY_ENV
-from tests.test_serve import _free_port
+from tests.conftest import TEST_API_KEY, TEST_API_KEY_ENV, free_port, run_serve_app
 from tests.test_vectors import moved_copy
 
 pytestmark = pytest.mark.timeout(600)
@@ -34,7 +32,7 @@ def vec_server(ray_local, tiny_dirs, tmp_path_factory):
         aligned = moved_copy(base, root / f"{name}-model", seed)
         extract_vector(base, str(aligned), root / name, name, log=lambda *_: None)
         paths[name] = (str(aligned), str(root / name))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = AppArgs(**{
         "bases": {"tiny": {"kind": "hf", "model": base, "vectors": {"style": paths["two"][1]},
@@ -53,16 +51,7 @@ def vec_server(ray_local, tiny_dirs, tmp_path_factory):
     small = {"ray_actor_options": {"num_cpus": 0.2}}
     options = {"base-tiny": small, "aligner-knob": small, "aligner-plain": {"ray_actor_options": {"num_cpus": 0.1}},
                "Ingress": {"ray_actor_options": {"num_cpus": 0.05}}}
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
-    serve.run(build_graph(args, options), name="diffpo-vectors", route_prefix="/", blocking=False)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    run_serve_app(build_graph(args, options), "diffpo-vectors", port)
     yield {"url": url, "base": base, "paths": paths}
     serve.shutdown()
 
