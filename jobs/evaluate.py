@@ -224,20 +224,25 @@ def done_ids(parts: Path, methods: list[str]) -> set[str]:
 
 
 def load_references(path: str | None) -> dict[str, list[str]]:
-    """Reference answers by id: a FastChat answer file (MT-bench's reference_answer_gpt-4.jsonl) or JSONL with
-    id + reference/reference_output/output."""
+    """Reference answers by id, one list of turns each, read in one pass: a FastChat answer file (MT-bench's
+    reference_answer_gpt-4.jsonl) or JSONL with id + reference / reference_output / output."""
     if not path:
         return {}
-    from pipeline.records import load_drafts
-
-    refs = load_drafts(str(_path(path)))
+    refs = {}
     with open(_path(path)) as f:
         for line in f:
             rec = json.loads(line) if line.strip() else {}
             rid = rec.get("id", rec.get("question_id"))
-            for k in ("reference", "reference_output"):
-                if rid is not None and isinstance(rec.get(k), (str, list)):
-                    refs[str(rid)] = [rec[k]] if isinstance(rec[k], str) else rec[k]
+            ch = rec.get("choices")
+            val = next((rec[k] for k in ("reference", "reference_output") if isinstance(rec.get(k), (str, list))),
+                       None)
+            if val is None and isinstance(ch, list) and ch and isinstance(ch[0], dict):
+                val = ch[0].get("turns")
+            if val is None:
+                val = next((rec[k] for k in ("output", "draft", "response") if isinstance(rec.get(k), (str, list))),
+                           None)
+            if rid is not None and val is not None:
+                refs[str(rid)] = [val] if isinstance(val, str) else list(val)
     return refs
 
 
@@ -445,8 +450,6 @@ class JudgeStage:
         self.cfg, self.judges = j, make_judges(j)
 
     def _llm(self, r: dict) -> dict:
-        from pipeline.records import conversation
-
         judge, c, notes, res = self.judges["llm"], self.cfg["llm"], {}, {}
         qs, ans, refs = json.loads(r["turns"]), json.loads(r["answer_turns"]), json.loads(r["reference_turns"])
         if c["grade"]:
@@ -455,8 +458,7 @@ class JudgeStage:
             res["llm_score_turns"] = json.dumps([v.number if v.status == "ok" else None for v in vs])
             notes["llm_grade"] = [v.status if v.status == "ok" else f"{v.status}: {v.raw[-300:]}" for v in vs]
         if c["pairwise"] and r["reference"]:
-            question = conversation(r, 0, [])[-1]["content"]
-            v = judge.compare(question, r["answer"], r["reference"])
+            v = judge.compare(r["prompt"], r["answer"], r["reference"])
             res["llm_pref"] = v.number
             notes["llm_pair"] = v.status if v.status == "ok" else f"{v.status}: {v.raw[-300:]}"
         res["_notes"] = notes

@@ -112,7 +112,7 @@ def hh_dialogue(text: str) -> list[dict]:
     """An HH-RLHF transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") as chat messages."""
     if not isinstance(text, str):
         raise ValueError("HH-RLHF 'chosen'/'rejected' must be strings")
-    parts = _HH_SPLIT.split("\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
+    parts = _HH_SPLIT.split("\n\n" + text.lstrip("\n"))
     msgs = [{"role": "user" if who == "Human" else "assistant", "content": body.strip()}
             for who, body in zip(parts[1::2], parts[2::2])]
     if not msgs:
