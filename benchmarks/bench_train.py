@@ -1,13 +1,17 @@
 """One consistency-training step: Ray Train + DeepSpeed ZeRO-2 with 2 workers vs plain single-process PyTorch on
 the same global batch (goal: <= 1.2x step time), and peak memory per worker with ZeRO-0 vs ZeRO-2.
 
-    .venv/bin/python benchmarks/bench_train.py [model=default] [batch=4] [answer_tokens=96] [steps=4]
+    .venv/bin/python benchmarks/bench_train.py [model=default] [batch=4] [answer_tokens=96] [steps=4] \
+        [bucket_size=50000000]
 
 Same model, same examples (real AlpacaEval ranked answers when ../shared/data is there, else synthetic),
 same loss (w_ar = w_con = 1), AdamW. Plain: one process, 2 torch threads, the whole batch per step.
 Ray Train: 2 workers x 1 thread, each half of the batch, gloo all-reduce / ZeRO partitioning by DeepSpeed.
 Step time = median over `steps` steps after one warm-up step, measured inside the training loop.
-Peak memory = the worker process's peak RSS (ru_maxrss), model load included.
+Peak memory = the worker process's peak RSS (ru_maxrss), model load included; also shown: the part of it
+added by training (peak - RSS after loading the model) and the optimizer state each rank holds (ZeRO-1/2
+partition it). `bucket_size` is DeepSpeed's reduce / all-gather bucket in elements (the job's
+`deepspeed.bucket_size`); DeepSpeed's own default (5e8) adds a staging buffer as large as the gradients.
 """
 from __future__ import annotations
 
@@ -50,6 +54,20 @@ def build_batch(tok, stop_id, pad_id, raw, answer_tokens):
     return collate([make_example(tok, m, t, s, stop_id, pad_id, answer_tokens) for m, t, s in raw], pad_id)
 
 
+def rss_mb() -> float:
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def optimizer_state_mb(opt) -> float:
+    """Bytes of optimizer state this rank holds (walks DeepSpeed's wrappers down to the torch optimizer)."""
+    import torch
+
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+               if torch.is_tensor(t)) / 2 ** 20
+
+
 def loop(config: dict) -> None:
     import deepspeed
     import ray.train
@@ -65,13 +83,14 @@ def loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     lm = load_model(config["model"], dtype="float32")
     lm.model.train()
+    loaded_mb = rss_mb()
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.stop_ids[0]
     raw = config["raw"]
     per = len(raw) // world
     batch = build_batch(lm.tokenizer, lm.stop_ids[0], pad, raw[rank * per:(rank + 1) * per], config["answer_tokens"])
     opt = torch.optim.AdamW(lm.model.parameters(), lr=1e-5)
     cfg = {"deepspeed": {"zero_stage": config["zero"], "precision": "fp32", "micro_batch": per, "grad_accum": 1,
-                         "offload_optimizer": False}, "optim": {"grad_clip": 1.0}}
+                         "offload_optimizer": False, "bucket_size": config["bucket_size"]}, "optim": {"grad_clip": 1.0}}
     engine, *_ = deepspeed.initialize(model=lm.model, optimizer=opt, config=ds_config(cfg))
     times = []
     for _ in range(config["steps"] + 1):
@@ -81,15 +100,18 @@ def loop(config: dict) -> None:
         engine.step()
         times.append(time.perf_counter() - t0)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ray.train.report({"step_s": statistics.median(times[1:]), "peak_mb": peak_mb, "rank": rank})
+    row = {"step_s": statistics.median(times[1:]), "peak_mb": peak_mb, "train_mb": peak_mb - loaded_mb,
+           "optim_mb": optimizer_state_mb(engine.optimizer)}
+    ray.train.report({**row, "rank": rank})
     with open(config["out"] + f".{config['zero']}.{rank}", "w") as f:
-        json.dump({"step_s": statistics.median(times[1:]), "peak_mb": peak_mb}, f)
+        json.dump(row, f)
 
 
 def main():
     kv = dict(a.split("=", 1) for a in sys.argv[1:])
     model, bsz = kv.get("model", "default"), int(kv.get("batch", 4))
     answer_tokens, steps = int(kv.get("answer_tokens", 96)), int(kv.get("steps", 4))
+    bucket = int(float(kv.get("bucket_size", 5e7)))
     raw = examples_raw(bsz)
 
     import tempfile
@@ -131,18 +153,22 @@ def main():
     res = {}
     for zero in (2, 0):
         trainer = TorchTrainer(loop, train_loop_config={"model": model, "raw": raw, "answer_tokens": answer_tokens,
-                                                        "steps": steps, "zero": zero, "out": tmp + "/r"},
+                                                        "steps": steps, "zero": zero, "out": tmp + "/r",
+                                                        "bucket_size": bucket},
                                scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                                run_config=ray.train.RunConfig(storage_path=tmp, name=f"z{zero}"),
                                torch_config=TorchConfig(backend="gloo"))
         trainer.fit()
         rows = [json.load(open(f"{tmp}/r.{zero}.{r}")) for r in range(2)]
-        res[zero] = {"step_s": max(r["step_s"] for r in rows), "peak_mb": max(r["peak_mb"] for r in rows)}
+        res[zero] = {k: max(r[k] for r in rows) for k in rows[0]}
         print(f"Ray Train + DeepSpeed ZeRO-{zero}, 2 workers: step {res[zero]['step_s']:.2f}s, "
-              f"peak RSS per worker {res[zero]['peak_mb']:.0f} MB", flush=True)
+              f"peak RSS per worker {res[zero]['peak_mb']:.0f} MB (training adds {res[zero]['train_mb']:.0f} MB; "
+              f"optimizer state {res[zero]['optim_mb']:.0f} MB per rank)", flush=True)
     ray.shutdown()
     print(f"figure: train_step_zero2_2workers_vs_plain = {res[2]['step_s'] / plain:.2f}")
     print(f"figure: peak_mem_per_worker_zero2_vs_zero0 = {res[2]['peak_mb'] / res[0]['peak_mb']:.2f}")
+    print(f"figure: training_mem_per_worker_zero2_vs_zero0 = {res[2]['train_mb'] / res[0]['train_mb']:.2f}")
+    print(f"figure: optimizer_state_per_rank_zero2_vs_zero0 = {res[2]['optim_mb'] / res[0]['optim_mb']:.2f}")
 
 
 if __name__ == "__main__":

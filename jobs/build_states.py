@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import json
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -145,8 +146,10 @@ class SplitCfg:
 
 @dataclass
 class TrajectoryCfg:
-    """CLLM-style Jacobi trajectories: the current aligner refines each worse state (reference loop)."""
+    """CLLM-style Jacobi trajectories: the current aligner refines worse states (the published loop's states)."""
     enabled: bool = False
+    splits: List[str] = field(default_factory=lambda: ["train"])  # rows of these splits get trajectories
+    from_states: Optional[int] = None  # worse states per prompt to start from (seeded pick); None = all
     model: str = "default"
     dtype: str = "auto"
     device: str = "auto"
@@ -308,6 +311,11 @@ def validate(cfg) -> None:
             problems.append(f"trajectory.max_states: must be >= 2 (the answer and the fixed point), got {t.max_states}")
         if _missing_local(t.model):
             problems.append(f"trajectory.model: not found: {t.model}")
+        bad = [x for x in t.splits if x not in ("train", "dev", "heldout")]
+        if bad or not t.splits:
+            problems.append(f"trajectory.splits: a non-empty list of train / dev / heldout, got {list(t.splits)}")
+        if t.from_states is not None and t.from_states < 1:
+            problems.append(f"trajectory.from_states: must be >= 1 or null (all), got {t.from_states}")
         _pool_problems("trajectory", t, problems)
     if cfg.ray.torch_threads < 1 or cfg.ray.rows_per_block < 1:
         problems.append("ray.torch_threads and ray.rows_per_block must be >= 1")
@@ -626,40 +634,49 @@ def rank_batch(batch: pd.DataFrame, target: str, min_states: int, seed: int, spl
 
 
 class TrajectoryStage:
-    """CLLM-style Jacobi trajectories: the current aligner runs the reference Jacobi loop from every state
-    below the target; each gives {"from": state index, "states": [...], "fixed_point", "passes", "converged"}.
-    Greedy and seeded (reserved tokens: seed and "id#state"), so reruns give the same trajectories."""
+    """CLLM-style Jacobi trajectories: the current aligner runs the Jacobi loop from worse states of the
+    row; each gives {"from": state index, "states", "state_ids", "fixed_point", "fixed_point_ids", "stop",
+    "passes", "converged"} (see `pipeline.states.jacobi_trajectories`). The whole batch runs in the fast
+    engine with settings that reproduce the published loop's states. Greedy and seeded (which states,
+    reserved tokens), so reruns give the same trajectories."""
 
     def __init__(self, st: dict, seed: int, threads: int):
         import torch
 
-        from pipeline.jacobi import RefineSettings
         from pipeline.models import load_model
         from pipeline.refiner import Refiner
+        from pipeline.states import trajectory_settings
 
         torch.set_num_threads(threads)
         lm = load_model(st["model"], dtype=st["dtype"], device=st["device"], trust_remote_code=st["trust_remote_code"])
-        settings = RefineSettings(block_size=st["block_size"], max_iter=st["max_iter"],
-                                  max_new_tokens=st["max_new_tokens"], reserve_tokens=st["reserve_tokens"], seed=seed)
-        self.refiner = Refiner(lm, settings, mode="reference", in_context=st["in_context"])
-        self.max_states = st["max_states"]
+        settings = trajectory_settings(st["block_size"], st["max_iter"], st["max_new_tokens"], st["reserve_tokens"], seed)
+        self.refiner = Refiner(lm, settings, mode="fast", in_context=st["in_context"])
+        self.st, self.seed = st, seed
+
+    def starts(self, row_id: str, n_worse: int) -> list[int]:
+        k = self.st["from_states"]
+        if k is None or k >= n_worse:
+            return list(range(n_worse))
+        return sorted(random.Random(f"{self.seed}:{row_id}:trajectory").sample(range(n_worse), k))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from pipeline.states import jacobi_trajectory
+        from pipeline.refiner import RefineRequest
+        from pipeline.states import jacobi_trajectories
 
         rows = batch.to_dict("records")
-        for r in rows:
-            if r["error"]:
+        reqs, owner = [], []
+        for n, r in enumerate(rows):
+            if r["error"] or r["split"] not in self.st["splits"]:
                 continue
             msgs, states = json.loads(r["messages"]), json.loads(r["states"])
-            out = []
-            for t, text in enumerate(states[:-1]):
-                try:
-                    out.append({"from": t, **jacobi_trajectory(self.refiner, msgs, text, f"{r['id']}#{t}",
-                                                               self.max_states)})
-                except Exception as e:  # noqa: BLE001 - e.g. over the aligner's context window
-                    out.append({"from": t, "error": f"{type(e).__name__}: {e}"[:300]})
-            r["trajectories"] = json.dumps(out, ensure_ascii=False)
+            for t in self.starts(str(r["id"]), len(states) - 1):
+                reqs.append(RefineRequest(msgs, states[t], key=f"{r['id']}#{t}"))
+                owner.append((n, t))
+        found: dict[int, list] = {}
+        for (n, t), tr in zip(owner, jacobi_trajectories(self.refiner, reqs, self.st["max_states"])):
+            found.setdefault(n, []).append({"from": t, **tr})
+        for n, r in enumerate(rows):
+            r["trajectories"] = json.dumps(found.get(n, []), ensure_ascii=False)
         return pd.DataFrame(rows, columns=OUT_COLUMNS)
 
 

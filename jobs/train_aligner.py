@@ -39,6 +39,7 @@ class DataCfg:
     limit: Optional[int] = None  # first N prompts only
     max_answer_tokens: int = 256  # target (and state) tokens per example, stop token included
     max_prompt_tokens: int = 768  # longer prompts are skipped (counted)
+    examples: str = "states"  # states | trajectories | mixed (a seeded coin per prompt and epoch)
 
 
 @dataclass
@@ -75,6 +76,8 @@ class DeepSpeedCfg:
     micro_batch: int = 2  # examples per worker per forward
     grad_accum: int = 1
     offload_optimizer: bool = False  # ZeRO-2/3: keep optimizer state in CPU memory (GPU runs)
+    bucket_size: int = 50_000_000  # ZeRO gradient-reduce / all-gather bucket, in elements (DeepSpeed's
+    # own default, 5e8, allocates a 2 GB fp32 staging buffer per rank, more than a 135M model's states)
 
 
 @dataclass
@@ -120,6 +123,8 @@ def validate(cfg) -> None:
     p = []
     if not Path(expand(cfg.data.train_path)).exists():
         p.append(f"data.train_path: {cfg.data.train_path} not found (write it with python -m jobs.build_states)")
+    if cfg.data.examples not in EXAMPLE_KINDS:
+        p.append(f"data.examples: {cfg.data.examples!r} is not one of {', '.join(EXAMPLE_KINDS)}")
     if cfg.data.max_answer_tokens < 2:
         p.append("data.max_answer_tokens: must be >= 2")
     if cfg.loss.w_ar < 0 or cfg.loss.w_con < 0 or cfg.loss.w_ar + cfg.loss.w_con == 0:
@@ -139,6 +144,8 @@ def validate(cfg) -> None:
         p.append("deepspeed.zero_stage=3 needs GPUs (train.use_gpu=true); use 0-2 on CPU")
     if not cfg.train.use_gpu and ds.precision == "fp16":
         p.append("deepspeed.precision=fp16 needs GPUs; use fp32 (or bf16) on CPU")
+    if ds.bucket_size < 1:
+        p.append("deepspeed.bucket_size: must be >= 1 (elements)")
     if ds.micro_batch < 1 or ds.grad_accum < 1:
         p.append("deepspeed.micro_batch and deepspeed.grad_accum must be >= 1")
     t = cfg.train
@@ -152,11 +159,16 @@ def validate(cfg) -> None:
         raise ConfigError(p)
 
 
+EXAMPLE_KINDS = ("states", "trajectories", "mixed")
+
+
 # ---- pieces used inside the workers ------------------------------------------------------------------
 def ds_config(cfg) -> dict:
     """The DeepSpeed config (optimizer and scheduler are passed as torch objects: no fused-op builds on CPU)."""
     ds = cfg["deepspeed"]
     zero = {"stage": ds["zero_stage"]}
+    if ds["zero_stage"] >= 1:
+        zero.update(reduce_bucket_size=int(ds["bucket_size"]), allgather_bucket_size=int(ds["bucket_size"]))
     if ds["zero_stage"] >= 2 and ds["offload_optimizer"]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds["zero_stage"] == 3:
@@ -198,6 +210,35 @@ def as_states(x) -> list[str]:
 def pick_state(row_id: str, epoch: int, seed: int, n_states: int) -> int:
     """Index of the worse state y(t) trained on for this row in this epoch (states[-1] is the target)."""
     return random.Random(f"{seed}:{row_id}:{epoch}").randrange(n_states - 1)
+
+
+def good_trajectories(x) -> list[dict]:
+    """The row's Jacobi trajectories (build_states' `trajectories` column) that can give an example."""
+    trs = json.loads(x) if isinstance(x, str) and x else []
+    return [t for t in trs if "error" not in t and len(t.get("state_ids", [])) >= 2]
+
+
+def row_example(r: dict, epoch: int, config: dict, tok, stop_id: int, pad_id: int, template: str):
+    """The example one row gives in one epoch: a ranked worse answer -> the target (DiffPO), or an
+    intermediate Jacobi state -> the aligner's fixed point (CLLM); `data.examples` picks, seeded."""
+    from pipeline.consistency import make_example, make_trajectory_example
+
+    d, m, seed = config["data"], config["model"], config["train"]["seed"]
+    states, msgs = as_states(r["states"]), json.loads(r["messages"])
+    kind = d["examples"]
+    if kind == "mixed":
+        kind = "trajectories" if random.Random(f"{seed}:{r['id']}:{epoch}:kind").random() < 0.5 else "states"
+    trs = good_trajectories(r.get("trajectories")) if kind == "trajectories" else []
+    if trs:
+        rng = random.Random(f"{seed}:{r['id']}:{epoch}:trajectory")
+        tr = rng.choice(trs)
+        k = rng.randrange(len(tr["state_ids"]) - 1)  # never the fixed point itself (nothing to learn)
+        return make_trajectory_example(tok, msgs, tr["fixed_point_ids"], tr["stop"] == "eos", tr["state_ids"][k],
+                                       stop_id, pad_id, d["max_answer_tokens"], m["in_context"],
+                                       states[tr["from"]], template)
+    t = pick_state(str(r["id"]), epoch, seed, len(states))
+    return make_example(tok, msgs, states[-1], states[t], stop_id, pad_id, d["max_answer_tokens"],
+                        m["in_context"], template)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -264,10 +305,7 @@ def train_loop_per_worker(config: dict) -> None:
                 continue  # consumed before the checkpoint this run resumed from
             examples = []
             for r in batch.to_dict("records"):
-                states = as_states(r["states"])
-                t = pick_state(str(r["id"]), epoch, config["train"]["seed"], len(states))
-                ex = make_example(tok, json.loads(r["messages"]), states[-1], states[t], stop_id, pad_id,
-                                  d["max_answer_tokens"], m["in_context"], template)
+                ex = row_example(r, epoch, config, tok, stop_id, pad_id, template)
                 if len(ex.prompt_ids) > d["max_prompt_tokens"]:
                     acc["skipped"] += 1
                     continue
@@ -387,14 +425,23 @@ def main(argv: list[str] | None = None) -> dict:
     run_dir = storage / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    ds = ray.data.read_parquet(expand(cfg.data.train_path), columns=["id", "messages", "states"])
-    ds = ds.filter(lambda r: len(as_states(r["states"])) >= 2)
+    columns = ["id", "messages", "states"] + (["trajectories"] if cfg.data.examples != "states" else [])
+    ds = ray.data.read_parquet(expand(cfg.data.train_path))
+    if "trajectories" in columns and "trajectories" not in ds.schema().names:
+        raise ConfigError([f"data.examples={cfg.data.examples}: {cfg.data.train_path} has no trajectories "
+                           "(write them with python -m jobs.build_states trajectory.enabled=true)"])
+    ds = ds.select_columns(columns)
+    if cfg.data.examples == "trajectories":
+        ds = ds.filter(lambda r: len(good_trajectories(r["trajectories"])) > 0)
+    else:
+        ds = ds.filter(lambda r: len(as_states(r["states"])) >= 2)
     if cfg.data.limit:
         ds = ds.limit(cfg.data.limit)
     ds = ds.materialize()
     n_rows = ds.count()
     if n_rows == 0:
-        raise ConfigError([f"data.train_path: no rows with >= 2 states in {cfg.data.train_path}"])
+        what = "a trajectory" if cfg.data.examples == "trajectories" else ">= 2 states"
+        raise ConfigError([f"data.train_path: no rows with {what} in {cfg.data.train_path}"])
     per_step = cfg.deepspeed.micro_batch * cfg.deepspeed.grad_accum * cfg.train.num_workers
     steps_per_epoch = max(1, n_rows // per_step)
     total = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs

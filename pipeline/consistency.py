@@ -1,7 +1,9 @@
 """The aligner's training objective: L = w_ar * L_AR + w_con * L_Con (CLLM-style consistency training).
 
 One example is a conversation, the target answer y(T) (the best-ranked one, or the reference) and one
-worse answer state y(t). Two sequences share the prompt:
+worse answer state y(t) — or, CLLM's own recipe, the aligner's Jacobi fixed point as the target and one
+intermediate state of its Jacobi trajectory towards it (`make_trajectory_example`). Two sequences share
+the prompt:
 
     teacher  prompt + y(T)                         (the fixed point Jacobi decoding should reach)
     student  prompt + y(t) laid over y(T)'s positions (cut to its length, or filled with the pad id,
@@ -32,8 +34,9 @@ from .prompts import DEFAULT_CORRECTION_TEMPLATE, answer_ids, chat_prompt_ids, i
 @dataclass
 class Example:
     prompt_ids: list[int]
-    target_ids: list[int]  # y(T) answer tokens, ending with the stop token
+    target_ids: list[int]  # y(T) answer tokens, ending with the stop token (unless cut at the length cap)
     state_ids: list[int]  # y(t) answer tokens, same length as target_ids (cut or pad-filled)
+    state_len: int | None = None  # real state tokens (trajectory states); predictions past them are not trained
 
 
 def make_example(tokenizer, messages: list[dict], target: str, state: str, stop_id: int, pad_id: int,
@@ -45,6 +48,22 @@ def make_example(tokenizer, messages: list[dict], target: str, state: str, stop_
     st = answer_ids(tokenizer, state)[: len(tgt)]
     st += [pad_id] * (len(tgt) - len(st))
     return Example(prompt, tgt, st)
+
+
+def make_trajectory_example(tokenizer, messages: list[dict], fixed_point_ids: list[int], ended: bool,
+                            state_ids: list[int], stop_id: int, pad_id: int, max_answer_tokens: int,
+                            in_context: bool = False, draft: str = "",
+                            template: str = DEFAULT_CORRECTION_TEMPLATE) -> Example:
+    """A CLLM example from a Jacobi trajectory: the target is the aligner's fixed point (its stop token only
+    if it ended there), the state one of the passes' intermediate states (answer so far + Jacobi block).
+    Token ids are used as recorded, so the state lines up with the target exactly as in the engine; the
+    consistency loss covers only predictions made from real state tokens (the block's end, not padding)."""
+    msgs = in_context_messages(messages, draft, template) if in_context else messages
+    prompt = chat_prompt_ids(tokenizer, msgs)
+    tgt = (list(fixed_point_ids) + ([stop_id] if ended else []))[:max_answer_tokens]
+    st = list(state_ids)[: len(tgt)]
+    n = len(st)
+    return Example(prompt, tgt, st + [pad_id] * (len(tgt) - n), state_len=n)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -75,7 +94,8 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         attention[b, :P + n] = 1
         labels[b, P - 1:P + n - 1] = torch.tensor(e.target_ids)
         k = common_prefix(e.state_ids, e.target_ids)  # answer positions i <= k see identical contexts
-        con_mask[b, P - 1 + k + 1:P + n - 1] = True
+        end = P + n - 1 if e.state_len is None else min(P + n - 1, P + e.state_len)
+        con_mask[b, P - 1 + k + 1:end] = True
     return {"teacher_ids": teacher, "student_ids": student, "attention_mask": attention, "labels": labels,
             "con_mask": con_mask}
 

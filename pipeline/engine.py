@@ -118,8 +118,11 @@ class FastEngine:
 
     # ---- main loop -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def refine(self, items: list[RefineItem]) -> list[RefineResult]:
+    def refine(self, items: list[RefineItem], trace: list[list] | None = None) -> list[RefineResult]:
+        """Refine a batch. `trace` (one list per item) receives, before every pass, the row's Jacobi state:
+        the answer so far + the current block, as token ids (CLLM-style trajectories)."""
         t0 = time.perf_counter()
+        self._trace = trace
         results: list[RefineResult | None] = [None] * len(items)
         rows: list[_Row] = []
         for i, it in enumerate(items):
@@ -179,6 +182,9 @@ class FastEngine:
             r.computed += n
 
     def _step(self, rows: list[_Row], cache: SlotCache, results: list, t0: float) -> None:
+        if self._trace is not None:
+            for r in rows:
+                self._trace[r.out].append(r.seq[r.ans:r.end])
         lengths = [self._window(r) for r in rows]
         ids = [r.seq[r.m:r.m + n] for r, n in zip(rows, lengths)]
         logits = self._forward(ids, cache, lengths).logits

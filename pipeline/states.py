@@ -415,22 +415,6 @@ def split_of(row_id: str, heldout_mod: int | None = 4, heldout_rem: int = 0, dev
 
 
 # ---- CLLM-style Jacobi trajectories -------------------------------------------------------------------
-class _RecordingModel:
-    """Wraps a causal LM for `jacobi.reference_refine` and keeps the input of every forward pass. Each
-    input is the aligner's context + the answer so far + the current Jacobi block, so the inputs *are* the
-    trajectory's states (no change to the reference loop needed)."""
-
-    def __init__(self, model):
-        self.model, self.inputs = model, []
-
-    def parameters(self):
-        return self.model.parameters()
-
-    def __call__(self, input_ids, **kw):
-        self.inputs.append(input_ids[0].tolist())
-        return self.model(input_ids=input_ids, **kw)
-
-
 def _evenly(xs: list, k: int) -> list:
     """k items of xs evenly spaced, the first and the last always among them (all of xs when k >= len)."""
     if k >= len(xs):
@@ -440,32 +424,49 @@ def _evenly(xs: list, k: int) -> list:
     return [xs[round(i * (len(xs) - 1) / (k - 1))] for i in range(k)]
 
 
-def jacobi_trajectory(refiner, messages: list[dict], answer: str, key: str, max_states: int = 8) -> dict:
-    """Run the aligner's reference Jacobi loop from `answer` and return the states it passes through.
+def trajectory_settings(block_size: int, max_iter: int, max_new_tokens: int, reserve_tokens: int = 0,
+                        seed: int = 0):
+    """Fast-engine settings that follow the published Jacobi loop state by state: the whole block is
+    recomputed every pass, no adaptive window, no re-seeding from the draft. The KV cache aside, the only
+    difference is that a block whose last token is final is closed at once, without the loop's extra pass
+    that merely confirms the fixed point."""
+    from .jacobi import RefineSettings
 
-    State k is the text of (answer so far + Jacobi block) at pass k, cut at the first stop token: state 0
-    is the answer's first block (after the reserved tokens), the last state is the aligner's fixed point
-    (its greedy answer), as in CLLM's Jacobi trajectories. Consecutive equal texts are merged and at most
-    `max_states` are kept, evenly spaced, the first and the last always. `refiner` is a
-    `pipeline.refiner.Refiner` (any mode; the reference loop is used here either way).
-    Returns {"states": [...], "fixed_point": str, "passes": int, "converged": bool}.
+    return RefineSettings(block_size=block_size, max_iter=max_iter, max_new_tokens=max_new_tokens,
+                          reserve_tokens=reserve_tokens, seed=seed, window=None, adaptive_window=False, reseed=False)
+
+
+def jacobi_trajectories(refiner, requests: list, max_states: int = 8) -> list[dict]:
+    """Run the aligner's Jacobi loop from each request's draft and return the states it passes through.
+
+    `refiner` is a `pipeline.refiner.Refiner` in fast mode with `trajectory_settings(...)`, so the whole
+    batch runs at once with a KV cache and the states are those of the published loop (less its passes that
+    only confirm a block). State k is the
+    answer so far + the Jacobi block at pass k (token ids, and as text cut at the first stop token):
+    state 0 is the draft's first block, the last state is the aligner's fixed point (its greedy answer),
+    as in CLLM's Jacobi trajectories. Consecutive equal states are merged and at most `max_states` are
+    kept, evenly spaced, the first and the last always. Returns per request {"states", "state_ids",
+    "fixed_point", "fixed_point_ids", "stop" ("eos" | "max_new_tokens"), "passes", "converged"}, or
+    {"error": reason} for a request that cannot be refined.
     """
-    from .jacobi import reference_refine
-    from .refiner import RefineRequest
-
-    item = refiner.encode(RefineRequest(messages, answer, key=key))
     lm = refiner.lm
-    rec = _RecordingModel(lm.model)
-    res = reference_refine(rec, item, refiner.s, lm.stop_ids, refiner.pad_id)
+    out: list[dict] = [{} for _ in requests]
+    items, where = [], []
+    for i, r in enumerate(requests):
+        try:
+            items.append(refiner.encode(r))
+            where.append(i)
+        except ValueError as e:  # e.g. longer than the aligner's context window
+            out[i] = {"error": str(e)[:300]}
+    trace: list[list] = [[] for _ in items]
+    results = refiner._engine.refine(items, trace=trace) if items else []
     stops = set(lm.stop_ids)
-    n = len(item.prompt_ids)
-    texts = []
-    for ids in rec.inputs:
-        ans = ids[n:]
-        cut = next((i for i, t in enumerate(ans) if t in stops), len(ans))
-        texts.append(lm.tokenizer.decode(ans[:cut], skip_special_tokens=True).strip())
-    final = lm.tokenizer.decode(res.token_ids, skip_special_tokens=True).strip()
-    texts.append(final)
-    merged = [t for i, t in enumerate(texts) if i == 0 or t != texts[i - 1]]
-    return {"states": _evenly(merged, max_states), "fixed_point": final, "passes": res.passes,
-            "converged": res.converged}
+    for i, res, tr in zip(where, results, trace):
+        ids = [s[:next((k for k, t in enumerate(s) if t in stops), len(s))] for s in tr] + [list(res.token_ids)]
+        merged = [s for k, s in enumerate(ids) if k == 0 or s != ids[k - 1]]
+        kept = _evenly(merged, max_states)
+        out[i] = {"states": [lm.tokenizer.decode(s, skip_special_tokens=True).strip() for s in kept],
+                  "state_ids": kept, "fixed_point": lm.tokenizer.decode(res.token_ids, skip_special_tokens=True).strip(),
+                  "fixed_point_ids": list(res.token_ids), "stop": res.stop, "passes": res.passes,
+                  "converged": res.converged}
+    return out

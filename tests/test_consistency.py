@@ -82,3 +82,50 @@ def test_gradient_flows_only_through_the_student_branch():
     for a, b in zip(g_live, (p.grad for p in model.parameters())):
         assert torch.allclose(a, b, atol=1e-6)
     assert any(g.abs().sum() > 0 for g in g_live)
+
+
+def test_trajectory_example_trains_only_from_real_state_tokens():
+    from pipeline.consistency import make_trajectory_example
+
+    _, tok = _model()
+    stop = tok.eos_token_id
+    msgs = [{"role": "user", "content": "Name a color."}]
+    fixed = [20, 21, 22, 23, 24, 25, 26, 27]
+    e = make_trajectory_example(tok, msgs, fixed, True, [20, 21, 40, 41], stop, PAD, max_answer_tokens=64)
+    assert e.target_ids == fixed + [stop] and e.state_len == 4 and e.state_ids[4:] == [PAD] * 5
+    b = collate([e], PAD)
+    P = len(e.prompt_ids)
+    # common prefix 2: answer tokens 0..2 are predicted from identical contexts; 3 and 4 from the state's
+    # real tokens (4 = the prediction after the block's last token); nothing from the padding after it
+    assert b["con_mask"][0].nonzero().flatten().tolist() == [P + 2, P + 3]
+    capped = make_trajectory_example(tok, msgs, fixed, False, fixed[:3] + [50] * 5, stop, PAD, max_answer_tokens=6)
+    assert capped.target_ids == fixed[:6] and stop not in capped.target_ids, "no stop token where the answer was cut"
+    ic = make_trajectory_example(tok, msgs, fixed, True, [20], stop, PAD, 64, in_context=True, draft="Red")
+    assert "Red" in tok.decode(ic.prompt_ids)
+
+
+def test_row_example_draws_states_or_trajectories_by_config():
+    import json
+
+    from jobs.train_aligner import row_example
+
+    _, tok = _model()
+    stop = tok.eos_token_id
+    traj = {"from": 0, "states": ["a", "b"], "state_ids": [[30, 31], [20, 21, 22]], "fixed_point": "f",
+            "fixed_point_ids": [20, 21, 22], "stop": "eos", "passes": 3, "converged": True}
+    row = {"id": "7", "messages": json.dumps([{"role": "user", "content": "Name a color."}]),
+           "states": ["Red", "Blue is a color."], "trajectories": json.dumps([traj, {"from": 0, "error": "too long"}])}
+    cfg = {"data": {"examples": "trajectories", "max_answer_tokens": 64}, "model": {"in_context": False},
+           "train": {"seed": 0}}
+    e = row_example(row, 0, cfg, tok, stop, PAD, "{question} {draft}")
+    assert e.target_ids == [20, 21, 22, stop] and e.state_ids[:2] == [30, 31] and e.state_len == 2
+    cfg["data"]["examples"] = "states"
+    e = row_example(row, 0, cfg, tok, stop, PAD, "{question} {draft}")
+    assert e.state_len is None and tok.decode(e.target_ids[:-1]) == "Blue is a color."
+    cfg["data"]["examples"] = "mixed"
+    kinds = {row_example({**row, "id": str(i)}, 0, cfg, tok, stop, PAD, "{question} {draft}").state_len is None
+             for i in range(20)}
+    assert kinds == {True, False}, "mixed draws both kinds"
+    cfg["data"]["examples"] = "trajectories"
+    e = row_example({**row, "trajectories": "[]"}, 0, cfg, tok, stop, PAD, "{question} {draft}")
+    assert e.state_len is None, "a row without a usable trajectory falls back to its ranked states"

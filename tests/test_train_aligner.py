@@ -7,12 +7,17 @@ import pytest
 from jobs.config import ConfigError
 
 
-def _states(path, n=8):
+def _states(path, n=8, trajectories=True):
     rows = []
     for i in range(n):
         q = f"Question {i}: name a color."
-        rows.append({"id": str(i), "messages": json.dumps([{"role": "user", "content": q}]),
-                     "states": json.dumps([f"bad answer {i}", f"better answer {i}!", f"The best answer is blue ({i})."])})
+        row = {"id": str(i), "messages": json.dumps([{"role": "user", "content": q}]),
+               "states": json.dumps([f"bad answer {i}", f"better answer {i}!", f"The best answer is blue ({i})."])}
+        if trajectories:  # token ids as build_states records them (any ids inside the tiny vocabulary)
+            row["trajectories"] = json.dumps([{"from": 0, "states": ["x", "y", "z"], "state_ids": [[40, 41], [30, 31, 50],
+                                               [30, 31, 32, 33]], "fixed_point": "z", "fixed_point_ids": [30, 31, 32, 33],
+                                               "stop": "eos", "passes": 4, "converged": True}])
+        rows.append(row)
     pd.DataFrame(rows).to_parquet(path)
     return path
 
@@ -31,7 +36,7 @@ def test_train_checkpoint_resume_and_export(tmp_path, tiny_dirs, ray_local):
 
     tiny = str(tiny_dirs["llama"])
     _states(tmp_path / "train.parquet")
-    s = main(_args(tmp_path, tiny, **{"train.max_steps": 2, "train.epochs": 3}))
+    s = main(_args(tmp_path, tiny, **{"train.max_steps": 2, "train.epochs": 3, "data.examples": "mixed"}))
     run = tmp_path / "runs" / "t"
     log = [json.loads(x) for x in open(run / "metrics.jsonl")]
     assert [r["step"] for r in log] == [1, 2]
@@ -39,7 +44,7 @@ def test_train_checkpoint_resume_and_export(tmp_path, tiny_dirs, ray_local):
     assert (run / "loss.png").stat().st_size > 1000 and s["checkpoint"]
 
     # rerun with the same name and more steps: resumes at step 2, the loss goes on from there
-    s2 = main(_args(tmp_path, tiny, **{"train.max_steps": 4, "train.epochs": 3}))
+    s2 = main(_args(tmp_path, tiny, **{"train.max_steps": 4, "train.epochs": 3, "data.examples": "mixed"}))
     log2 = [json.loads(x) for x in open(run / "metrics.jsonl")]
     assert [r["step"] for r in log2] == [1, 2, 3, 4]
     assert log2[:2] == log  # earlier steps untouched
@@ -59,7 +64,38 @@ def test_config_errors_are_reported_together(tmp_path, tiny_dirs):
 
     with pytest.raises(ConfigError) as e:
         main([f"data.train_path={tmp_path / 'missing.parquet'}", "deepspeed.zero_stage=3", "deepspeed.precision=fp8",
-              "loss.w_ar=0", "loss.w_con=0"])
+              "loss.w_ar=0", "loss.w_con=0", "data.examples=trajectory"])
     msg = str(e.value)
-    for part in ("not found", "zero_stage=3 needs GPUs", "fp8", "w_ar and w_con"):
+    for part in ("not found", "zero_stage=3 needs GPUs", "fp8", "w_ar and w_con", "'trajectory' is not one of"):
         assert part in msg
+
+
+def test_trajectory_examples_need_the_trajectories_column(tmp_path, tiny_dirs, ray_local):
+    from jobs.train_aligner import main
+
+    _states(tmp_path / "train.parquet", trajectories=False)
+    with pytest.raises(ConfigError, match="trajectory.enabled=true"):
+        main(_args(tmp_path, str(tiny_dirs["llama"]), **{"data.examples": "trajectories"}))
+
+
+@pytest.mark.parametrize("name", ["train_aligner.yaml", "train_aligner_cpu.yaml", "train_aligner_gpu.yaml"])
+def test_shipped_deepspeed_configs_are_valid(name):
+    """Every shipped recipe's DeepSpeed config passes DeepSpeed's own parser (no workers, no data needed)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from omegaconf import OmegaConf
+
+    from jobs.config import REPO, load_config
+    from jobs.train_aligner import TrainAlignerConfig, ds_config, validate
+
+    cfg = load_config(TrainAlignerConfig, REPO / "conf/train_aligner.yaml", [f"config={REPO / 'conf' / name}"])
+    try:
+        validate(cfg)
+    except ConfigError as e:  # the data file is written by build_states (or lives on cluster storage)
+        assert all(p.startswith("data.train_path") for p in e.problems), e.problems
+    ds = DeepSpeedConfig(ds_config(OmegaConf.to_container(cfg)))
+    assert ds.zero_optimization_stage == cfg.deepspeed.zero_stage
+    assert ds.train_micro_batch_size_per_gpu == cfg.deepspeed.micro_batch
+    assert ds.gradient_accumulation_steps == cfg.deepspeed.grad_accum
+    assert ds.bfloat16_config.enabled == (cfg.deepspeed.precision == "bf16")
+    assert ds.zero_config.reduce_bucket_size == cfg.deepspeed.bucket_size
+    assert ds.gradient_clipping == cfg.optim.grad_clip
