@@ -7,11 +7,13 @@ the offline judge's score of the refined answers must not drop).
 
 Each held-out prompt gets one of its real worse answers (seeded pick, as in training) as the draft; both
 aligners refine it (greedy, so each converges to its own greedy answer) and we count answer tokens
-accepted per pass, with two engines: `jacobi` = plain Jacobi iteration over `block_size`-token blocks
+accepted per pass (next to the share of repeated word 4-grams: degenerate, repetitive text is both easy to
+decode in parallel and bad), with two engines: `jacobi` = plain Jacobi iteration over `block_size`-token blocks
 (the published loop's states, run batched with a KV cache: what CLLM-style training speeds up) and `fast`
-= the project's default fast engine (adaptive window + re-seeding from the draft). The refined answers are scored by the offline judge (cosine
-similarity to the AlpacaEval GPT-4 reference in MiniLM space), reported with a paired bootstrap interval
-and next to answer lengths, because that judge tracks closeness to the reference, not quality.
+= the project's default fast engine (adaptive window + re-seeding from the draft). The refined answers
+are scored by the offline judge (cosine similarity to the AlpacaEval GPT-4 reference in MiniLM space),
+reported with a paired bootstrap interval and next to answer lengths, because that judge tracks
+closeness to the reference, not quality.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def main():
     from pipeline.models import load_model
     from pipeline.offline_judge import EmbeddingJudge
     from pipeline.refiner import RefineRequest, Refiner
-    from pipeline.states import trajectory_settings
+    from pipeline.states import repeated_ngram_fraction, trajectory_settings
 
     torch.set_num_threads(2)
     refs = {str(r["id"]): r["reference_output"] for r in map(json.loads, open(EVAL_SET))}
@@ -99,18 +101,22 @@ def main():
     lo, hi = paired_bootstrap(diffs)
     print(f"\n{len(reqs)} held-out prompts, drafts = real worse answers from the ranked data, "
           f"max_new_tokens={max_new}, in_context={in_context}")
+    rep = {k: statistics.fmean(repeated_ngram_fraction(x.text) for x in out[k]["results"]) for k in ("before", "after")}
+    rep["draft"] = statistics.fmean(repeated_ngram_fraction(d) for d in drafts)
     heads = " | ".join(f"tokens/pass ({e})" for e in engines)
-    print(f"| | {heads} | offline judge (cos to GPT-4 ref) | mean answer tokens |")
-    print("|---|" + "---|" * len(engines) + "---|---|")
-    print(f"| draft (worse answer) |" + " — |" * len(engines) + f" {statistics.fmean(sims['draft']):.3f} | — |")
+    print(f"| | {heads} | offline judge (cos to GPT-4 ref) | repeated 4-grams | mean answer tokens |")
+    print("|---|" + "---|" * len(engines) + "---|---|---|")
+    print(f"| draft (worse answer) |" + " — |" * len(engines) +
+          f" {statistics.fmean(sims['draft']):.3f} | {rep['draft']:.3f} | — |")
     for k in ("before", "after"):
         tpp = " | ".join(f"{out[k][e]['tpp']:.3f}" for e in engines)
-        print(f"| aligner {k} training | {tpp} | {statistics.fmean(sims[k]):.3f} | {out[k]['len']:.0f} |")
+        print(f"| aligner {k} training | {tpp} | {statistics.fmean(sims[k]):.3f} | {rep[k]:.3f} | {out[k]['len']:.0f} |")
     print(f"paired judge difference after - before: {statistics.fmean(diffs):+.3f} (95% CI {lo:+.3f} .. {hi:+.3f})")
     for e in engines:
         print(f"figure: tokens_per_pass_after_vs_before_{e} = "
               f"{out['after'][e]['tpp'] / max(1e-9, out['before'][e]['tpp']):.2f}")
     print(f"figure: offline_judge_after_minus_before = {statistics.fmean(diffs):.4f}")
+    print(f"figure: repeated_4gram_fraction_after_minus_before = {rep['after'] - rep['before']:.4f}")
 
 
 if __name__ == "__main__":

@@ -231,6 +231,26 @@ def test_job_filters_ranks_splits_and_is_deterministic(tmp_path, tiny_dirs, ray_
     assert s2["rows_by_split"] == s["rows_by_split"]
 
 
+@pytest.mark.timeout(240)
+def test_job_adds_trajectories_to_train_rows_only(tmp_path, tiny_dirs, ray_local):
+    src = _write_gz(tmp_path / "in.jsonl.gz", _records(), bad_line=False)
+    tiny = str(tiny_dirs["llama"])
+    s = _run([f"input.path={src}", f"filters.tokenizer={tiny}", "filters.max_tokens=600", "split.dev_fraction=0.3",
+              f"output.path={tmp_path / 'o'}", "trajectory.enabled=true", f"trajectory.model={tiny}",
+              "trajectory.from_states=1", "trajectory.block_size=4", "trajectory.max_iter=5",
+              "trajectory.max_new_tokens=8", "trajectory.max_states=3", "trajectory.num_cpus=0.5"])
+    parts = {sp: pd.read_parquet(tmp_path / "o" / f"{sp}.parquet") for sp in ("train", "dev", "heldout")}
+    for sp in ("dev", "heldout"):
+        assert all(x == "[]" for x in parts[sp]["trajectories"]), f"no trajectories for {sp} rows"
+    train = parts["train"]
+    assert len(train) > 0 and s["trajectories"]["count"] == len(train) and s["trajectories"]["errors"] == 0
+    for r in train.itertuples():
+        (tr,) = json.loads(r.trajectories)  # from_states=1: one per prompt
+        assert 0 <= tr["from"] < r.num_states - 1, "starts from a worse answer, never the target"
+        assert tr["state_ids"][-1] == tr["fixed_point_ids"] and len(tr["state_ids"]) <= 3
+        assert tr["converged"] and len(tr["fixed_point_ids"]) <= 8
+
+
 def test_parquet_rows_are_normalized_like_json_rows(tmp_path):
     """What Ray's read_parquet hands the parser: pandas batches with numpy arrays for lists and NaN for gaps."""
     from jobs.build_states import BuildStatesConfig, _fields, parse_parquet_batch
