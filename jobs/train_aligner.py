@@ -32,6 +32,9 @@ from omegaconf import OmegaConf
 from jobs.config import REPO, ConfigError, expand, init_ray, load_config, run_job, to_yaml
 
 
+EXAMPLE_KINDS = ("states", "trajectories", "mixed")  # what a row gives per epoch (data.examples)
+
+
 # ---- config ------------------------------------------------------------------------------------------
 @dataclass
 class DataCfg:
@@ -157,9 +160,6 @@ def validate(cfg) -> None:
         p.append("run.name: must be a plain, non-empty name")
     if p:
         raise ConfigError(p)
-
-
-EXAMPLE_KINDS = ("states", "trajectories", "mixed")
 
 
 # ---- pieces used inside the workers ------------------------------------------------------------------

@@ -441,8 +441,8 @@ def jacobi_trajectories(refiner, requests: list, max_states: int = 8) -> list[di
 
     `refiner` is a `pipeline.refiner.Refiner` in fast mode with `trajectory_settings(...)`, so the whole
     batch runs at once with a KV cache and the states are those of the published loop (less its passes that
-    only confirm a block). State k is the
-    answer so far + the Jacobi block at pass k (token ids, and as text cut at the first stop token):
+    only confirm a block). State k is the answer so far + the Jacobi block at pass k (token ids, and as
+    text cut at the first stop token):
     state 0 is the draft's first block, the last state is the aligner's fixed point (its greedy answer),
     as in CLLM's Jacobi trajectories. Consecutive equal states are merged and at most `max_states` are
     kept, evenly spaced, the first and the last always. Returns per request {"states", "state_ids",
