@@ -3,14 +3,15 @@ the offline judge's score of the refined answers must not drop).
 
     .venv/bin/python benchmarks/compare_aligner.py after=outputs/train/cpu-recipe/aligner \
         [before=default] [heldout=outputs/build_states/heldout.parquet] [rows=24] [max_new_tokens=128] \
-        [in_context=false] [batch=8] [engines=jacobi,fast] [block_size=32]
+        [in_context=false] [batch=8] [engines=jacobi,fast(,fast_fixed_window)] [block_size=32]
 
 Each held-out prompt gets one of its real worse answers (seeded pick, as in training) as the draft; both
 aligners refine it (greedy, so each converges to its own greedy answer) and we count answer tokens
 accepted per pass (next to the share of repeated word 4-grams: degenerate, repetitive text is both easy to
 decode in parallel and bad), with two engines: `jacobi` = plain Jacobi iteration over `block_size`-token blocks
 (the published loop's states, run batched with a KV cache: what CLLM-style training speeds up) and `fast`
-= the project's default fast engine (adaptive window + re-seeding from the draft). The refined answers
+= the project's default fast engine (adaptive window + re-seeding from the draft); `fast_fixed_window`
+= the fast engine with a fixed 16-token window (no adaptive shrinking). The refined answers
 are scored by the offline judge (cosine similarity to the AlpacaEval GPT-4 reference in MiniLM space),
 reported with a paired bootstrap interval and next to answer lengths, because that judge tracks
 closeness to the reference, not quality.
@@ -72,7 +73,11 @@ def main():
         drafts.append(draft)
     refs_list = [refs[str(i)] for i in df["id"]]
     settings = {"jacobi": trajectory_settings(block, max_iter=block + 1, max_new_tokens=max_new),
-                "fast": RefineSettings(max_new_tokens=max_new)}
+                "fast": RefineSettings(max_new_tokens=max_new),
+                "fast_fixed_window": RefineSettings(max_new_tokens=max_new, adaptive_window=False)}
+    unknown = [e for e in engines if e not in settings]
+    if unknown:
+        raise SystemExit(f"engines: unknown {unknown}; choose from {', '.join(settings)}")
 
     out = {}
     for name, path in (("before", before), ("after", after)):
