@@ -224,26 +224,14 @@ def done_ids(parts: Path, methods: list[str]) -> set[str]:
 
 
 def load_references(path: str | None) -> dict[str, list[str]]:
-    """Reference answers by id, one list of turns each, read in one pass: a FastChat answer file (MT-bench's
+    """Reference answers by id, one list of turns each: a FastChat answer file (MT-bench's
     reference_answer_gpt-4.jsonl) or JSONL with id + reference / reference_output / output."""
     if not path:
         return {}
-    refs = {}
-    with open(_path(path)) as f:
-        for line in f:
-            rec = json.loads(line) if line.strip() else {}
-            rid = rec.get("id", rec.get("question_id"))
-            ch = rec.get("choices")
-            val = next((rec[k] for k in ("reference", "reference_output") if isinstance(rec.get(k), (str, list))),
-                       None)
-            if val is None and isinstance(ch, list) and ch and isinstance(ch[0], dict):
-                val = ch[0].get("turns")
-            if val is None:
-                val = next((rec[k] for k in ("output", "draft", "response") if isinstance(rec.get(k), (str, list))),
-                           None)
-            if rid is not None and val is not None:
-                refs[str(rid)] = [val] if isinstance(val, str) else list(val)
-    return refs
+    from pipeline.records import load_drafts
+
+    refs = load_drafts(str(_path(path)), prefer=("reference", "reference_output"))
+    return {k: list(v) for k, v in refs.items()}
 
 
 def reference_turns(row: dict, refs: dict) -> list[str]:

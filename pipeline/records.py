@@ -84,9 +84,9 @@ def _parse(rec: dict, fmt: str):
             raise ValueError("'turns' must be a non-empty list of strings")
         if any(not t.strip() for t in turns):
             raise ValueError("empty turn")
-        drafts = None
+        drafts = _draft_field(rec, prefer)
         ch = rec.get("choices")
-        if isinstance(ch, list) and ch and isinstance(ch[0], dict):
+        if drafts is None and isinstance(ch, list) and ch and isinstance(ch[0], dict):
             drafts = ch[0].get("turns")
         return [], turns, drafts
     if fmt == "prompts":
@@ -131,8 +131,8 @@ def hh_rlhf_record(rec: dict) -> dict:
     return out
 
 
-def _draft_field(rec: dict):
-    for k in DRAFT_KEYS:
+def _draft_field(rec: dict, keys=DRAFT_KEYS):
+    for k in keys:
         if k in rec and rec[k] is not None:
             v = rec[k]
             return [v] if isinstance(v, str) else v
@@ -169,9 +169,10 @@ def parse_json_array(data: bytes, source: str):
         yield rec, str(i), None
 
 
-def load_drafts(path: str) -> dict:
+def load_drafts(path: str, prefer: tuple = ()) -> dict:
     """Drafts from a separate file, keyed by id (FastChat answers, JSONL with id+draft) or by prompt text
-    (AlpacaEval outputs JSON, which carries no ids)."""
+    (AlpacaEval outputs JSON, which carries no ids). Fields in `prefer` win over the FastChat turns and
+    the usual draft fields (the evaluation reads reference answers this way)."""
     with open(path, "rb") as f:
         data = f.read()
     parse = parse_json_array if path.endswith(".json") else parse_lines
@@ -179,9 +180,9 @@ def load_drafts(path: str) -> dict:
     for rec, fid, err in parse(data, path):
         if err or not isinstance(rec, dict):
             raise ValueError(f"drafts file {path}: {err or 'record is not an object'}")
-        drafts = None
+        drafts = _draft_field(rec, prefer)
         ch = rec.get("choices")
-        if isinstance(ch, list) and ch and isinstance(ch[0], dict):
+        if drafts is None and isinstance(ch, list) and ch and isinstance(ch[0], dict):
             drafts = ch[0].get("turns")
         if drafts is None:
             drafts = _draft_field(rec)

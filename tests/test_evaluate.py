@@ -270,3 +270,15 @@ def test_hh_rlhf_dialogues_become_prompts_with_the_chosen_answer_as_reference():
 
 def test_verdict_number():
     assert Verdict(3.0).number == 3.0 and math.isnan(Verdict(None, "unparsed").number)
+
+
+def test_references_file_formats(tmp_path):
+    from jobs.evaluate import load_references
+
+    fc = tmp_path / "ref.jsonl"
+    fc.write_text(json.dumps({"question_id": 81, "choices": [{"index": 0, "turns": ["t1", "t2"]}]}) + "\n"
+                  + json.dumps({"id": 5, "reference_output": "R5", "output": "not this"}) + "\n"
+                  + json.dumps({"id": 6, "output": "O6"}) + "\n")
+    refs = load_references(str(fc))
+    assert refs["81"] == ["t1", "t2"] and refs["5"] == ["R5"] and refs["6"] == ["O6"]
+    assert load_references(None) == {}
