@@ -84,9 +84,9 @@ def _parse(rec: dict, fmt: str):
             raise ValueError("'turns' must be a non-empty list of strings")
         if any(not t.strip() for t in turns):
             raise ValueError("empty turn")
-        drafts = _draft_field(rec, prefer)
+        drafts = None
         ch = rec.get("choices")
-        if drafts is None and isinstance(ch, list) and ch and isinstance(ch[0], dict):
+        if isinstance(ch, list) and ch and isinstance(ch[0], dict):
             drafts = ch[0].get("turns")
         return [], turns, drafts
     if fmt == "prompts":
