@@ -202,6 +202,22 @@ def _missing_local(spec) -> bool:
     return bool(spec) and str(spec).startswith((".", "/", "~")) and not Path(expand(str(spec))).exists()
 
 
+def _fast_engine_problem(spec: str, trust_remote_code: bool) -> str | None:
+    """Why the fast engine cannot run this model, read from its config (None also when the config cannot be
+    read here, e.g. a hub id offline: the actor reports that itself)."""
+    from transformers import AutoConfig
+
+    from pipeline.engine import unsupported_attention
+    from pipeline.models import resolve_model_path
+
+    try:
+        path, gguf = resolve_model_path(expand(str(spec)))
+        config = AutoConfig.from_pretrained(path, gguf_file=gguf, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - not ours to report here
+        return None
+    return unsupported_attention(config)
+
+
 def input_files(path: str) -> list[str]:
     p = _resolve(path)
     if p.is_dir():
@@ -311,6 +327,8 @@ def validate(cfg) -> None:
             problems.append(f"trajectory.max_states: must be >= 2 (the answer and the fixed point), got {t.max_states}")
         if _missing_local(t.model):
             problems.append(f"trajectory.model: not found: {t.model}")
+        elif (why := _fast_engine_problem(t.model, t.trust_remote_code)):
+            problems.append(f"trajectory.model: {why} (trajectories are recorded with the fast engine)")
         bad = [x for x in t.splits if x not in ("train", "dev", "heldout")]
         if bad or not t.splits:
             problems.append(f"trajectory.splits: a non-empty list of train / dev / heldout, got {list(t.splits)}")

@@ -62,6 +62,14 @@ def _ngram_index(draft: list[int], max_n: int) -> dict:
     return idx
 
 
+def unsupported_attention(config) -> str | None:
+    """Why the fast engine cannot run a model with this (transformers) config, or None if it can."""
+    layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        return f"the fast engine needs full causal attention in every layer; this model has {sorted(set(layer_types))}"
+    return None
+
+
 class FastEngine:
     """Batched Jacobi refinement with a per-row KV cache. Stateless between calls."""
 
@@ -71,11 +79,9 @@ class FastEngine:
         self.stop_ids, self.pad_id = set(stop_ids), pad_id
         self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         self.device = next(model.parameters()).device
-        layer_types = getattr(model.config.get_text_config(decoder=True), "layer_types", None) or []
-        if any(t != "full_attention" for t in layer_types):
-            raise NotImplementedError(
-                f"the fast engine needs full causal attention in every layer; this model has {sorted(set(layer_types))}. "
-                "Use mode=reference or mode=ar for it.")
+        problem = unsupported_attention(model.config)
+        if problem:
+            raise NotImplementedError(f"{problem}. Use mode=reference or mode=ar for it.")
 
     # ---- row bookkeeping -------------------------------------------------------------------------
     def _draft_at(self, row: _Row, p: int) -> int:
@@ -122,7 +128,6 @@ class FastEngine:
         """Refine a batch. `trace` (one list per item) receives, before every pass, the row's Jacobi state:
         the answer so far + the current block, as token ids (CLLM-style trajectories)."""
         t0 = time.perf_counter()
-        self._trace = trace
         results: list[RefineResult | None] = [None] * len(items)
         rows: list[_Row] = []
         for i, it in enumerate(items):
@@ -152,7 +157,7 @@ class FastEngine:
         cache = SlotCache(self.num_layers, cap)
         self._prefill(rows, cache)
         while rows:
-            self._step(rows, cache, results, t0)
+            self._step(rows, cache, results, t0, trace)
         return results
 
     def _forward(self, ids: list[list[int]], cache: SlotCache, lengths: list[int]):
@@ -181,10 +186,11 @@ class FastEngine:
         for r, n in zip(rows, lengths):
             r.computed += n
 
-    def _step(self, rows: list[_Row], cache: SlotCache, results: list, t0: float) -> None:
-        if self._trace is not None:
+    def _step(self, rows: list[_Row], cache: SlotCache, results: list, t0: float,
+              trace: list[list] | None = None) -> None:
+        if trace is not None:
             for r in rows:
-                self._trace[r.out].append(r.seq[r.ans:r.end])
+                trace[r.out].append(r.seq[r.ans:r.end])
         lengths = [self._window(r) for r in rows]
         ids = [r.seq[r.m:r.m + n] for r, n in zip(rows, lengths)]
         logits = self._forward(ids, cache, lengths).logits

@@ -71,11 +71,15 @@ class Refiner:
     def refine(self, reqs: list[RefineRequest]) -> list[RefineResult]:
         return self.refine_items([self.encode(r) for r in reqs])
 
-    def refine_items(self, items: list[RefineItem]) -> list[RefineResult]:
+    def refine_items(self, items: list[RefineItem], trace: list[list] | None = None) -> list[RefineResult]:
+        """Refine encoded items. `trace` (fast mode only; one list per item) receives each row's Jacobi
+        state before every pass, as token ids (see `FastEngine.refine`)."""
+        if trace is not None and self.mode != "fast":
+            raise ValueError(f"recording Jacobi states needs mode='fast' (this refiner is mode={self.mode!r})")
         if not items:
             return []
         if self.mode == "fast":
-            results = self._engine.refine(items)
+            results = self._engine.refine(items, trace=trace)
         elif self.mode == "reference":
             results = [reference_refine(self.lm.model, it, self.s, self.lm.stop_ids, self.pad_id) for it in items]
         else:

@@ -459,7 +459,7 @@ def jacobi_trajectories(refiner, requests: list, max_states: int = 8) -> list[di
         except ValueError as e:  # e.g. longer than the aligner's context window
             out[i] = {"error": str(e)[:300]}
     trace: list[list] = [[] for _ in items]
-    results = refiner._engine.refine(items, trace=trace) if items else []
+    results = refiner.refine_items(items, trace=trace)
     stops = set(lm.stop_ids)
     for i, res, tr in zip(where, results, trace):
         ids = [s[:next((k for k, t in enumerate(s) if t in stops), len(s))] for s in tr] + [list(res.token_ids)]

@@ -54,8 +54,15 @@ def tiny_model(arch: str, vocab_size: int, seed: int = 0, layers: int = 2, hidde
     elif arch == "gpt2":
         cfg = GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=4096, **ids)
         model = GPT2LMHeadModel(cfg)
+    elif arch == "gemma2":  # sliding-window attention on every other layer (not in ARCHS: the fast engine refuses it)
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        cfg = Gemma2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                           num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           sliding_window=8, max_position_embeddings=4096, **ids)
+        model = Gemma2ForCausalLM(cfg)
     else:
-        raise ValueError(f"unknown tiny arch {arch!r}; choose one of {ARCHS}")
+        raise ValueError(f"unknown tiny arch {arch!r}; choose one of {ARCHS} or gemma2")
     model.generation_config.eos_token_id = 1
     model.generation_config.pad_token_id = 0
     return model.eval()

@@ -393,3 +393,23 @@ def test_jacobi_trajectories_run_from_the_answer_to_the_aligner_fixed_point(tiny
     long_prompt = [{"role": "user", "content": "word " * 5000}]
     bad = jacobi_trajectories(ref, [RefineRequest(long_prompt, "abc")], max_states=3)[0]
     assert "error" in bad and "context window" in bad["error"]
+
+
+def test_trajectory_stage_refuses_a_sliding_window_aligner_before_starting(tmp_path, tiny_dirs):
+    from jobs.build_states import BuildStatesConfig, validate
+    from pipeline.models import load_model
+    from pipeline.refiner import Refiner, RefineRequest
+    from pipeline.tiny import save_tiny
+
+    gemma = save_tiny("gemma2", tmp_path / "gemma2")
+    src = _write_gz(tmp_path / "x.jsonl.gz", _records()[:1], bad_line=False)
+    cfg = load_config(BuildStatesConfig, REPO / "conf/build_states.yaml",
+                      [f"input.path={src}", "trajectory.enabled=true", f"trajectory.model={gemma}"])
+    with pytest.raises(ConfigError, match="trajectory.model: the fast engine needs full causal attention"):
+        validate(cfg)
+    cfg.trajectory.model = str(tiny_dirs["llama"])
+    validate(cfg)  # a full-attention aligner passes
+    ref = Refiner(load_model(str(tiny_dirs["llama"])), mode="reference")
+    item = ref.encode(RefineRequest([{"role": "user", "content": "hi"}], "abc"))
+    with pytest.raises(ValueError, match="needs mode='fast'"):
+        ref.refine_items([item], trace=[[]])

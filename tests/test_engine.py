@@ -143,3 +143,13 @@ def test_settings_validation_names_the_problem():
         RefineSettings(block_size=0).validate()
     with pytest.raises(ValueError, match="window"):
         RefineSettings(window=0).validate()
+
+
+def test_sliding_window_models_are_refused_by_the_fast_engine_but_run_in_the_reference_loop():
+    gemma = tiny_model("gemma2", V, seed=3)
+    with pytest.raises(NotImplementedError, match="full causal attention.*sliding_attention"):
+        FastEngine(gemma, RefineSettings(), STOP, PAD)
+    item = random_items(1, seed=5, max_draft=10)[0]
+    res = reference_refine(gemma, item, RefineSettings(max_new_tokens=12, block_size=4), STOP, PAD)
+    assert res.converged
+    assert_same_tokens(gemma, item, res.token_ids, greedy(gemma, item, 12), "gemma2 reference loop vs greedy")
