@@ -111,7 +111,7 @@ def main():
     heads = " | ".join(f"tokens/pass ({e})" for e in engines)
     print(f"| | {heads} | offline judge (cos to GPT-4 ref) | repeated 4-grams | mean answer tokens |")
     print("|---|" + "---|" * len(engines) + "---|---|---|")
-    print(f"| draft (worse answer) |" + " — |" * len(engines) +
+    print("| draft (worse answer) |" + " — |" * len(engines) +
           f" {statistics.fmean(sims['draft']):.3f} | {rep['draft']:.3f} | — |")
     for k in ("before", "after"):
         tpp = " | ".join(f"{out[k][e]['tpp']:.3f}" for e in engines)

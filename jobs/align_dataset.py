@@ -24,7 +24,7 @@ from typing import Optional
 import pandas as pd
 from omegaconf import OmegaConf
 
-from jobs.config import REPO, ConfigError, expand, init_ray, load_config, run_job, to_yaml
+from jobs.config import REPO, ConfigError, expand, load_config, run_job, start_data_job
 
 DEMO_PROMPTS = REPO / "pipeline" / "data" / "demo_prompts.jsonl"
 READ_HEADROOM_CPUS = 0.5  # left free for Ray Data's read/write tasks; without it the pipeline can hang
@@ -416,25 +416,12 @@ def parse_file(row: dict, fmt: str, id_field, drafts_by_key) -> list[dict]:
 
 
 def parse_parquet_batch(batch: pd.DataFrame, fmt: str, id_field, drafts_by_key) -> pd.DataFrame:
-    import numpy as np
-
-    from pipeline.records import error_row, normalize
-
-    def plain(v):
-        if isinstance(v, np.ndarray):
-            return [plain(x) for x in v.tolist()]
-        if isinstance(v, list):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, bytes):
-            return v.decode("utf-8")  # raises for non-UTF-8; caught below
-        return v
+    from pipeline.records import error_row, normalize, plain_value
 
     out = []
     for n, rec in enumerate(batch.to_dict("records")):
         try:
-            rec = {k: plain(v) for k, v in rec.items()}
+            rec = {k: plain_value(v) for k, v in rec.items()}
         except UnicodeDecodeError as e:
             out.append(error_row(rec.get(id_field or "id", f"row{n}"), f"field is not valid UTF-8 ({e.reason})"))
             continue
@@ -536,16 +523,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(expand(cfg.output.path))
     parts = out / "_parts"
     parts.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
-    print("[align_dataset] resolved config:\n" + to_yaml(cfg), flush=True)
 
     import ray
-    from ray.data import DataContext
 
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = cfg.ray.progress_bars
-    ctx.execution_options.preserve_order = cfg.input.limit is not None  # `limit` must pick the same rows again
+    start_data_job("align_dataset", cfg, out, preserve_order=cfg.input.limit is not None)
 
     from pipeline.records import load_drafts
 

@@ -33,7 +33,7 @@ from typing import List, Optional
 import pandas as pd
 from omegaconf import OmegaConf
 
-from jobs.config import REPO, ConfigError, expand, init_ray, load_config, run_job, to_yaml
+from jobs.config import REPO, ConfigError, expand, load_config, run_job, start_data_job
 
 TASK_HEADROOM_CPUS = 1.0  # kept free for Ray Data's read/map/write tasks (1 CPU each); without it: a silent hang
 ROW_COLUMNS = ["id", "messages", "reference", "answers", "meta", "error", "error_kind"]
@@ -404,25 +404,8 @@ def parse_file(row: dict, fields: dict, layout: str) -> list[dict]:
             for rec, fid, err in parse(data, src)]
 
 
-def _plain(v):
-    import numpy as np
-
-    if isinstance(v, np.ndarray):
-        return [_plain(x) for x in v.tolist()]
-    if isinstance(v, list):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, bytes):
-        return v.decode("utf-8")
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and v != v:
-        return None  # pandas writes a missing value of a numeric column as NaN
-    return v
-
-
 def parse_parquet_batch(batch: pd.DataFrame, fields: dict, layout: str) -> pd.DataFrame:
+    from pipeline.records import plain_value
     from pipeline.states import error_row, normalize_record
 
     out = []
@@ -430,7 +413,7 @@ def parse_parquet_batch(batch: pd.DataFrame, fields: dict, layout: str) -> pd.Da
         # parquet rows carry no line number: a row without a usable id is named by a hash of its content
         fallback = "parquet:" + hashlib.sha256(repr(sorted(rec.items())).encode()).hexdigest()[:12]
         try:
-            rec = {k: _plain(v) for k, v in rec.items()}
+            rec = {k: plain_value(v) for k, v in rec.items()}
         except UnicodeDecodeError as e:
             out.append(error_row(fallback, "input", f"field is not valid UTF-8 ({e.reason})"))
             continue
@@ -788,18 +771,12 @@ def main(argv: list[str] | None = None) -> dict:
     if parts.exists():
         shutil.rmtree(parts)  # a new run: parts of an earlier one would mix in
     parts.mkdir(parents=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
-    print("[build_states] resolved config:\n" + to_yaml(cfg), flush=True)
 
     import ray
-    from ray.data import DataContext
     from ray.data.context import ShuffleStrategy
 
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    ctx = start_data_job("build_states", cfg, out)  # outputs are sorted anyway; order keeps `limit` stable
     preflight_resources(cfg)
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = cfg.ray.progress_bars
-    ctx.execution_options.preserve_order = True  # `limit` picks the same rows every run; outputs are sorted anyway
     # flat layout's groupby: the task-based sort shuffle. The default hash shuffle starts aggregator actors that
     # need CPUs of their own (seconds on small data, and a wait where actor pools hold the CPUs). Datasets copy
     # the context when they are created, so this must be set before the first read.

@@ -80,6 +80,23 @@ def init_ray(address: str | None, num_cpus: int | None, extra_env: dict | None =
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=log_to_driver)
 
 
+def start_data_job(name: str, cfg, out: Path, preserve_order: bool = True):
+    """The common start of a Ray Data job: record the resolved config next to the outputs (and print it),
+    start or join Ray (`cfg.ray.address`, `cfg.ray.num_cpus`) and set this driver's Ray Data context
+    (progress bars per `cfg.ray.progress_bars`; `preserve_order` so that `limit` picks the same rows on
+    every run). Returns the context for job-specific settings, which must come before the first read."""
+    from ray.data import DataContext
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    print(f"[{name}] resolved config:\n" + to_yaml(cfg), flush=True)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = cfg.ray.progress_bars
+    ctx.execution_options.preserve_order = preserve_order
+    return ctx
+
+
 def run_job(module: str, errors: tuple = ()) -> None:
     """The command line of a job: run `jobs.<module>.main` imported under its module name (so Ray pickles the
     job's stage classes by reference, not from ``__main__``), and turn a config error (or one of `errors`) into

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 
 from jobs.align_dataset import (AlignerCfg, BaseCfg, DraftStage, RayCfg, _sort_key, input_files, read_inputs,
                                 refine_settings)
-from jobs.config import REPO, ConfigError, expand, init_ray, load_config, run_job, to_yaml
+from jobs.config import REPO, ConfigError, expand, load_config, run_job, start_data_job
 
 METHODS = ("draft", "refine", "refine_reference", "in_context", "aligner_ar", "best_of_n")
 ALIGNER_METHODS = {"refine": ("fast", False), "refine_reference": ("reference", False),
@@ -573,15 +573,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(expand(cfg.output.path))
     parts = out / "_parts"
     parts.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
-    print("[evaluate] resolved config:\n" + to_yaml(cfg), flush=True)
 
     import ray
-    from ray.data import DataContext
 
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
-    DataContext.get_current().execution_options.preserve_order = True
+    start_data_job("evaluate", cfg, out)
 
     from pipeline.records import load_drafts
 

@@ -29,6 +29,26 @@ DRAFT_KEYS = ("draft", "output", "response")
 _META_KEYS = ("category", "dataset", "generator", "reference_output", "reference", "rejected")
 
 
+def plain_value(v):
+    """A Parquet cell (as pandas gives it) as plain JSON-like Python: numpy arrays and scalars unwrapped,
+    bytes decoded as UTF-8 (UnicodeDecodeError if they are not), a numeric column's missing value (NaN) None."""
+    import numpy as np
+
+    if isinstance(v, np.ndarray):
+        return [plain_value(x) for x in v.tolist()]
+    if isinstance(v, list):
+        return [plain_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: plain_value(x) for k, x in v.items()}
+    if isinstance(v, bytes):
+        return v.decode("utf-8")
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and v != v:
+        return None
+    return v
+
+
 def error_row(row_id: str, reason: str) -> dict:
     return {"id": str(row_id), "history": "[]", "turns": "[]", "drafts": None, "meta": "{}", "error": reason}
 
