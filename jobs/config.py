@@ -77,7 +77,16 @@ def init_ray(address: str | None, num_cpus: int | None, extra_env: dict | None =
         ray.init(address=address, runtime_env=env, log_to_driver=log_to_driver)
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        env["worker_process_setup_hook"] = "jobs.config.quiet_local_workers"
         ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=log_to_driver)
+
+
+def quiet_local_workers() -> None:
+    """Worker setup hook of a local Ray, which runs without the dashboard and so without the State API: Ray
+    Train's placement-group cleaner would log a warning every few seconds that it cannot query it."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def start_data_job(name: str, cfg, out: Path, preserve_order: bool = True):
