@@ -95,7 +95,7 @@ def loop(config: dict) -> None:
     times = []
     for _ in range(config["steps"] + 1):
         t0 = time.perf_counter()
-        l_ar, l_con = losses(engine, batch)
+        l_ar, l_con, _ = losses(engine, batch)
         engine.backward(l_ar + l_con)
         engine.step()
         times.append(time.perf_counter() - t0)
@@ -132,7 +132,7 @@ def main():
     times = []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
-        l_ar, l_con = losses(lm.model, batch)
+        l_ar, l_con, _ = losses(lm.model, batch)
         (l_ar + l_con).backward()
         torch.nn.utils.clip_grad_norm_(lm.model.parameters(), 1.0)
         opt.step()

@@ -33,6 +33,7 @@ from jobs.config import REPO, ConfigError, expand, init_ray, load_config, run_jo
 
 
 EXAMPLE_KINDS = ("states", "trajectories", "mixed")  # what a row gives per epoch (data.examples)
+TEACHERS = ("self", "initial")  # where the consistency targets come from (loss.teacher)
 
 
 # ---- config ------------------------------------------------------------------------------------------
@@ -59,6 +60,9 @@ class LossCfg:
     w_ar: float = 1.0
     w_con: float = 1.0  # the DiffPO paper states 1000 on L_Con; CLLM's code used 10*L_AR + 1*L_Con
     label_smoothing: float = 0.0
+    teacher: str = "self"  # consistency targets: self (the model being trained, detached) | initial (a frozen
+    # copy of model.path, which also gives L_KD; one more forward pass per step)
+    w_kd: float = 0.0  # L_KD weight: soft cross-entropy from the initial model on the target (teacher=initial)
 
 
 @dataclass
@@ -130,8 +134,13 @@ def validate(cfg) -> None:
         p.append(f"data.examples: {cfg.data.examples!r} is not one of {', '.join(EXAMPLE_KINDS)}")
     if cfg.data.max_answer_tokens < 2:
         p.append("data.max_answer_tokens: must be >= 2")
-    if cfg.loss.w_ar < 0 or cfg.loss.w_con < 0 or cfg.loss.w_ar + cfg.loss.w_con == 0:
-        p.append("loss: w_ar and w_con must be >= 0 and not both 0")
+    lc = cfg.loss
+    if min(lc.w_ar, lc.w_con, lc.w_kd) < 0 or lc.w_ar + lc.w_con + lc.w_kd == 0:
+        p.append("loss: w_ar, w_con and w_kd must be >= 0 and not all 0")
+    if lc.teacher not in TEACHERS:
+        p.append(f"loss.teacher: {lc.teacher!r} is not one of {', '.join(TEACHERS)}")
+    elif lc.w_kd > 0 and lc.teacher != "initial":
+        p.append("loss.w_kd: L_KD distils from the initial model; set loss.teacher=initial (or w_kd=0)")
     if not 0 <= cfg.loss.label_smoothing < 1:
         p.append("loss.label_smoothing: must be in [0, 1)")
     if cfg.optim.schedule not in ("cosine", "linear", "constant"):
@@ -259,6 +268,10 @@ def train_loop_per_worker(config: dict) -> None:
     m = config["model"]
     lm = load_model(m["path"], device=str(device), dtype="float32", trust_remote_code=m["trust_remote_code"])
     model, tok = lm.model, lm.tokenizer
+    reference = None
+    if config["loss"]["teacher"] == "initial":  # frozen: the targets and L_KD never move
+        reference = load_model(m["path"], device=str(device), dtype="float32",
+                               trust_remote_code=m["trust_remote_code"]).model.requires_grad_(False)
     model.train()
     model.config.use_cache = False
     if m["gradient_checkpointing"]:
@@ -292,7 +305,7 @@ def train_loop_per_worker(config: dict) -> None:
     last_ckpt, metrics, micro = step, None, 0
     shard = ray.train.get_dataset_shard("train")
     d, lw = config["data"], config["loss"]
-    acc = {"loss": 0.0, "l_ar": 0.0, "l_con": 0.0, "tokens": 0, "skipped": 0}
+    acc = {"loss": 0.0, "l_ar": 0.0, "l_con": 0.0, "l_kd": 0.0, "tokens": 0, "skipped": 0}
     t_step = time.perf_counter()
     done = step >= total_steps
     for epoch in range(epoch0, config["train"]["epochs"]):
@@ -316,13 +329,14 @@ def train_loop_per_worker(config: dict) -> None:
             else:
                 weight = 1.0
             b = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
-            l_ar, l_con = losses(engine, b, lw["label_smoothing"])
-            loss = weight * (lw["w_ar"] * l_ar + lw["w_con"] * l_con)
+            l_ar, l_con, l_kd = losses(engine, b, lw["label_smoothing"], reference)
+            loss = weight * (lw["w_ar"] * l_ar + lw["w_con"] * l_con + lw["w_kd"] * l_kd)
             engine.backward(loss)
             engine.step()
             acc["loss"] += loss.item()
             acc["l_ar"] += l_ar.item()
             acc["l_con"] += l_con.item()
+            acc["l_kd"] += l_kd.item()
             acc["tokens"] += int(b["attention_mask"].sum()) * 2
             if not engine.is_gradient_accumulation_boundary():
                 continue
@@ -331,14 +345,14 @@ def train_loop_per_worker(config: dict) -> None:
             t_step = time.perf_counter()
             ga = config["deepspeed"]["grad_accum"]
             metrics = {"step": step, "epoch": epoch, "loss": acc["loss"] / ga, "l_ar": acc["l_ar"] / ga,
-                       "l_con": acc["l_con"] / ga, "lr": sched.get_last_lr()[0], "step_s": round(dt, 3),
+                       "l_con": acc["l_con"] / ga, "l_kd": acc["l_kd"] / ga, "lr": sched.get_last_lr()[0], "step_s": round(dt, 3),
                        "tokens_per_s": round(acc["tokens"] * world / dt, 1), "skipped": acc["skipped"]}
-            acc = {"loss": 0.0, "l_ar": 0.0, "l_con": 0.0, "tokens": 0, "skipped": acc["skipped"]}
+            acc = {"loss": 0.0, "l_ar": 0.0, "l_con": 0.0, "l_kd": 0.0, "tokens": 0, "skipped": acc["skipped"]}
             if rank == 0:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
                 print(f"[train_aligner] step {step}/{total_steps} loss {metrics['loss']:.4f} "
-                      f"(ar {metrics['l_ar']:.4f}, con {metrics['l_con']:.4f}) lr {metrics['lr']:.2e} "
+                      f"(ar {metrics['l_ar']:.4f}, con {metrics['l_con']:.4f}, kd {metrics['l_kd']:.4f}) lr {metrics['lr']:.2e} "
                       f"{metrics['tokens_per_s']:.0f} tok/s", flush=True)
             done = step >= total_steps
             if step % config["train"]["checkpoint_every"] == 0 or done:
@@ -396,6 +410,8 @@ def plot_losses(log_path: Path, png: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     ax[0].plot(steps, [r["l_ar"] for r in rows], label="L_AR")
     ax[0].plot(steps, [r["l_con"] for r in rows], label="L_Con")
+    if any(r.get("l_kd") for r in rows):
+        ax[0].plot(steps, [r["l_kd"] for r in rows], label="L_KD")
     ax[0].set_xlabel("optimizer step")
     ax[0].set_ylabel("loss")
     ax[0].legend()

@@ -18,7 +18,16 @@ the prompt:
            Averaged over the unmasked positions of the batch (CLLM's "global" consistency loss).
 
 The teacher logits come from the same forward pass that gives L_AR, detached, so one step costs two
-forward passes and one backward. Both engine modes get matching inputs: in draft-in-context mode the
+forward passes and one backward. Optionally (`reference=`, a frozen copy of the model training started from)
+the consistency targets come from that fixed model instead, and a third term keeps the model's own answer
+distribution where it was:
+
+* L_KD  — soft cross-entropy from the reference model's logits to the model's logits on the teacher
+           sequence's answer positions (distillation from the initial aligner).
+
+With a self teacher, every step moves the targets too: a small aligner can drift into repetitive text, which
+is easy to decode in parallel and scores well on its own consistency loss. A frozen reference anchors
+both the targets and the answers (one more forward pass per step, without gradient). Both engine modes get matching inputs: in draft-in-context mode the
 prompt also shows y(t) through the correction template, for the teacher and the student alike.
 """
 from __future__ import annotations
@@ -109,13 +118,22 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return -(t * s).sum(-1).mean()
 
 
-def losses(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_AR, L_Con) for one collated batch; the teacher branch carries no gradient into L_Con."""
+def losses(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
+           reference=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L_AR, L_Con, L_KD) for one collated batch; no gradient flows through the consistency targets.
+    Without a `reference` model the targets are the model's own detached teacher logits and L_KD is 0."""
     attn = batch["attention_mask"]
     t_logits = model(input_ids=batch["teacher_ids"], attention_mask=attn).logits
     V = t_logits.shape[-1]
     l_ar = F.cross_entropy(t_logits.float().view(-1, V), batch["labels"].view(-1), ignore_index=-100,
                            label_smoothing=label_smoothing)
+    if reference is None:
+        targets, l_kd = t_logits.detach(), t_logits.new_zeros(())
+    else:
+        with torch.no_grad():
+            targets = reference(input_ids=batch["teacher_ids"], attention_mask=attn).logits
+        answer = batch["labels"] != -100  # the positions that predict the target answer's tokens
+        l_kd = soft_cross_entropy(t_logits, targets, answer)
     s_logits = model(input_ids=batch["student_ids"], attention_mask=attn).logits
-    l_con = soft_cross_entropy(s_logits, t_logits.detach(), batch["con_mask"])
-    return l_ar, l_con
+    l_con = soft_cross_entropy(s_logits, targets, batch["con_mask"])
+    return l_ar, l_con, l_kd

@@ -33,10 +33,11 @@ def test_consistency_is_zero_at_the_target_and_positive_elsewhere():
     model, _ = _model()
     prompt, target = [5, 6, 7, 8], [20, 21, 22, 23, 2]
     same = collate([Example(prompt, target, list(target))], PAD)
-    _, l_con = losses(model, same)
+    _, l_con, l_kd = losses(model, same)
+    assert l_kd.item() == 0.0  # no reference model: no L_KD
     assert l_con.item() == 0.0 and not same["con_mask"].any()
     worse = collate([Example(prompt, target, [20, 21, 40, 41, 42])], PAD)
-    l_ar, l_con = losses(model, worse)
+    l_ar, l_con, _ = losses(model, worse)
     assert l_con.item() > 0 and l_ar.item() > 0
     # only positions after the common prefix (2 tokens) are in the consistency mask
     assert common_prefix([20, 21, 40, 41, 42], target) == 2
@@ -69,7 +70,7 @@ def test_gradient_flows_only_through_the_student_branch():
     model, _ = _model()
     batch = collate([Example([5, 6, 7, 8], [20, 21, 22, 23, 2], [20, 50, 51, 52, 53])], PAD)
     model.zero_grad()
-    _, l_con = losses(model, batch)
+    _, l_con, _ = losses(model, batch)
     l_con.backward()
     g_live = [p.grad.clone() for p in model.parameters()]
     # the same loss with the teacher logits from a frozen copy: identical gradients
@@ -129,3 +130,29 @@ def test_row_example_draws_states_or_trajectories_by_config():
     cfg["data"]["examples"] = "trajectories"
     e = row_example({**row, "trajectories": "[]"}, 0, cfg, tok, stop, PAD, "{question} {draft}")
     assert e.state_len is None, "a row without a usable trajectory falls back to its ranked states"
+
+
+def test_frozen_reference_gives_the_targets_and_l_kd():
+    model, _ = _model()
+    batch = collate([Example([5, 6, 7, 8], [20, 21, 22, 23, 2], [20, 50, 51, 52, 53])], PAD)
+    reference = copy.deepcopy(model).requires_grad_(False)
+    l_ar, l_con, l_kd = losses(model, batch, reference=reference)
+    self_ar, self_con, _ = losses(model, batch)
+    # the model still equals its reference: same targets as a self teacher, and L_KD is the teacher's entropy
+    assert torch.allclose(l_con, self_con) and torch.allclose(l_ar, self_ar)
+    with torch.no_grad():
+        logits = model(input_ids=batch["teacher_ids"], attention_mask=batch["attention_mask"]).logits
+    answer = batch["labels"] != -100
+    p = torch.softmax(logits[answer], -1)
+    assert torch.allclose(l_kd, -(p * p.log()).sum(-1).mean(), atol=1e-5)
+    # once the model moves, the targets stay the reference's: the gradient of L_KD pulls it back
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.add_(0.05 * torch.randn_like(prm))
+    _, moved_con, moved_kd = losses(model, batch, reference=reference)
+    _, own_con, _ = losses(model, batch)
+    assert moved_kd.item() > l_kd.item() and not torch.allclose(moved_con, own_con)
+    model.zero_grad()
+    moved_kd.backward()
+    assert all(prm.grad is None for prm in reference.parameters())
+    assert any(prm.grad is not None and prm.grad.abs().sum() > 0 for prm in model.parameters())

@@ -36,15 +36,16 @@ def test_train_checkpoint_resume_and_export(tmp_path, tiny_dirs, ray_local):
 
     tiny = str(tiny_dirs["llama"])
     _states(tmp_path / "train.parquet")
-    s = main(_args(tmp_path, tiny, **{"train.max_steps": 2, "train.epochs": 3, "data.examples": "mixed"}))
+    kw = {"train.epochs": 3, "data.examples": "mixed", "loss.teacher": "initial", "loss.w_kd": 0.5}
+    s = main(_args(tmp_path, tiny, **{"train.max_steps": 2, **kw}))
     run = tmp_path / "runs" / "t"
     log = [json.loads(x) for x in open(run / "metrics.jsonl")]
     assert [r["step"] for r in log] == [1, 2]
-    assert all(r["l_ar"] > 0 and r["l_con"] > 0 and r["tokens_per_s"] > 0 for r in log)
+    assert all(r["l_ar"] > 0 and r["l_con"] > 0 and r["l_kd"] > 0 and r["tokens_per_s"] > 0 for r in log)
     assert (run / "loss.png").stat().st_size > 1000 and s["checkpoint"]
 
     # rerun with the same name and more steps: resumes at step 2, the loss goes on from there
-    s2 = main(_args(tmp_path, tiny, **{"train.max_steps": 4, "train.epochs": 3, "data.examples": "mixed"}))
+    s2 = main(_args(tmp_path, tiny, **{"train.max_steps": 4, **kw}))
     log2 = [json.loads(x) for x in open(run / "metrics.jsonl")]
     assert [r["step"] for r in log2] == [1, 2, 3, 4]
     assert log2[:2] == log  # earlier steps untouched
@@ -64,10 +65,13 @@ def test_config_errors_are_reported_together(tmp_path, tiny_dirs):
 
     with pytest.raises(ConfigError) as e:
         main([f"data.train_path={tmp_path / 'missing.parquet'}", "deepspeed.zero_stage=3", "deepspeed.precision=fp8",
-              "loss.w_ar=0", "loss.w_con=0", "data.examples=trajectory"])
+              "loss.w_ar=0", "loss.w_con=0", "data.examples=trajectory", "loss.teacher=frozen"])
     msg = str(e.value)
-    for part in ("not found", "zero_stage=3 needs GPUs", "fp8", "w_ar and w_con", "'trajectory' is not one of"):
+    for part in ("not found", "zero_stage=3 needs GPUs", "fp8", "w_ar, w_con and w_kd", "'trajectory' is not one of",
+                 "loss.teacher: 'frozen'"):
         assert part in msg
+    with pytest.raises(ConfigError, match="set loss.teacher=initial"):
+        main([f"data.train_path={tmp_path / 'missing.parquet'}", "loss.w_kd=1"])
 
 
 def test_trajectory_examples_need_the_trajectories_column(tmp_path, tiny_dirs, ray_local):
