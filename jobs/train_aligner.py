@@ -63,6 +63,7 @@ class LossCfg:
     teacher: str = "self"  # consistency targets: self (the model being trained, detached) | initial (a frozen
     # copy of model.path, which also gives L_KD; one more forward pass per step)
     w_kd: float = 0.0  # L_KD weight: soft cross-entropy from the initial model on the target (teacher=initial)
+    con_horizon: Optional[int] = None  # L_Con over the first N positions after the common prefix; None = all
 
 
 @dataclass
@@ -137,6 +138,8 @@ def validate(cfg) -> None:
     lc = cfg.loss
     if min(lc.w_ar, lc.w_con, lc.w_kd) < 0 or lc.w_ar + lc.w_con + lc.w_kd == 0:
         p.append("loss: w_ar, w_con and w_kd must be >= 0 and not all 0")
+    if lc.con_horizon is not None and lc.con_horizon < 1:
+        p.append(f"loss.con_horizon: must be >= 1 or null (all positions), got {lc.con_horizon}")
     if lc.teacher not in TEACHERS:
         p.append(f"loss.teacher: {lc.teacher!r} is not one of {', '.join(TEACHERS)}")
     elif lc.w_kd > 0 and lc.teacher != "initial":
@@ -328,7 +331,7 @@ def train_loop_per_worker(config: dict) -> None:
                 weight = 0.0
             else:
                 weight = 1.0
-            b = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
+            b = {k: v.to(device) for k, v in collate(examples, pad_id, lw["con_horizon"]).items()}
             l_ar, l_con, l_kd = losses(engine, b, lw["label_smoothing"], reference)
             loss = weight * (lw["w_ar"] * l_ar + lw["w_con"] * l_con + lw["w_kd"] * l_kd)
             engine.backward(loss)

@@ -84,10 +84,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return k
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: list[Example], pad_id: int, con_horizon: int | None = None) -> dict[str, torch.Tensor]:
     """Right-padded teacher/student inputs, the attention mask, AR labels and the consistency mask.
 
-    Both label tensors are aligned with the logits: position j predicts token j+1.
+    Both label tensors are aligned with the logits: position j predicts token j+1. `con_horizon` = N keeps
+    only the first N consistency positions after the common prefix (the tokens a Jacobi pass could accept
+    next, beside the one it always gets right); None keeps them all (CLLM's global loss).
     """
     width = max(len(e.prompt_ids) + len(e.target_ids) for e in examples)
     B = len(examples)
@@ -104,6 +106,8 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         labels[b, P - 1:P + n - 1] = torch.tensor(e.target_ids)
         k = common_prefix(e.state_ids, e.target_ids)  # answer positions i <= k see identical contexts
         end = P + n - 1 if e.state_len is None else min(P + n - 1, P + e.state_len)
+        if con_horizon is not None:
+            end = min(end, P + k + con_horizon)
         con_mask[b, P - 1 + k + 1:end] = True
     return {"teacher_ids": teacher, "student_ids": student, "attention_mask": attention, "labels": labels,
             "con_mask": con_mask}

@@ -42,6 +42,9 @@ def test_consistency_is_zero_at_the_target_and_positive_elsewhere():
     # only positions after the common prefix (2 tokens) are in the consistency mask
     assert common_prefix([20, 21, 40, 41, 42], target) == 2
     assert worse["con_mask"][0].nonzero().flatten().tolist() == [len(prompt) + 2, len(prompt) + 3]
+    near = collate([Example(prompt, target, [20, 21, 40, 41, 42])], PAD, con_horizon=1)
+    assert near["con_mask"][0].nonzero().flatten().tolist() == [len(prompt) + 2]  # only the next token's jump
+    assert torch.equal(near["labels"], worse["labels"])
 
 
 def test_prompt_and_padding_contribute_nothing():
