@@ -25,10 +25,11 @@ distribution where it was:
 * L_KD  — soft cross-entropy from the reference model's logits to the model's logits on the teacher
            sequence's answer positions (distillation from the initial aligner).
 
-With a self teacher, every step moves the targets too: a small aligner can drift into repetitive text, which
-is easy to decode in parallel and scores well on its own consistency loss. A frozen reference anchors
-both the targets and the answers (one more forward pass per step, without gradient). Both engine modes get matching inputs: in draft-in-context mode the
-prompt also shows y(t) through the correction template, for the teacher and the student alike.
+With a self teacher, every step moves the targets too; a frozen reference keeps them fixed (one more
+forward pass per step, without gradient). On the CPU recipe it did not stop the 135M aligner's drift into
+repetitive text (README, "CLLM-style trajectories on the CPU"). Both engine modes get matching inputs: in
+draft-in-context mode the prompt also shows y(t) through the correction template, for the teacher and the
+student alike.
 """
 from __future__ import annotations
 
