@@ -17,6 +17,7 @@ last checkpoint: same step count, and the loss goes on from there.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -273,8 +274,7 @@ def train_loop_per_worker(config: dict) -> None:
     model, tok = lm.model, lm.tokenizer
     reference = None
     if config["loss"]["teacher"] == "initial":  # frozen: the targets and L_KD never move
-        reference = load_model(m["path"], device=str(device), dtype="float32",
-                               trust_remote_code=m["trust_remote_code"]).model.requires_grad_(False)
+        reference = copy.deepcopy(model).requires_grad_(False)
     model.train()
     model.config.use_cache = False
     if m["gradient_checkpointing"]:
