@@ -208,8 +208,10 @@ def _fast_engine_problem(spec: str, trust_remote_code: bool) -> str | None:
     from transformers import AutoConfig
 
     from pipeline.engine import unsupported_attention
-    from pipeline.models import resolve_model_path
+    from pipeline.models import DEFAULT_MODEL, resolve_model_path
 
+    if spec in (DEFAULT_MODEL, "", None):  # a Llama with full attention; resolving it here would convert the
+        return None  # GGUF in the driver (the actors do that, once, cached)
     try:
         path, gguf = resolve_model_path(expand(str(spec)))
         config = AutoConfig.from_pretrained(path, gguf_file=gguf, trust_remote_code=trust_remote_code)

@@ -57,6 +57,14 @@ class ModelCfg:
 
 
 @dataclass
+class LoraCfg:
+    r: int = 0  # LoRA rank; 0 = train every weight (full fine-tuning)
+    alpha: float = 32.0  # update scale alpha / r
+    dropout: float = 0.0
+    target_modules: str = "all-linear"  # peft's name for every linear layer but the output head
+
+
+@dataclass
 class LossCfg:
     w_ar: float = 1.0
     w_con: float = 1.0  # the DiffPO paper states 1000 on L_Con; CLLM's code used 10*L_AR + 1*L_Con
@@ -120,6 +128,7 @@ class RayCfg:
 class TrainAlignerConfig:
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
+    lora: LoraCfg = field(default_factory=LoraCfg)
     loss: LossCfg = field(default_factory=LossCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     deepspeed: DeepSpeedCfg = field(default_factory=DeepSpeedCfg)
@@ -145,6 +154,11 @@ def validate(cfg) -> None:
         p.append(f"loss.teacher: {lc.teacher!r} is not one of {', '.join(TEACHERS)}")
     elif lc.w_kd > 0 and lc.teacher != "initial":
         p.append("loss.w_kd: L_KD distils from the initial model; set loss.teacher=initial (or w_kd=0)")
+    if cfg.lora.r < 0 or cfg.lora.alpha <= 0 or not 0 <= cfg.lora.dropout < 1:
+        p.append("lora: r must be >= 0 (0 = full fine-tuning), alpha > 0, dropout in [0, 1)")
+    elif cfg.lora.r > 0 and cfg.deepspeed.zero_stage == 3:
+        p.append("lora: adapters are not supported with deepspeed.zero_stage=3 (the export cannot merge "
+                 "partitioned weights); LoRA's optimizer state is small, use ZeRO 0-2")
     if not 0 <= cfg.loss.label_smoothing < 1:
         p.append("loss.label_smoothing: must be in [0, 1)")
     if cfg.optim.schedule not in ("cosine", "linear", "constant"):
@@ -275,17 +289,20 @@ def train_loop_per_worker(config: dict) -> None:
     reference = None
     if config["loss"]["teacher"] == "initial":  # frozen: the targets and L_KD never move
         reference = copy.deepcopy(model).requires_grad_(False)
-    model.train()
     model.config.use_cache = False
     if m["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
+    if config["lora"]["r"] > 0:
+        model = with_lora(model, config["lora"], m["gradient_checkpointing"])
+    model.train()
     stop_id = lm.stop_ids[0]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop_id
     template = m["template"] or DEFAULT_CORRECTION_TEMPLATE
 
     total_steps = config["_total_steps"]
     o = config["optim"]
-    opt = torch.optim.AdamW(model.parameters(), lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+    trained = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config, total_steps))
     engine, opt, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                                  config=ds_config(config))
@@ -371,6 +388,19 @@ def train_loop_per_worker(config: dict) -> None:
         _export(engine, tok, run_dir / "aligner", config, rank)
 
 
+def with_lora(model, lc: dict, gradient_checkpointing: bool):
+    """The model with LoRA adapters (peft) on `target_modules`; only the adapters train. Export merges them
+    back, so the aligner is written as a plain model of the starting architecture."""
+    from peft import LoraConfig, get_peft_model
+
+    if gradient_checkpointing:  # checkpointed blocks need an input that requires grad to backprop into LoRA
+        model.enable_input_require_grads()
+    targets = lc["target_modules"]
+    conf = LoraConfig(r=lc["r"], lora_alpha=lc["alpha"], lora_dropout=lc["dropout"], task_type="CAUSAL_LM",
+                      target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")])
+    return get_peft_model(model, conf)
+
+
 def _checkpoint(engine, metrics: dict, state: dict, rank: int) -> None:
     import ray.train
 
@@ -393,6 +423,8 @@ def _export(engine, tok, out: Path, config: dict, rank: int) -> None:
     if out.exists():
         shutil.rmtree(out)
     model = engine.module
+    if hasattr(model, "merge_and_unload"):  # LoRA: fold the adapters into the weights they adapt
+        model = model.merge_and_unload()
     model.config.use_cache = True
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

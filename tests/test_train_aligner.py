@@ -60,6 +60,32 @@ def test_train_checkpoint_resume_and_export(tmp_path, tiny_dirs, ray_local):
     assert out[0].passes >= 1
 
 
+@pytest.mark.timeout(600)
+def test_lora_trains_only_adapters_and_exports_a_merged_model(tmp_path, tiny_dirs, ray_local):
+    """lora.r > 0: only the adapters train; the export is a plain model of the starting architecture whose
+    linear layers moved while the embeddings and norms stayed exactly as they were."""
+    import torch
+
+    from jobs.train_aligner import main
+    from pipeline.models import load_model
+
+    tiny = str(tiny_dirs["llama"])
+    _states(tmp_path / "train.parquet")
+    main(_args(tmp_path, tiny, **{"train.max_steps": 2, "lora.r": 4, "lora.alpha": 8, "optim.lr": 5e-2,
+                                  "deepspeed.zero_stage": 2, "data.examples": "trajectories"}))
+    before = load_model(tiny).model.state_dict()
+    after_lm = load_model(str(tmp_path / "runs" / "t" / "aligner"))
+    after = after_lm.model.state_dict()
+    assert set(after) == set(before)  # merged: no adapter weights left, loadable as the base architecture
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.endswith("proj.weight") for k in moved), sorted(moved)
+    assert not any("embed" in k or "norm" in k for k in moved)
+    from pipeline.refiner import Refiner, RefineRequest
+
+    out = Refiner(after_lm).refine([RefineRequest([{"role": "user", "content": "hi"}], "draft", "k", 8)])
+    assert out[0].passes >= 1
+
+
 def test_config_errors_are_reported_together(tmp_path, tiny_dirs):
     from jobs.train_aligner import main
 
@@ -70,6 +96,9 @@ def test_config_errors_are_reported_together(tmp_path, tiny_dirs):
     for part in ("not found", "zero_stage=3 needs GPUs", "fp8", "w_ar, w_con and w_kd", "'trajectory' is not one of",
                  "loss.teacher: 'frozen'"):
         assert part in msg
+    with pytest.raises(ConfigError, match="not supported with deepspeed.zero_stage=3"):
+        main([f"data.train_path={tmp_path / 'missing.parquet'}", "lora.r=8", "deepspeed.zero_stage=3",
+              "train.use_gpu=true"])
     with pytest.raises(ConfigError, match="set loss.teacher=initial"):
         main([f"data.train_path={tmp_path / 'missing.parquet'}", "loss.w_kd=1"])
 
