@@ -235,48 +235,24 @@ class DraftStage:
     def __init__(self, st: dict, threads: int):
         import torch
 
-        from pipeline.generate import SamplingParams
+        from pipeline.generate import Drafter
 
         torch.set_num_threads(threads)
-        self.kind = st["kind"]
-        self.params = SamplingParams(max_new_tokens=st["max_new_tokens"], temperature=st["temperature"],
-                                     top_p=st["top_p"], do_sample=st["do_sample"], seed=st["seed"])
-        if self.kind == "openai":
-            from concurrent.futures import ThreadPoolExecutor
-
-            from pipeline.openai_http import ChatEndpoint, EndpointConfig
-
-            self.endpoint = ChatEndpoint(EndpointConfig(
-                base_url=st["base_url"], model=st["model"], api_key_env=st["api_key_env"],
-                timeout_s=st["timeout_s"], max_retries=st["max_retries"]))
-            self.pool = ThreadPoolExecutor(st["parallel_requests"])
-        else:
-            from pipeline.models import load_model
-
-            self.lm = load_model(st["model"], **_model_kwargs(st))
+        self.drafter = Drafter(st, seed=st["seed"])
 
     def _one(self, r: dict, conv: list, turn: int):
-        from pipeline.generate import generate_answers
-
         try:
-            if self.kind == "openai":
-                p = self.params
-                c = self.endpoint.chat(conv, p.max_new_tokens, p.temperature if p.do_sample else 0.0,
-                                       p.top_p if p.do_sample else 1.0)
-                return c.text, c.completion_tokens, c.seconds
-            return generate_answers(self.lm, [conv], self.params, seed_key=f"{r['id']}#{turn}")[0]
+            return self.drafter.answer([conv], seed_key=f"{r['id']}#{turn}")[0]
         except Exception as e:  # noqa: BLE001
             r["error"] = f"draft stage: {type(e).__name__}: {e}"
             return None
 
     def _turn(self, rows: list[dict], convs: list, turn: int) -> list:
         """One turn for several rows: a remote endpoint gets parallel requests, a local model one batch."""
-        from pipeline.generate import generate_answers
-
-        if self.kind == "openai":
-            return list(self.pool.map(lambda rc: self._one(rc[0], rc[1], turn), zip(rows, convs)))
+        if self.drafter.remote:  # one request per row, so one failure marks only its row
+            return list(self.drafter.pool.map(lambda rc: self._one(rc[0], rc[1], turn), zip(rows, convs)))
         try:
-            return generate_answers(self.lm, convs, self.params, seed_key=",".join(r["id"] for r in rows) + f"#{turn}")
+            return self.drafter.answer(convs, seed_key=",".join(r["id"] for r in rows) + f"#{turn}")
         except Exception:  # noqa: BLE001 - one bad row must not sink the batch: retry one by one
             return [self._one(r, c, turn) for r, c in zip(rows, convs)]
 

@@ -439,37 +439,15 @@ class DraftStage:
     def __init__(self, st: dict, name: str, seed: int, threads: int):
         import torch
 
-        from pipeline.generate import SamplingParams
+        from pipeline.generate import Drafter
 
         torch.set_num_threads(threads)
-        self.st, self.name, self.seed = st, name, seed
-        self.params = SamplingParams(max_new_tokens=st["max_new_tokens"], temperature=st["temperature"],
-                                     top_p=st["top_p"], do_sample=st["do_sample"], seed=seed)
-        if st["kind"] == "openai":
-            from concurrent.futures import ThreadPoolExecutor
-
-            from pipeline.openai_http import ChatEndpoint, EndpointConfig
-
-            self.endpoint = ChatEndpoint(EndpointConfig(
-                base_url=st["base_url"], model=st["model"], api_key_env=st["api_key_env"],
-                timeout_s=st["timeout_s"], max_retries=st["max_retries"]))
-            self.pool = ThreadPoolExecutor(st["parallel_requests"])
-        else:
-            from pipeline.models import load_model
-
-            self.lm = load_model(st["model"], dtype=st["dtype"], device=st["device"],
-                                 trust_remote_code=st["trust_remote_code"])
+        self.st, self.name = st, name
+        self.drafter = Drafter(st, seed=seed)
 
     def _answers(self, r: dict) -> list[str]:
-        from pipeline.generate import generate_answers
-
-        msgs, n = json.loads(r["messages"]), self.st["num_answers"]
-        if self.st["kind"] == "openai":
-            p = self.params
-            return list(self.pool.map(lambda _: self.endpoint.chat(
-                msgs, p.max_new_tokens, p.temperature if p.do_sample else 0.0, p.top_p if p.do_sample else 1.0).text,
-                range(n)))
-        return [o[0] for o in generate_answers(self.lm, [msgs] * n, self.params, seed_key=f"{self.name}:{r['id']}")]
+        msgs = json.loads(r["messages"])
+        return [o[0] for o in self.drafter.answer([msgs] * self.st["num_answers"], seed_key=f"{self.name}:{r['id']}")]
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         rows = batch.to_dict("records")

@@ -53,3 +53,42 @@ def generate_answers(lm: LoadedModel, conversations: list[list[dict]], params: S
         cut = next((i for i, t in enumerate(gen) if t in stops), len(gen))
         results.append((tok.decode(gen[:cut], skip_special_tokens=True).strip(), cut, dt))
     return results
+
+
+class Drafter:
+    """A base model that drafts answers: a Hugging Face model in this process (`kind: hf`) or a model behind
+    an OpenAI-compatible endpoint (`kind: openai`). `st` is a base section of a job config (kind, model,
+    dtype, device, trust_remote_code, base_url, api_key_env, timeout_s, max_retries, parallel_requests,
+    max_new_tokens, temperature, top_p, do_sample)."""
+
+    def __init__(self, st: dict, seed: int = 0):
+        self.remote = st["kind"] == "openai"
+        self.params = SamplingParams(max_new_tokens=st["max_new_tokens"], temperature=st["temperature"],
+                                     top_p=st["top_p"], do_sample=st["do_sample"], seed=seed)
+        if self.remote:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from .openai_http import ChatEndpoint, EndpointConfig
+
+            self.endpoint = ChatEndpoint(EndpointConfig(
+                base_url=st["base_url"], model=st["model"], api_key_env=st["api_key_env"],
+                timeout_s=st["timeout_s"], max_retries=st["max_retries"]))
+            self.pool = ThreadPoolExecutor(st["parallel_requests"])  # concurrent requests
+        else:
+            from .models import load_model
+
+            self.lm = load_model(st["model"], dtype=st["dtype"], device=st["device"],
+                                 trust_remote_code=st["trust_remote_code"])
+
+    def _request(self, conversation: list[dict]) -> tuple[str, int, float]:
+        p = self.params
+        c = self.endpoint.chat(conversation, p.max_new_tokens, p.temperature if p.do_sample else 0.0,
+                               p.top_p if p.do_sample else 1.0)
+        return c.text, c.completion_tokens, c.seconds
+
+    def answer(self, conversations: list[list[dict]], seed_key: str = "") -> list[tuple[str, int, float]]:
+        """(text, new tokens, seconds) per conversation: parallel requests to an endpoint, or one batched
+        `generate` of the local model seeded by `seed_key` (see `generate_answers`)."""
+        if self.remote:
+            return list(self.pool.map(self._request, conversations))
+        return generate_answers(self.lm, conversations, self.params, seed_key=seed_key)
