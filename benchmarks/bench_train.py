@@ -1,8 +1,9 @@
 """One consistency-training step: Ray Train + DeepSpeed ZeRO-2 with 2 workers vs plain single-process PyTorch on
-the same global batch (goal: <= 1.2x step time), and peak memory per worker with ZeRO-0 vs ZeRO-2.
+the same global batch (goal: <= 1.2x step time), and peak memory per worker with ZeRO-0 vs ZeRO-2; then the
+same ZeRO-2 step with LoRA adapters (`lora.r` of the job) instead of full fine-tuning.
 
     .venv/bin/python benchmarks/bench_train.py [model=default] [batch=4] [answer_tokens=96] [steps=4] \
-        [bucket_size=50000000]
+        [bucket_size=50000000] [lora_r=16]   (lora_r=0 skips the LoRA run)
 
 Same model, same examples (real AlpacaEval ranked answers when ../shared/data is there, else synthetic),
 same loss (w_ar = w_con = 1), AdamW. Plain: one process, 2 torch threads, the whole batch per step.
@@ -88,10 +89,16 @@ def loop(config: dict) -> None:
     raw = config["raw"]
     per = len(raw) // world
     batch = build_batch(lm.tokenizer, lm.stop_ids[0], pad, raw[rank * per:(rank + 1) * per], config["answer_tokens"])
-    opt = torch.optim.AdamW(lm.model.parameters(), lr=1e-5)
+    model = lm.model
+    if config["lora"]:
+        from jobs.train_aligner import with_lora
+
+        model = with_lora(model, {"r": config["lora"], "alpha": 2.0 * config["lora"], "dropout": 0.0,
+                                  "target_modules": "all-linear"}, gradient_checkpointing=False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     cfg = {"deepspeed": {"zero_stage": config["zero"], "precision": "fp32", "micro_batch": per, "grad_accum": 1,
                          "offload_optimizer": False, "bucket_size": config["bucket_size"]}, "optim": {"grad_clip": 1.0}}
-    engine, *_ = deepspeed.initialize(model=lm.model, optimizer=opt, config=ds_config(cfg))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(cfg))
     times = []
     for _ in range(config["steps"] + 1):
         t0 = time.perf_counter()
@@ -103,7 +110,7 @@ def loop(config: dict) -> None:
     row = {"step_s": statistics.median(times[1:]), "peak_mb": peak_mb, "train_mb": peak_mb - loaded_mb,
            "optim_mb": optimizer_state_mb(engine.optimizer)}
     ray.train.report({**row, "rank": rank})
-    with open(config["out"] + f".{config['zero']}.{rank}", "w") as f:
+    with open(config["out"] + f".{config['run']}.{rank}", "w") as f:
         json.dump(row, f)
 
 
@@ -112,6 +119,7 @@ def main():
     model, bsz = kv.get("model", "default"), int(kv.get("batch", 4))
     answer_tokens, steps = int(kv.get("answer_tokens", 96)), int(kv.get("steps", 4))
     bucket = int(float(kv.get("bucket_size", 5e7)))
+    lora_r = int(kv.get("lora_r", 16))
     raw = examples_raw(bsz)
 
     import tempfile
@@ -151,24 +159,31 @@ def main():
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}})
     tmp = tempfile.mkdtemp()
     res = {}
-    for zero in (2, 0):
+    runs = {"zero2": (2, 0), "zero0": (0, 0), **({"zero2_lora": (2, lora_r)} if lora_r else {})}
+    for run, (zero, r) in runs.items():
         trainer = TorchTrainer(loop, train_loop_config={"model": model, "raw": raw, "answer_tokens": answer_tokens,
-                                                        "steps": steps, "zero": zero, "out": tmp + "/r",
-                                                        "bucket_size": bucket},
+                                                        "steps": steps, "zero": zero, "lora": r, "run": run,
+                                                        "out": tmp + "/r", "bucket_size": bucket},
                                scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                               run_config=ray.train.RunConfig(storage_path=tmp, name=f"z{zero}"),
+                               run_config=ray.train.RunConfig(storage_path=tmp, name=run),
                                torch_config=TorchConfig(backend="gloo"))
         trainer.fit()
-        rows = [json.load(open(f"{tmp}/r.{zero}.{r}")) for r in range(2)]
-        res[zero] = {k: max(r[k] for r in rows) for k in rows[0]}
-        print(f"Ray Train + DeepSpeed ZeRO-{zero}, 2 workers: step {res[zero]['step_s']:.2f}s, "
-              f"peak RSS per worker {res[zero]['peak_mb']:.0f} MB (training adds {res[zero]['train_mb']:.0f} MB; "
-              f"optimizer state {res[zero]['optim_mb']:.0f} MB per rank)", flush=True)
+        rows = [json.load(open(f"{tmp}/r.{run}.{k}")) for k in range(2)]
+        res[run] = x = {k: max(row[k] for row in rows) for k in rows[0]}
+        what = f"ZeRO-{zero}" + (f" + LoRA r={r}" if r else "")
+        print(f"Ray Train + DeepSpeed {what}, 2 workers: step {x['step_s']:.2f}s, peak RSS per worker "
+              f"{x['peak_mb']:.0f} MB (training adds {x['train_mb']:.0f} MB; optimizer state {x['optim_mb']:.1f} MB "
+              f"per rank)", flush=True)
     ray.shutdown()
-    print(f"figure: train_step_zero2_2workers_vs_plain = {res[2]['step_s'] / plain:.2f}")
-    print(f"figure: peak_mem_per_worker_zero2_vs_zero0 = {res[2]['peak_mb'] / res[0]['peak_mb']:.2f}")
-    print(f"figure: training_mem_per_worker_zero2_vs_zero0 = {res[2]['train_mb'] / res[0]['train_mb']:.2f}")
-    print(f"figure: optimizer_state_per_rank_zero2_vs_zero0 = {res[2]['optim_mb'] / res[0]['optim_mb']:.2f}")
+    z2, z0 = res["zero2"], res["zero0"]
+    print(f"figure: train_step_zero2_2workers_vs_plain = {z2['step_s'] / plain:.2f}")
+    print(f"figure: peak_mem_per_worker_zero2_vs_zero0 = {z2['peak_mb'] / z0['peak_mb']:.2f}")
+    print(f"figure: training_mem_per_worker_zero2_vs_zero0 = {z2['train_mb'] / z0['train_mb']:.2f}")
+    print(f"figure: optimizer_state_per_rank_zero2_vs_zero0 = {z2['optim_mb'] / z0['optim_mb']:.2f}")
+    if "zero2_lora" in res:
+        lo = res["zero2_lora"]
+        print(f"figure: train_step_lora_vs_full_zero2 = {lo['step_s'] / z2['step_s']:.2f}")
+        print(f"figure: training_mem_per_worker_lora_vs_full_zero2 = {lo['train_mb'] / z2['train_mb']:.2f}")
 
 
 if __name__ == "__main__":
