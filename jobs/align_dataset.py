@@ -24,7 +24,7 @@ from typing import Optional
 import pandas as pd
 from omegaconf import OmegaConf
 
-from jobs.config import REPO, ConfigError, expand, load_config, run_job, start_data_job
+from jobs.config import REPO, ConfigError, DataRayCfg, DraftCfg, StageCfg, expand, load_config, run_job, start_data_job
 
 DEMO_PROMPTS = REPO / "pipeline" / "data" / "demo_prompts.jsonl"
 READ_HEADROOM_CPUS = 0.5  # left free for Ray Data's read/write tasks; without it the pipeline can hang
@@ -51,30 +51,8 @@ class OutputCfg:
 
 
 @dataclass
-class StageCfg:
-    model: str = "default"
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
-    batch_size: int = 4
-    num_cpus: float = 0.5
-    num_gpus: float = 0.0
-    concurrency: int = 1
-
-
-@dataclass
-class BaseCfg(StageCfg):
-    kind: str = "hf"  # hf: `model` runs in the actors | openai: `model` is the name at an OpenAI-compatible endpoint
-    base_url: Optional[str] = None  # kind=openai: e.g. http://10.0.0.5:8000/v1
-    api_key_env: Optional[str] = None  # kind=openai: environment variable holding the key
-    timeout_s: float = 60.0
-    max_retries: int = 3
-    parallel_requests: int = 8  # kind=openai: concurrent HTTP requests per actor
-    max_new_tokens: int = 128
-    temperature: float = 0.7
-    top_p: float = 0.9
-    do_sample: bool = True
-    seed: int = 0
+class BaseCfg(DraftCfg):
+    seed: int = 0  # sampling seed (with the row id and turn)
 
 
 @dataclass
@@ -97,20 +75,12 @@ class AlignerCfg(StageCfg):
 
 
 @dataclass
-class RayCfg:
-    address: Optional[str] = None
-    num_cpus: Optional[int] = None
-    torch_threads: int = 1
-    progress_bars: bool = True
-
-
-@dataclass
 class AlignDatasetConfig:
     input: InputCfg = field(default_factory=InputCfg)
     output: OutputCfg = field(default_factory=OutputCfg)
     base: BaseCfg = field(default_factory=BaseCfg)
     aligner: AlignerCfg = field(default_factory=AlignerCfg)
-    ray: RayCfg = field(default_factory=RayCfg)
+    ray: DataRayCfg = field(default_factory=DataRayCfg)
     show_samples: int = 3
 
 

@@ -33,7 +33,7 @@ from typing import List, Optional
 import pandas as pd
 from omegaconf import OmegaConf
 
-from jobs.config import REPO, ConfigError, expand, load_config, run_job, start_data_job
+from jobs.config import REPO, ConfigError, DataRayCfg, DraftCfg, StageCfg, expand, load_config, run_job, start_data_job
 
 TASK_HEADROOM_CPUS = 1.0  # kept free for Ray Data's read/map/write tasks (1 CPU each); without it: a silent hang
 ROW_COLUMNS = ["id", "messages", "reference", "answers", "meta", "error", "error_kind"]
@@ -62,42 +62,19 @@ class OutputCfg:
 
 
 @dataclass
-class BaseCfg:
-    """A base model whose answers join each prompt's candidates (one or more per prompt)."""
+class BaseCfg(DraftCfg):
+    """A base model whose answers join each prompt's candidates (one or more per prompt; sampled with the
+    job's seed, the base name and the row id)."""
     name: Optional[str] = None  # generator name in the output; null = the model's name
-    kind: str = "hf"  # hf: runs in the job's actors | openai: an OpenAI-compatible endpoint
-    model: str = "default"
-    base_url: Optional[str] = None
-    api_key_env: Optional[str] = None
-    timeout_s: float = 60.0
-    max_retries: int = 3
-    parallel_requests: int = 8
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
     max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.9
-    do_sample: bool = True
     num_answers: int = 1
-    batch_size: int = 4
-    num_cpus: float = 0.5
-    num_gpus: float = 0.0
-    concurrency: int = 1
 
 
 @dataclass
-class RewardModelCfg:
-    model: Optional[str] = None
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
+class RewardModelCfg(StageCfg):
+    model: Optional[str] = None  # an AutoModelForSequenceClassification (e.g. an ArmoRM-style reward model)
     label_index: int = 0
     max_length: int = 4096
-    batch_size: int = 4
-    num_cpus: float = 0.5
-    num_gpus: float = 0.0
-    concurrency: int = 1
 
 
 @dataclass
@@ -145,33 +122,21 @@ class SplitCfg:
 
 
 @dataclass
-class TrajectoryCfg:
+class TrajectoryCfg(StageCfg):
     """CLLM-style Jacobi trajectories: the current aligner refines worse states (the published loop's states)."""
     enabled: bool = False
     splits: List[str] = field(default_factory=lambda: ["train"])  # rows of these splits get trajectories
     from_states: Optional[int] = None  # worse states per prompt to start from (seeded pick); None = all
-    model: str = "default"
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
     in_context: bool = False
     block_size: int = 32
     max_iter: int = 64
     max_new_tokens: int = 256
     reserve_tokens: int = 0
     max_states: int = 8
-    batch_size: int = 4
-    num_cpus: float = 0.5
-    num_gpus: float = 0.0
-    concurrency: int = 1
 
 
 @dataclass
-class RayCfg:
-    address: Optional[str] = None
-    num_cpus: Optional[int] = None
-    torch_threads: int = 1
-    progress_bars: bool = True
+class RayCfg(DataRayCfg):
     rows_per_block: int = 32
 
 

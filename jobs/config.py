@@ -8,12 +8,56 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- schema pieces shared by the jobs ---------------------------------------------------------------------
+@dataclass
+class RayCfg:
+    address: Optional[str] = None  # null = start a local Ray; "auto" = join the running cluster
+    num_cpus: Optional[int] = None  # local Ray only; null = all
+
+
+@dataclass
+class DataRayCfg(RayCfg):
+    """`ray` section of a Ray Data job (`start_data_job`)."""
+    torch_threads: int = 1  # per actor
+    progress_bars: bool = True
+
+
+@dataclass
+class StageCfg:
+    """A model stage of a Ray Data job: which model, and the actor pool that runs it."""
+    model: str = "default"  # "default" (the embedded SmolLM2-135M-Instruct), an HF folder, a .gguf or a hub id
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    batch_size: int = 4  # rows per actor call
+    num_cpus: float = 0.5  # per actor
+    num_gpus: float = 0.0  # per actor
+    concurrency: int = 1  # actors
+
+
+@dataclass
+class DraftCfg(StageCfg):
+    """A base model that drafts answers (`pipeline.generate.Drafter`): in the job's actors or at an endpoint."""
+    kind: str = "hf"  # hf: `model` runs in the actors | openai: `model` is the name at an OpenAI-compatible endpoint
+    base_url: Optional[str] = None  # kind=openai: e.g. http://10.0.0.5:8000/v1
+    api_key_env: Optional[str] = None  # kind=openai: environment variable holding the key
+    timeout_s: float = 60.0
+    max_retries: int = 3
+    parallel_requests: int = 8  # kind=openai: concurrent HTTP requests per actor
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.9
+    do_sample: bool = True
 
 
 class ConfigError(ValueError):

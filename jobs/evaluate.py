@@ -30,9 +30,9 @@ from typing import Optional
 import pandas as pd
 from omegaconf import OmegaConf
 
-from jobs.align_dataset import (AlignerCfg, BaseCfg, DraftStage, RayCfg, _sort_key, input_files, read_inputs,
+from jobs.align_dataset import (AlignerCfg, BaseCfg, DraftStage, _sort_key, input_files, read_inputs,
                                 refine_settings)
-from jobs.config import REPO, ConfigError, expand, load_config, run_job, start_data_job
+from jobs.config import REPO, ConfigError, DataRayCfg, expand, load_config, run_job, start_data_job
 
 METHODS = ("draft", "refine", "refine_reference", "in_context", "aligner_ar", "best_of_n")
 ALIGNER_METHODS = {"refine": ("fast", False), "refine_reference": ("reference", False),
@@ -130,7 +130,7 @@ class EvaluateConfig:
     best_of_n: BestOfNCfg = field(default_factory=BestOfNCfg)
     judges: JudgesCfg = field(default_factory=JudgesCfg)
     stats: StatsCfg = field(default_factory=StatsCfg)
-    ray: RayCfg = field(default_factory=RayCfg)
+    ray: DataRayCfg = field(default_factory=DataRayCfg)
 
 
 def _path(p: str) -> Path:

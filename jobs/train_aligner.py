@@ -30,7 +30,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-from jobs.config import REPO, ConfigError, expand, init_ray, load_config, run_job, to_yaml
+from jobs.config import REPO, ConfigError, RayCfg, expand, init_ray, load_config, run_job, to_yaml
 
 
 EXAMPLE_KINDS = ("states", "trajectories", "mixed")  # what a row gives per epoch (data.examples)
@@ -116,12 +116,6 @@ class RunCfg:
     name: str = "aligner"
     storage_path: str = "outputs/train"
     export: bool = True  # write the final model to <storage>/<name>/aligner
-
-
-@dataclass
-class RayCfg:
-    address: Optional[str] = None
-    num_cpus: Optional[int] = None
 
 
 @dataclass
