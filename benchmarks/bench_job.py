@@ -38,9 +38,9 @@ def main():
     # plain loop: one process, all cores
     import torch
 
-    from pipeline.jacobi import RefineSettings
+    from pipeline.decoding.jacobi import RefineSettings
     from pipeline.models import load_model
-    from pipeline.refiner import RefineRequest, Refiner
+    from pipeline.decoding.refiner import RefineRequest, Refiner
 
     torch.set_num_threads(2)
     t = time.perf_counter()

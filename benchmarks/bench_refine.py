@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipeline.jacobi import RefineSettings  # noqa: E402
+from pipeline.decoding.jacobi import RefineSettings  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
-from pipeline.refiner import RefineRequest, Refiner  # noqa: E402
+from pipeline.decoding.refiner import RefineRequest, Refiner  # noqa: E402
 
 DRAFTS = Path(__file__).resolve().parents[2] / "shared/data/alpaca_eval/drafts_Meta-Llama-3-8B-Instruct.jsonl"
 

@@ -51,10 +51,10 @@ def main():
     import torch
     from ray import serve
 
-    from pipeline.generate import SamplingParams, generate_answers
-    from pipeline.jacobi import RefineSettings
+    from pipeline.decoding.drafting import SamplingParams, generate_answers
+    from pipeline.decoding.jacobi import RefineSettings
     from pipeline.models import load_model
-    from pipeline.refiner import RefineRequest, Refiner
+    from pipeline.decoding.refiner import RefineRequest, Refiner
     from serve_app.app import build_graph
     from serve_app.config import AppArgs
     from serve_app.protocol import conversation_key

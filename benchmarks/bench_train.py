@@ -50,7 +50,7 @@ def examples_raw(n: int) -> list[tuple[list, str, str]]:
 
 
 def build_batch(tok, stop_id, pad_id, raw, answer_tokens):
-    from pipeline.consistency import collate, make_example
+    from pipeline.training.consistency import collate, make_example
 
     return collate([make_example(tok, m, t, s, stop_id, pad_id, answer_tokens) for m, t, s in raw], pad_id)
 
@@ -75,7 +75,7 @@ def loop(config: dict) -> None:
     import torch
 
     from jobs.train_aligner import ds_config
-    from pipeline.consistency import losses
+    from pipeline.training.consistency import losses
     from pipeline.models import load_model
 
     torch.set_num_threads(1)
@@ -126,7 +126,7 @@ def main():
 
     import torch
 
-    from pipeline.consistency import losses
+    from pipeline.training.consistency import losses
     from pipeline.models import load_model
 
     # ---- plain PyTorch, one process, 2 threads ----------------------------------------------------------

@@ -71,7 +71,7 @@ def synthetic_vectors(out: Path) -> dict[str, Path]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.vectors import checkpoint_dir, extract_vector
+    from pipeline.vectors.extract import checkpoint_dir, extract_vector
 
     base = checkpoint_dir("default")
     paths = {}
@@ -112,7 +112,8 @@ def memory_child(vectors: dict, threads: int) -> dict:
     import torch
 
     from pipeline.models import load_model
-    from pipeline.vectors import KnobbedModel, checkpoint_dir
+    from pipeline.vectors.knobs import KnobbedModel
+    from pipeline.vectors.extract import checkpoint_dir
 
     torch.set_num_threads(threads)
     base_dir = checkpoint_dir("default")
@@ -145,7 +146,8 @@ def main() -> None:
     import torch
 
     from pipeline.models import load_model
-    from pipeline.vectors import KnobbedModel, checkpoint_dir, checkpoint_hash
+    from pipeline.vectors.knobs import KnobbedModel
+    from pipeline.vectors.extract import checkpoint_dir, checkpoint_hash
 
     kv = dict(a.split("=", 1) for a in sys.argv[1:])
     threads = int(kv.get("threads", 2))

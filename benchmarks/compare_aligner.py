@@ -55,11 +55,12 @@ def main():
     import torch
 
     from jobs.train_aligner import as_states, pick_state
-    from pipeline.jacobi import RefineSettings
+    from pipeline.decoding.jacobi import RefineSettings
     from pipeline.models import load_model
-    from pipeline.offline_judge import EmbeddingJudge
-    from pipeline.refiner import RefineRequest, Refiner
-    from pipeline.states import repeated_ngram_fraction, trajectory_settings
+    from pipeline.scoring.embedding import EmbeddingJudge
+    from pipeline.decoding.refiner import RefineRequest, Refiner
+    from pipeline.training.states import repeated_ngram_fraction
+    from pipeline.training.trajectories import trajectory_settings
 
     torch.set_num_threads(2)
     refs = {str(r["id"]): r["reference_output"] for r in map(json.loads, open(EVAL_SET))}

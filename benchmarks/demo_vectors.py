@@ -235,7 +235,7 @@ def main() -> None:
             print(f"[demo] reusing {mdir} (retrain=true to redo)")
 
     # 2. vectors
-    from pipeline.vectors import checkpoint_dir
+    from pipeline.vectors.extract import checkpoint_dir
 
     base_dir = checkpoint_dir("default")
     from transformers import AutoTokenizer
@@ -272,7 +272,7 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     from pipeline.models import load_model
-    from pipeline.vectors import load_knobbed
+    from pipeline.vectors.knobs import load_knobbed
 
     lm = load_model("default")
     km = load_knobbed(lm, {"concise": out / "vectors/concise", "concise_r16": out / "vectors/concise_r16"})

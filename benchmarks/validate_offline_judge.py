@@ -31,8 +31,8 @@ def main():
     n, split = int(kv.get("prompts", 805)), kv.get("split", "heldout")
     import torch
 
-    from pipeline.offline_judge import EmbeddingJudge
-    from pipeline.stats import pairwise_agreement
+    from pipeline.scoring.embedding import EmbeddingJudge
+    from pipeline.evaluation.stats import pairwise_agreement
 
     torch.set_num_threads(2)
     rows = [json.loads(x) for x in gzip.open(RANKED, "rt")]

@@ -88,7 +88,7 @@ def refine_settings(a) -> "RefineSettings":  # noqa: F821
     """The engine settings from the aligner section (a DictConfig or a plain dict)."""
     from dataclasses import fields
 
-    from pipeline.jacobi import RefineSettings
+    from pipeline.decoding.jacobi import RefineSettings
 
     return RefineSettings(**{f.name: a[f.name] for f in fields(RefineSettings)})
 
@@ -107,7 +107,7 @@ def input_files(path: str) -> list[str]:
 def validate(cfg) -> None:
     from pipeline.prompts import check_template
     from pipeline.records import FORMATS
-    from pipeline.refiner import MODES
+    from pipeline.decoding.refiner import MODES
 
     problems = []
     files = input_files(cfg.input.path)
@@ -156,7 +156,7 @@ def validate(cfg) -> None:
     if cfg.base.kind not in ("hf", "openai"):
         problems.append(f"base.kind: {cfg.base.kind!r} is not hf or openai")
     elif cfg.base.kind == "openai":
-        from pipeline.openai_http import EndpointConfig
+        from pipeline.clients import EndpointConfig
 
         ep = EndpointConfig(base_url=cfg.base.base_url or "", model=cfg.base.model, api_key_env=cfg.base.api_key_env,
                             timeout_s=cfg.base.timeout_s, max_retries=cfg.base.max_retries)
@@ -205,7 +205,7 @@ class DraftStage:
     def __init__(self, st: dict, threads: int):
         import torch
 
-        from pipeline.generate import Drafter
+        from pipeline.decoding.drafting import Drafter
 
         torch.set_num_threads(threads)
         self.drafter = Drafter(st, seed=st["seed"])
@@ -288,12 +288,12 @@ class RefineStage:
 
         from pipeline.models import load_model
         from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE
-        from pipeline.refiner import Refiner
+        from pipeline.decoding.refiner import Refiner
 
         torch.set_num_threads(threads)
         lm = load_model(st["model"], **_model_kwargs(st))
         if st.get("knobs"):  # alignment vectors: the aligner's weights become θ + Σ λ·AV, once
-            from pipeline.vectors import load_knobbed
+            from pipeline.vectors.knobs import load_knobbed
 
             load_knobbed(lm, {n: expand(p) for n, p in st["vectors"].items() if n in st["knobs"]},
                          cache_size=0).apply(dict(st["knobs"]))
@@ -304,7 +304,7 @@ class RefineStage:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from pipeline.records import conversation
-        from pipeline.refiner import RefineRequest
+        from pipeline.decoding.refiner import RefineRequest
 
         rows = batch.to_dict("records")
         jobs = []  # (row index, turn, item)

@@ -12,7 +12,7 @@ The driver then splits the parts into the outputs in `output.path`:
   train.parquet, dev.parquet, heldout.parquet   one row per prompt (states worst..best, target last)
   errors.jsonl                                   every row that could not become an example, with the reason
   summary.json, config.yaml
-Every key is documented in conf/build_states.yaml. `pipeline/states.py` holds the logic; this file only
+Every key is documented in conf/build_states.yaml. `pipeline/training/states.py` holds the logic; this file only
 wires it into Ray Data.
 """
 from __future__ import annotations
@@ -172,7 +172,7 @@ def _fast_engine_problem(spec: str, trust_remote_code: bool) -> str | None:
     read here, e.g. a hub id offline: the actor reports that itself)."""
     from transformers import AutoConfig
 
-    from pipeline.engine import unsupported_attention
+    from pipeline.decoding.engine import unsupported_attention
     from pipeline.models import DEFAULT_MODEL, resolve_model_path
 
     if spec in (DEFAULT_MODEL, "", None):  # a Llama with full attention; resolving it here would convert the
@@ -197,8 +197,9 @@ def base_name(b) -> str:
 
 
 def validate(cfg) -> None:
-    from pipeline.openai_http import EndpointConfig
-    from pipeline.states import TARGETS, check_judge_template
+    from pipeline.clients import EndpointConfig
+    from pipeline.training.states import TARGETS
+    from pipeline.scoring.verdicts import check_judge_template
 
     problems = []
     i = cfg.input
@@ -283,7 +284,7 @@ def validate(cfg) -> None:
         problems.append(f"split.dev_fraction: must be in [0, 1), got {s.dev_fraction}")
     t = cfg.trajectory
     if t.enabled:
-        from pipeline.jacobi import RefineSettings
+        from pipeline.decoding.jacobi import RefineSettings
 
         try:
             RefineSettings(block_size=t.block_size, max_iter=t.max_iter, max_new_tokens=t.max_new_tokens,
@@ -348,7 +349,7 @@ def preflight_resources(cfg) -> None:
         raise ConfigError(problems)
 
 
-# ---- reading (thin adapters over pipeline.states) -----------------------------------------------------
+# ---- reading (thin adapters over pipeline.training.states) -----------------------------------------------------
 def _fields(i) -> dict:
     return {"id": i.id_field, "prompt": i.prompt_field, "answers": i.answers_field, "text": i.text_field,
             "score": i.score_field, "generator": i.generator_field, "reference": i.reference_field}
@@ -357,7 +358,7 @@ def _fields(i) -> dict:
 def parse_file(row: dict, fields: dict, layout: str) -> list[dict]:
     """One JSONL / JSON file (gzipped or not) -> normalized rows; a bad line is one error row."""
     from pipeline.records import parse_json_array, parse_lines
-    from pipeline.states import error_row, normalize_record
+    from pipeline.training.states import error_row, normalize_record
 
     path, data = row["path"], row["bytes"]
     src = os.path.basename(path)
@@ -373,7 +374,7 @@ def parse_file(row: dict, fields: dict, layout: str) -> list[dict]:
 
 def parse_parquet_batch(batch: pd.DataFrame, fields: dict, layout: str) -> pd.DataFrame:
     from pipeline.records import plain_value
-    from pipeline.states import error_row, normalize_record
+    from pipeline.training.states import error_row, normalize_record
 
     out = []
     for rec in batch.to_dict("records"):
@@ -389,7 +390,7 @@ def parse_parquet_batch(batch: pd.DataFrame, fields: dict, layout: str) -> pd.Da
 
 
 def merge_group(group: pd.DataFrame) -> pd.DataFrame:
-    from pipeline.states import merge_flat
+    from pipeline.training.states import merge_flat
 
     return pd.DataFrame([merge_flat(group.to_dict("records"))], columns=ROW_COLUMNS)
 
@@ -404,7 +405,7 @@ class DraftStage:
     def __init__(self, st: dict, name: str, seed: int, threads: int):
         import torch
 
-        from pipeline.generate import Drafter
+        from pipeline.decoding.drafting import Drafter
 
         torch.set_num_threads(threads)
         self.st, self.name = st, name
@@ -435,7 +436,7 @@ class DraftStage:
 
 @functools.lru_cache(maxsize=2)
 def _tokenizer(spec: str, trust_remote_code: bool):
-    from pipeline.states import load_tokenizer
+    from pipeline.models import load_tokenizer
 
     return load_tokenizer(spec, trust_remote_code)
 
@@ -444,8 +445,8 @@ def filter_batch(batch: pd.DataFrame, f: dict, column_scores: bool, target: str)
     """Content and length filters for every answer (and the reference when it is the target); reads the
     score column when score.kind=column. Each failing answer gets its reason; nothing is removed here."""
     from pipeline.prompts import chat_prompt_ids
-    from pipeline.states import column_scores as read_scores
-    from pipeline.states import length_problem, text_problem
+    from pipeline.training.states import column_scores as read_scores
+    from pipeline.training.states import length_problem, text_problem
 
     tok = _tokenizer(f["tokenizer"], f["trust_remote_code"]) if f["max_tokens"] else None
     rows = batch.to_dict("records")
@@ -489,7 +490,7 @@ class RewardStage:
     def __init__(self, st: dict, threads: int):
         import torch
 
-        from pipeline.states import RewardModel
+        from pipeline.scoring.reward_model import RewardModel
 
         torch.set_num_threads(threads)
         self.rm = RewardModel(st["model"], device=st["device"], dtype=st["dtype"],
@@ -515,13 +516,13 @@ class RewardStage:
 
 class JudgeStage:
     """Scores every kept answer 1-10 with an OpenAI-compatible judge; an unusable verdict drops the answer
-    with the reason (`pipeline.states.parse_judge_score` never guesses)."""
+    with the reason (`pipeline.scoring.verdicts.parse_judge_score` never guesses)."""
 
     def __init__(self, st: dict):
         from concurrent.futures import ThreadPoolExecutor
 
-        from pipeline.openai_http import ChatEndpoint, EndpointConfig
-        from pipeline.states import DEFAULT_JUDGE_TEMPLATE
+        from pipeline.clients import ChatEndpoint, EndpointConfig
+        from pipeline.scoring.verdicts import DEFAULT_JUDGE_TEMPLATE
 
         self.endpoint = ChatEndpoint(EndpointConfig(base_url=st["base_url"], model=st["model"],
                                                     api_key_env=st["api_key_env"], timeout_s=st["timeout_s"],
@@ -530,7 +531,7 @@ class JudgeStage:
         self.pool = ThreadPoolExecutor(st["parallel_requests"])
 
     def _one(self, msgs, a) -> None:
-        from pipeline.states import judge_answer
+        from pipeline.scoring.verdicts import judge_answer
 
         try:
             a["score"] = judge_answer(self.endpoint, msgs, a["text"], self.template, self.max_tokens)
@@ -554,7 +555,7 @@ OUT_COLUMNS = ["id", "prompt", "messages", "states", "scores", "generators", "ta
 
 def rank_batch(batch: pd.DataFrame, target: str, min_states: int, seed: int, split: dict) -> pd.DataFrame:
     """Rows -> output rows: states worst..best (lists as JSON until the driver writes typed Parquet)."""
-    from pipeline.states import RowError, rank_states, split_of
+    from pipeline.training.states import RowError, rank_states, split_of
 
     out = []
     for r in batch.to_dict("records"):
@@ -582,7 +583,7 @@ def rank_batch(batch: pd.DataFrame, target: str, min_states: int, seed: int, spl
 class TrajectoryStage:
     """CLLM-style Jacobi trajectories: the current aligner runs the Jacobi loop from worse states of the
     row; each gives {"from": state index, "states", "state_ids", "fixed_point", "fixed_point_ids", "stop",
-    "passes", "converged"} (see `pipeline.states.jacobi_trajectories`). The whole batch runs in the fast
+    "passes", "converged"} (see `pipeline.training.trajectories.jacobi_trajectories`). The whole batch runs in the fast
     engine with settings that reproduce the published loop's states. Greedy and seeded (which states,
     reserved tokens), so reruns give the same trajectories."""
 
@@ -590,8 +591,8 @@ class TrajectoryStage:
         import torch
 
         from pipeline.models import load_model
-        from pipeline.refiner import Refiner
-        from pipeline.states import trajectory_settings
+        from pipeline.decoding.refiner import Refiner
+        from pipeline.training.trajectories import trajectory_settings
 
         torch.set_num_threads(threads)
         lm = load_model(st["model"], dtype=st["dtype"], device=st["device"], trust_remote_code=st["trust_remote_code"])
@@ -606,8 +607,8 @@ class TrajectoryStage:
         return sorted(random.Random(f"{self.seed}:{row_id}:trajectory").sample(range(n_worse), k))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from pipeline.refiner import RefineRequest
-        from pipeline.states import jacobi_trajectories
+        from pipeline.decoding.refiner import RefineRequest
+        from pipeline.training.trajectories import jacobi_trajectories
 
         rows = batch.to_dict("records")
         reqs, owner = [], []
@@ -654,7 +655,7 @@ def finalize(cfg, out: Path, parts: Path, rows_in: int, started: float) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.states import DROP_REASONS
+    from pipeline.training.states import DROP_REASONS
 
     files = sorted(parts.glob("*.parquet"))
     df = (pa.concat_tables([pq.read_table(f) for f in files]).to_pandas() if files

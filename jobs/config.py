@@ -47,7 +47,7 @@ class StageCfg:
 
 @dataclass
 class DraftCfg(StageCfg):
-    """A base model that drafts answers (`pipeline.generate.Drafter`): in the job's actors or at an endpoint."""
+    """A base model that drafts answers (`pipeline.decoding.drafting.Drafter`): in the job's actors or at an endpoint."""
     kind: str = "hf"  # hf: `model` runs in the actors | openai: `model` is the name at an OpenAI-compatible endpoint
     base_url: Optional[str] = None  # kind=openai: e.g. http://10.0.0.5:8000/v1
     api_key_env: Optional[str] = None  # kind=openai: environment variable holding the key

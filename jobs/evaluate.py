@@ -175,7 +175,7 @@ def validate(cfg) -> None:
     if not (j.offline.enabled or j.llm.enabled or j.reward.enabled):
         problems.append("judges: enable at least one of judges.offline / judges.llm / judges.reward")
     if j.llm.enabled:
-        from pipeline.openai_http import EndpointConfig
+        from pipeline.clients import EndpointConfig
 
         ep = EndpointConfig(base_url=j.llm.base_url or "", model=j.llm.model, api_key_env=j.llm.api_key_env,
                             timeout_s=j.llm.timeout_s, max_retries=j.llm.max_retries)
@@ -264,7 +264,7 @@ class BestOfNStage:
     def __init__(self, base: dict, bon: dict, judges: dict, threads: int):
         import torch
 
-        from pipeline.generate import SamplingParams
+        from pipeline.decoding.drafting import SamplingParams
         from pipeline.models import load_model
 
         torch.set_num_threads(threads)
@@ -286,7 +286,7 @@ class BestOfNStage:
         return max(range(len(cands)), key=lambda i: vals[i])
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        from pipeline.generate import generate_answers
+        from pipeline.decoding.drafting import generate_answers
         from pipeline.records import conversation
 
         out = []
@@ -316,7 +316,7 @@ class MethodStage:
 
         from pipeline.models import load_model
         from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE
-        from pipeline.refiner import Refiner
+        from pipeline.decoding.refiner import Refiner
 
         torch.set_num_threads(threads)
         self.methods, self.benchmark = methods, benchmark
@@ -324,7 +324,7 @@ class MethodStage:
         lm = load_model(st["model"], dtype=st["dtype"], device=st["device"],
                         trust_remote_code=st["trust_remote_code"]) if need else None
         if need and st.get("knobs"):  # alignment-vector knob settings: the aligner becomes θ + Σ λ·AV
-            from pipeline.vectors import load_knobbed
+            from pipeline.vectors.knobs import load_knobbed
 
             load_knobbed(lm, {n: expand(p) for n, p in st["vectors"].items() if n in st["knobs"]},
                          cache_size=0).apply(dict(st["knobs"]))
@@ -349,7 +349,7 @@ class MethodStage:
     def _refine(self, m: str, rows: list[dict]) -> dict[int, list]:
         """Refine every turn of every row with method m; row index -> results (or an error string)."""
         from pipeline.records import conversation
-        from pipeline.refiner import RefineRequest
+        from pipeline.decoding.refiner import RefineRequest
 
         ref = self.refiners[m]
         jobs, out = [], {}
@@ -407,19 +407,19 @@ def make_judges(j: dict, only: str | None = None) -> dict:
     """The enabled judges, by name (offline, llm, reward)."""
     judges = {}
     if j["offline"]["enabled"] and only in (None, "offline"):
-        from pipeline.judges import OfflineJudge
+        from pipeline.evaluation.judges import OfflineJudge
 
         judges["offline"] = OfflineJudge(max_tokens=j["offline"]["max_tokens"])
     if j["llm"]["enabled"] and only in (None, "llm"):
-        from pipeline.judges import LLMJudge, load_fastchat_prompts
-        from pipeline.openai_http import ChatEndpoint, EndpointConfig
+        from pipeline.evaluation.judges import LLMJudge, load_fastchat_prompts
+        from pipeline.clients import ChatEndpoint, EndpointConfig
 
         c = j["llm"]
         ep = ChatEndpoint(EndpointConfig(base_url=c["base_url"], model=c["model"], api_key_env=c["api_key_env"],
                                          timeout_s=c["timeout_s"], max_retries=c["max_retries"]))
         judges["llm"] = LLMJudge(ep, load_fastchat_prompts(_path(c["prompts"])), c["max_tokens"], c["swap"])
     if j["reward"]["enabled"] and only in (None, "reward"):
-        from pipeline.judges import RewardJudge
+        from pipeline.evaluation.judges import RewardJudge
 
         c = j["reward"]
         judges["reward"] = RewardJudge(c["model"], device=c["device"], dtype=c["dtype"], label_index=c["label_index"],
@@ -517,7 +517,7 @@ NOTES = {
 def finalize(cfg, out: Path, parts: Path, rows_in: int, started: float, drafted: bool) -> tuple[dict, pd.DataFrame]:
     import pyarrow.parquet as pq
 
-    from pipeline.eval_summary import summarize
+    from pipeline.evaluation.summary import summarize
 
     files = sorted(parts.glob("*.parquet"))
     df = pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True) if files else \
@@ -547,7 +547,7 @@ def finalize(cfg, out: Path, parts: Path, rows_in: int, started: float, drafted:
     if cfg.output.exports:
         write_exports(ok, out, cfg.output.model_id)
     if cfg.output.report:
-        from pipeline.report import write_report
+        from pipeline.evaluation.report import write_report
 
         write_report(ok, summary, out)
     return summary, ok

@@ -40,7 +40,7 @@ class ExtractVectorConfig:
 def validate(cfg) -> None:
     import re
 
-    from pipeline.vectors import Compression
+    from pipeline.vectors.extract import Compression
 
     problems = []
     if not cfg.aligned:
@@ -65,7 +65,7 @@ def validate(cfg) -> None:
 def main(argv: list[str] | None = None) -> dict:
     from omegaconf import OmegaConf
 
-    from pipeline.vectors import Compression, extract_vector
+    from pipeline.vectors.extract import Compression, extract_vector
 
     cfg = load_config(ExtractVectorConfig, "conf/extract_vector.yaml", argv)
     validate(cfg)
@@ -84,6 +84,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from pipeline.vectors import VectorError
+    from pipeline.vectors.extract import VectorError
 
     run_job("extract_vector", errors=(VectorError, FileNotFoundError))

@@ -4,11 +4,11 @@
         'domains.concise.grid=[0,0.5,1,1.5]' domains.concise.score=length_words domains.concise.target=20
     python -m jobs.search_knobs config=my_search.yaml
 
-The base model is loaded once; every grid point is a knob switch on it (pipeline/vectors.py), never a reload.
+The base model is loaded once; every grid point is a knob switch on it (pipeline/vectors/), never a reload.
 For each point the knobbed model answers the prompts (greedy `generate`, or refines the rows' drafts with the
 fast Jacobi engine: `generation.mode=refine`), and each domain's score is computed on its prompt set:
 `length_words` / `length_tokens` (mean answer length) or `judge` (offline embedding similarity to the row's
-reference answer, pipeline/offline_judge.py). A domain's loss is |score - target| when it has a target, else
+reference answer, pipeline/scoring/embedding.py). A domain's loss is |score - target| when it has a target, else
 -score (`direction: max`) or score (`direction: min`); the objective is the weighted sum of the losses.
 
 Outputs in `out`: table.csv (one row per grid point: λ per domain, score per domain, objective, seconds),
@@ -127,15 +127,15 @@ class Scorer:
         if any(not isinstance(x, str) or not x for x in refs):
             raise ConfigError(["score=judge needs a reference (reference / reference_output) on every prompt row"])
         if self._judge is None:
-            from pipeline.offline_judge import EmbeddingJudge
+            from pipeline.scoring.embedding import EmbeddingJudge
 
             self._judge = EmbeddingJudge()
         return self._judge.similarity(answers, refs)
 
 
 def answer_all(lm, rows: list[dict], gen, refiner=None) -> list[str]:
-    from pipeline.generate import SamplingParams, generate_answers
-    from pipeline.refiner import RefineRequest
+    from pipeline.decoding.drafting import SamplingParams, generate_answers
+    from pipeline.decoding.refiner import RefineRequest
 
     out = []
     for i in range(0, len(rows), gen.batch_size):
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from pipeline.models import load_model
-    from pipeline.vectors import load_knobbed
+    from pipeline.vectors.knobs import load_knobbed
 
     started = time.perf_counter()
     cfg = load_config(SearchKnobsConfig, "conf/search_knobs.yaml", argv)
@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
                            check_base=cfg.check_base)
     refiner = None
     if cfg.generation.mode == "refine":
-        from pipeline.jacobi import RefineSettings
-        from pipeline.refiner import Refiner
+        from pipeline.decoding.jacobi import RefineSettings
+        from pipeline.decoding.refiner import Refiner
 
         refiner = Refiner(lm, RefineSettings(max_new_tokens=cfg.generation.max_new_tokens), mode="fast")
     scorer = Scorer(lm.tokenizer)

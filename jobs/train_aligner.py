@@ -6,7 +6,7 @@
 
 Input: the Parquet written by `jobs.build_states` (`messages`, `states` worst -> best with the target last).
 Each optimizer step draws, per prompt, one worse state y(t) (seeded by the row id and the epoch) and trains
-the model to map it to the target in one pass (`pipeline/consistency.py`). Ray Data shards the rows to the
+the model to map it to the target in one pass (`pipeline/training/consistency.py`). Ray Data shards the rows to the
 workers; DeepSpeed runs inside `train_loop_per_worker` (gloo and ZeRO 0-2 on CPU, any stage on GPU).
 
 Outputs under `run.storage_path/run.name/`: Ray Train checkpoints (DeepSpeed state: model, optimizer,
@@ -242,7 +242,7 @@ def good_trajectories(x) -> list[dict]:
 def row_example(r: dict, epoch: int, config: dict, tok, stop_id: int, pad_id: int, template: str):
     """The example one row gives in one epoch: a ranked worse answer -> the target (DiffPO), or an
     intermediate Jacobi state -> the aligner's fixed point (CLLM); `data.examples` picks, seeded."""
-    from pipeline.consistency import make_example, make_trajectory_example
+    from pipeline.training.consistency import make_example, make_trajectory_example
 
     d, m, seed = config["data"], config["model"], config["train"]["seed"]
     states, msgs = as_states(r["states"]), json.loads(r["messages"])
@@ -267,7 +267,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
 
-    from pipeline.consistency import collate, losses, make_example
+    from pipeline.training.consistency import collate, losses, make_example
     from pipeline.models import load_model
     from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE
 

@@ -186,3 +186,13 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = 
         tok.pad_token = tok.eos_token
     return LoadedModel(model=model, tokenizer=tok, source=path if not gguf else os.path.join(path, gguf),
                        stop_ids=stop_token_ids(tok, getattr(model, "generation_config", None)))
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    """Only the tokenizer of a model spec (``default``, a HF folder, a .gguf file or a hub id): no weights.
+    ``default`` converts the embedded GGUF once (as `models.load_model` does) and reads the tokenizer there."""
+    from transformers import AutoTokenizer
+
+    path, gguf = resolve_model_path(spec)
+    kw = {"gguf_file": gguf} if gguf else {}
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)

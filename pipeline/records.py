@@ -93,7 +93,7 @@ def _parse(rec: dict, fmt: str):
         msgs = rec.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise ValueError("missing or empty 'messages'")
-        from .prompts import check_messages
+        from pipeline.prompts import check_messages
 
         check_messages(msgs)
         msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Optional: render an evaluation report (pipeline/report.py) to a PNG screenshot for a quick look.
+# Optional: render an evaluation report (pipeline/evaluation/report.py) to a PNG screenshot for a quick look.
 # Needs a local chromium (Debian: apt-get install -y chromium); not used by CI or the setup scripts.
 #   bash scripts/screenshot_report.sh outputs/evaluate/report.html /tmp/report.png [width] [height]
 set -euo pipefail

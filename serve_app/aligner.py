@@ -3,7 +3,7 @@
 ``refine(req) -> dict`` with ``req = {messages, draft, max_tokens, key, alignment?}``. Encoding (and the
 context-window check, and the knob check) happens per request, before batching, so one bad request fails alone
 with `BadRequest`. With alignment vectors configured, a batch is split by knob setting and each group runs on
-its merged variant (pipeline/vectors.py: LRU-cached, switched by pointer swap); the result says whether the
+its merged variant (pipeline/vectors/: LRU-cached, switched by pointer swap); the result says whether the
 variant came from the cache.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ray import serve
 
 from pipeline.models import load_model
 from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE
-from pipeline.refiner import Refiner, RefineRequest
+from pipeline.decoding.refiner import Refiner, RefineRequest
 
 from .config import AlignerArgs
 from .metrics import RefineMetrics, VariantMetrics

@@ -13,9 +13,9 @@ from collections import defaultdict
 import httpx
 from ray import serve
 
-from pipeline.generate import SamplingParams, generate_answers
+from pipeline.decoding.drafting import SamplingParams, generate_answers
 from pipeline.models import load_model
-from pipeline.openai_http import ChatEndpoint, EndpointConfig, EndpointError, EndpointRejected
+from pipeline.clients import ChatEndpoint, EndpointConfig, EndpointError, EndpointRejected
 from pipeline.prompts import chat_prompt_ids
 
 from .config import HFBaseArgs, OpenAIBaseArgs

@@ -12,8 +12,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.jacobi import RefineSettings
-from pipeline.refiner import MODES
+from pipeline.decoding.jacobi import RefineSettings
+from pipeline.decoding.refiner import MODES
 
 
 class _Strict(BaseModel):
@@ -34,7 +34,7 @@ class KnobBounds(_Strict):
 
 class VectorArgs(_Strict):
     """Alignment vectors of an in-process model: requests set `alignment: {name: λ}` and are served by
-    θ + Σ λ·AV (pipeline/vectors.py); merged variants stay in an LRU of `variant_cache_size` entries."""
+    θ + Σ λ·AV (pipeline/vectors/); merged variants stay in an LRU of `variant_cache_size` entries."""
     vectors: dict[str, str] = Field(default_factory=dict)  # name -> folder written by jobs.extract_vector
     knob_bounds: KnobBounds = Field(default_factory=KnobBounds)
     variant_cache_size: int = Field(2, ge=0)  # merged variants kept (each one model's worth of the touched weights)
@@ -44,7 +44,7 @@ class VectorArgs(_Strict):
         """The KnobbedModel over a loaded model, or None without vectors."""
         if not self.vectors:
             return None
-        from pipeline.vectors import load_knobbed
+        from pipeline.vectors.knobs import load_knobbed
 
         return load_knobbed(lm, self.vectors, cache_size=self.variant_cache_size,
                             bounds=(self.knob_bounds.min, self.knob_bounds.max), check_base=self.check_vector_base)

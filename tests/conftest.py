@@ -54,7 +54,7 @@ def run_serve_app(app, name: str, port: int, timeout_s: float = 120) -> str:
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """Tiny random Llama / Qwen2 / GPT-2 folders, each with the byte-level tokenizer and a chat template."""
-    from pipeline.tiny import ARCHS, save_tiny
+    from tests.tiny import ARCHS, save_tiny
 
     root = tmp_path_factory.mktemp("tiny")
     return {arch: save_tiny(arch, root / arch) for arch in ARCHS}
@@ -89,7 +89,7 @@ def tiny_rm(tmp_path_factory):
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from pipeline.tiny import tiny_tokenizer
+    from tests.tiny import tiny_tokenizer
 
     d = tmp_path_factory.mktemp("tiny_rm")
     tok = tiny_tokenizer()

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from jobs.config import REPO, ConfigError, load_config
-from pipeline.states import (RowError, length_problem, parse_judge_score, parse_score, rank_states,
-                             repeated_ngram_fraction, split_of, text_problem)
+from pipeline.training.states import RowError, length_problem, parse_score, rank_states, repeated_ngram_fraction, split_of, text_problem
+from pipeline.scoring.verdicts import parse_judge_score
 from tests.conftest import shared_file
 
 FAST = ["ray.progress_bars=false", "show_samples=0"]
@@ -102,7 +102,7 @@ def test_judge_verdicts_that_are_errors_never_guesses(verdict, why):
 
 
 def test_judge_answer_asks_the_endpoint_and_parses():
-    from pipeline.states import judge_answer
+    from pipeline.scoring.verdicts import judge_answer
 
     class FakeEndpoint:  # the one method of openai_http.ChatEndpoint the judge uses
         def __init__(self, reply):
@@ -121,7 +121,7 @@ def test_judge_answer_asks_the_endpoint_and_parses():
 
 
 def test_reward_model_scores_each_answer_independently_of_the_batch(tiny_rm):
-    from pipeline.states import RewardModel
+    from pipeline.scoring.reward_model import RewardModel
 
     rm = RewardModel(str(tiny_rm))
     msgs = [{"role": "user", "content": "Name a color."}]
@@ -140,7 +140,7 @@ def test_draft_stage_adds_seeded_answers(tiny_dirs):
     from omegaconf import OmegaConf
 
     from jobs.build_states import ROW_COLUMNS, BaseCfg, DraftStage
-    from pipeline.states import error_row
+    from pipeline.training.states import error_row
 
     st = OmegaConf.to_container(OmegaConf.structured(BaseCfg(model=str(tiny_dirs["llama"]), max_new_tokens=8,
                                                              num_answers=2)))
@@ -254,7 +254,7 @@ def test_job_adds_trajectories_to_train_rows_only(tmp_path, tiny_dirs, ray_local
 def test_parquet_rows_are_normalized_like_json_rows(tmp_path):
     """What Ray's read_parquet hands the parser: pandas batches with numpy arrays for lists and NaN for gaps."""
     from jobs.build_states import BuildStatesConfig, _fields, parse_parquet_batch
-    from pipeline.states import normalize_record
+    from pipeline.training.states import normalize_record
 
     recs = _records()[:2] + [{"id": 30, "instruction": "Q30", "reference_output": None, "responses": []}]
     pd.DataFrame(recs).to_parquet(tmp_path / "x.parquet")
@@ -269,7 +269,7 @@ def test_parquet_rows_are_normalized_like_json_rows(tmp_path):
 
 @pytest.mark.timeout(240)
 def test_job_reward_model_flat_layout_reference_target(tmp_path, tiny_rm, ray_local):
-    from pipeline.states import RewardModel
+    from pipeline.scoring.reward_model import RewardModel
 
     flat = [{"qid": f"q{i}", "question": f"Question {i}?", "answer": f"Answer {k} to {i}.", "model": f"m{k}",
              "ref": f"Reference {i}."} for i in range(5) for k in range(3)]
@@ -346,11 +346,11 @@ def test_conf_file_loads_and_validates(tmp_path):
 
 
 def test_jacobi_trajectories_run_from_the_answer_to_the_aligner_fixed_point(tiny_dirs):
-    from pipeline.jacobi import reference_refine
+    from pipeline.decoding.jacobi import reference_refine
     from pipeline.models import load_model
-    from pipeline.refiner import Refiner, RefineRequest
-    from pipeline.states import jacobi_trajectories, trajectory_settings
-    from pipeline.jacobi import RefineSettings
+    from pipeline.decoding.refiner import Refiner, RefineRequest
+    from pipeline.training.trajectories import jacobi_trajectories, trajectory_settings
+    from pipeline.decoding.jacobi import RefineSettings
 
     lm = load_model(str(tiny_dirs["llama"]))
     msgs = [{"role": "user", "content": "Say something."}]
@@ -398,8 +398,8 @@ def test_jacobi_trajectories_run_from_the_answer_to_the_aligner_fixed_point(tiny
 def test_trajectory_stage_refuses_a_sliding_window_aligner_before_starting(tmp_path, tiny_dirs):
     from jobs.build_states import BuildStatesConfig, validate
     from pipeline.models import load_model
-    from pipeline.refiner import Refiner, RefineRequest
-    from pipeline.tiny import save_tiny
+    from pipeline.decoding.refiner import Refiner, RefineRequest
+    from tests.tiny import save_tiny
 
     gemma = save_tiny("gemma2", tmp_path / "gemma2")
     src = _write_gz(tmp_path / "x.jsonl.gz", _records()[:1], bad_line=False)

@@ -3,8 +3,8 @@ import copy
 
 import torch
 
-from pipeline.consistency import Example, collate, common_prefix, losses, make_example, soft_cross_entropy
-from pipeline.tiny import tiny_model, tiny_tokenizer
+from pipeline.training.consistency import Example, collate, common_prefix, losses, make_example, soft_cross_entropy
+from tests.tiny import tiny_model, tiny_tokenizer
 
 PAD = 0
 
@@ -89,7 +89,7 @@ def test_gradient_flows_only_through_the_student_branch():
 
 
 def test_trajectory_example_trains_only_from_real_state_tokens():
-    from pipeline.consistency import make_trajectory_example
+    from pipeline.training.consistency import make_trajectory_example
 
     _, tok = _model()
     stop = tok.eos_token_id

@@ -11,9 +11,9 @@ import random
 import pytest
 import torch
 
-from pipeline.engine import FastEngine
-from pipeline.jacobi import RefineItem, RefineSettings, reference_refine
-from pipeline.tiny import ARCHS, tiny_model
+from pipeline.decoding.engine import FastEngine
+from pipeline.decoding.jacobi import RefineItem, RefineSettings, reference_refine
+from tests.tiny import ARCHS, tiny_model
 
 V = 262  # the tiny tokenizer's size
 STOP, PAD = [1], 0
@@ -129,7 +129,7 @@ def test_max_iter_stops_early_and_says_so(model):
 
 
 def test_reserved_tokens_are_kept_and_seeded():
-    from pipeline.jacobi import reserve_count
+    from pipeline.decoding.jacobi import reserve_count
 
     rs = [reserve_count(str(i), 0, 12, 100) for i in range(300)]
     assert min(rs) == 0 and max(rs) == 12, "r ~ U{0..12} covers both ends"

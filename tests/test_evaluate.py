@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from jobs.config import ConfigError
-from pipeline.judges import LLMJudge, Verdict, load_fastchat_prompts, parse_pairwise
+from pipeline.evaluation.judges import LLMJudge, Verdict, load_fastchat_prompts, parse_pairwise
 from tests.conftest import shared_file
 
 PROMPT_NAMES = ("single-v1", "single-math-v1", "single-v1-multi-turn", "single-math-v1-multi-turn", "pair-v2")
@@ -109,7 +109,7 @@ def test_fastchat_prompt_file_loads_and_incomplete_files_are_refused(tmp_path):
 
 
 def test_reward_judge_preference_is_bradley_terry(tiny_rm):
-    from pipeline.judges import RewardJudge
+    from pipeline.evaluation.judges import RewardJudge
 
     j = RewardJudge(str(tiny_rm))
     msgs = [{"role": "user", "content": "Say something nice."}]
@@ -122,7 +122,7 @@ def test_reward_judge_preference_is_bradley_terry(tiny_rm):
 
 
 def test_offline_judge_scores_against_the_reference():
-    from pipeline.judges import OfflineJudge
+    from pipeline.evaluation.judges import OfflineJudge
 
     j = OfflineJudge()
     vs = j.score(["The cat sat on the mat.", "Stock prices fell sharply today.", "anything"],
@@ -148,7 +148,7 @@ def _frame(n=60, seed=0):
 
 
 def test_summary_separates_closeness_from_length():
-    from pipeline.eval_summary import summarize
+    from pipeline.evaluation.summary import summarize
 
     s = summarize(_frame(), baseline="draft", n_boot=300)
     closer, longer = s["methods"]["closer"]["metrics"], s["methods"]["longer"]["metrics"]

@@ -1,8 +1,8 @@
 """The real embedded default (SmolLM2-135M-Instruct from its GGUF package): loading and exactness."""
 import pytest
 
-from pipeline.jacobi import RefineSettings
-from pipeline.refiner import RefineRequest, Refiner
+from pipeline.decoding.jacobi import RefineSettings
+from pipeline.decoding.refiner import RefineRequest, Refiner
 
 pytestmark = pytest.mark.slow
 

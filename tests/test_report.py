@@ -1,4 +1,4 @@
-"""The evaluation report (pipeline/report.py) on synthetic results: no models, a few seconds."""
+"""The evaluation report (pipeline/evaluation/report.py) on synthetic results: no models, a few seconds."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.report import method_colors, write_report
+from pipeline.evaluation.report import method_colors, write_report
 
 METHODS = ["draft", "refine", "refine_reference", "in_context", "aligner_ar", "best_of_n"]
 METRICS = {
@@ -207,5 +207,5 @@ def test_rerun_removes_stale_figures(tmp_path):
 @pytest.mark.parametrize("v,kind,out", [(0.5432, "win_rate", "54.3%"), (0.713, "score", "0.713"),
                                         (7.25, "score", "7.25"), (math.nan, "score", "–")])
 def test_format(v, kind, out):
-    from pipeline.report import _fmt
+    from pipeline.evaluation.report import _fmt
     assert _fmt(v, kind) == out

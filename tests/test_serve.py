@@ -63,9 +63,9 @@ def server(ray_local, tiny_dirs):
 @pytest.fixture(scope="module")
 def expected(server):
     """The aligner's answer computed in-process with the same engine and settings as the deployment."""
-    from pipeline.jacobi import RefineSettings
+    from pipeline.decoding.jacobi import RefineSettings
     from pipeline.models import load_model
-    from pipeline.refiner import Refiner, RefineRequest
+    from pipeline.decoding.refiner import Refiner, RefineRequest
     from serve_app.protocol import conversation_key
 
     refiner = Refiner(load_model(server["tiny"]), RefineSettings(max_new_tokens=MAX_NEW, window=8), mode="fast")
@@ -198,8 +198,8 @@ def test_llm_judge_over_http_records_what_it_cannot_parse(server, monkeypatch, t
     answers gibberish, which must be recorded as unparsed with its raw text, never turned into a number."""
     import math
 
-    from pipeline.judges import LLMJudge, load_fastchat_prompts
-    from pipeline.openai_http import ChatEndpoint, EndpointConfig
+    from pipeline.evaluation.judges import LLMJudge, load_fastchat_prompts
+    from pipeline.clients import ChatEndpoint, EndpointConfig
     from tests.test_evaluate import write_prompts
 
     monkeypatch.setenv(TEST_API_KEY_ENV, TEST_API_KEY)

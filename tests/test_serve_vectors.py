@@ -21,7 +21,7 @@ MSGS = [{"role": "user", "content": "Name a color."}]
 def vec_server(ray_local, tiny_dirs, tmp_path_factory):
     from ray import serve
 
-    from pipeline.vectors import extract_vector
+    from pipeline.vectors.extract import extract_vector
     from serve_app.app import build_graph
     from serve_app.config import AppArgs
 
@@ -59,11 +59,11 @@ def vec_server(ray_local, tiny_dirs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected(vec_server):
     """In-process answers of the same engine on the same base with the same knobs."""
-    from pipeline.generate import SamplingParams, generate_answers
-    from pipeline.jacobi import RefineSettings
+    from pipeline.decoding.drafting import SamplingParams, generate_answers
+    from pipeline.decoding.jacobi import RefineSettings
     from pipeline.models import load_model
-    from pipeline.refiner import Refiner, RefineRequest
-    from pipeline.vectors import load_knobbed
+    from pipeline.decoding.refiner import Refiner, RefineRequest
+    from pipeline.vectors.knobs import load_knobbed
     from serve_app.protocol import conversation_key
 
     p = vec_server["paths"]
@@ -100,7 +100,7 @@ def chat(server, model="diffpo-knob", alignment=None, messages=MSGS, max_tokens=
 
 
 def test_knobs_change_the_answer_and_repeats_hit_the_cache(vec_server, expected):
-    from pipeline.refiner import RefineRequest
+    from pipeline.decoding.refiner import RefineRequest
     from serve_app.protocol import conversation_key
 
     plain = chat(vec_server)

@@ -2,7 +2,7 @@
 import math
 import random
 
-from pipeline.stats import bootstrap_ci, length_controlled_win_rate, paired_test
+from pipeline.evaluation.stats import bootstrap_ci, length_controlled_win_rate, paired_test
 
 
 def test_bootstrap_interval_covers_the_true_mean_about_95_percent():
@@ -46,7 +46,7 @@ def test_length_control_keeps_a_real_quality_edge():
 
 
 def test_pairwise_agreement_counts_pairs_and_ties():
-    from pipeline.stats import pairwise_agreement
+    from pipeline.evaluation.stats import pairwise_agreement
 
     perfect = [[(0.1, 1.0), (0.5, 2.0), (0.9, 3.0)]] * 5
     assert pairwise_agreement(perfect)["agreement"] == 1.0

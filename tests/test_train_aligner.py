@@ -53,7 +53,7 @@ def test_train_checkpoint_resume_and_export(tmp_path, tiny_dirs, ray_local):
 
     # the exported aligner loads by path and refines
     from pipeline.models import load_model
-    from pipeline.refiner import Refiner, RefineRequest
+    from pipeline.decoding.refiner import Refiner, RefineRequest
 
     lm = load_model(str(run / "aligner"))
     out = Refiner(lm).refine([RefineRequest([{"role": "user", "content": "hi"}], "draft", "k", 8)])
@@ -80,7 +80,7 @@ def test_lora_trains_only_adapters_and_exports_a_merged_model(tmp_path, tiny_dir
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all(k.endswith("proj.weight") for k in moved), sorted(moved)
     assert not any("embed" in k or "norm" in k for k in moved)
-    from pipeline.refiner import Refiner, RefineRequest
+    from pipeline.decoding.refiner import Refiner, RefineRequest
 
     out = Refiner(after_lm).refine([RefineRequest([{"role": "user", "content": "hi"}], "draft", "k", 8)])
     assert out[0].passes >= 1

@@ -12,9 +12,9 @@ import torch
 
 from jobs.config import REPO
 from pipeline.models import load_model
-from pipeline.tiny import save_tiny, tiny_model, tiny_tokenizer
-from pipeline.vectors import (META_FILE, VECTOR_FILE, AlignmentVector, Compression, KnobbedModel, KnobError,
-                              VectorError, checkpoint_hash, extract_vector, load_knobbed)
+from tests.tiny import save_tiny, tiny_model, tiny_tokenizer
+from pipeline.vectors.extract import META_FILE, VECTOR_FILE, Compression, KnobError, VectorError, checkpoint_hash, extract_vector
+from pipeline.vectors.knobs import AlignmentVector, KnobbedModel, load_knobbed
 
 PROMPTS = [[{"role": "user", "content": "Say something about rivers."}],
            [{"role": "user", "content": "List two colors."}],
@@ -249,7 +249,7 @@ def test_search_knobs_on_tiny_models(ckpts, tmp_path):
     import pandas as pd
 
     from jobs.search_knobs import main
-    from pipeline.generate import SamplingParams, generate_answers
+    from pipeline.decoding.drafting import SamplingParams, generate_answers
 
     c = ckpts["llama"]
     prompts = tmp_path / "p.jsonl"
@@ -286,8 +286,8 @@ def test_batch_job_applies_knobs_from_config(ckpts, tmp_path, ray_local):
     import pandas as pd
 
     from jobs.align_dataset import main
-    from pipeline.jacobi import RefineSettings
-    from pipeline.refiner import Refiner, RefineRequest
+    from pipeline.decoding.jacobi import RefineSettings
+    from pipeline.decoding.refiner import Refiner, RefineRequest
 
     c = ckpts["llama"]
     src = tmp_path / "in.jsonl"

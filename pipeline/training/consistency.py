@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .prompts import DEFAULT_CORRECTION_TEMPLATE, answer_ids, chat_prompt_ids, in_context_messages
+from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE, answer_ids, chat_prompt_ids, in_context_messages
 
 
 @dataclass

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import FastEngine
-from .jacobi import RefineItem, RefineResult, RefineSettings, first_stop, reference_refine, reserve_count
-from .models import LoadedModel
-from .prompts import (DEFAULT_CORRECTION_TEMPLATE, answer_ids, chat_prompt_ids, check_messages, check_template,
-                      in_context_messages)
+from pipeline.decoding.engine import FastEngine
+from pipeline.decoding.jacobi import RefineItem, RefineResult, RefineSettings, first_stop, reference_refine, reserve_count
+from pipeline.models import LoadedModel
+from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE, answer_ids, chat_prompt_ids, check_messages, check_template, in_context_messages
 
 MODES = ("fast", "reference", "ar")
 

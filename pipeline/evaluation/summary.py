@@ -18,7 +18,7 @@ import math
 
 import pandas as pd
 
-from .stats import bootstrap_ci, lc_win_rate_ci, length_controlled_win_rate, paired_test
+from pipeline.evaluation.stats import bootstrap_ci, lc_win_rate_ci, length_controlled_win_rate, paired_test
 
 METRICS = {
     "offline_sim": ("Offline judge: similarity to the reference answer", "score"),
@@ -53,7 +53,7 @@ def _pref(a: float, b: float) -> float:
 
 
 def summarize(df: pd.DataFrame, baseline: str = "draft", n_boot: int = 1000, seed: int = 0) -> dict:
-    """The summary dict of an evaluation (see `pipeline/report.py` for how it is shown)."""
+    """The summary dict of an evaluation (see `pipeline/evaluation/report.py` for how it is shown)."""
     ok = df[df["error"] == ""]
     methods = list(dict.fromkeys(ok["method"]))
     has = {c for c in ("offline_sim", "llm_score", "llm_pref", "rm_score", "rm_pref")

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .jacobi import RefineItem, RefineResult, RefineSettings, first_stop
-from .slot_cache import SlotCache
+from pipeline.decoding.jacobi import RefineItem, RefineResult, RefineSettings, first_stop
+from pipeline.decoding.slot_cache import SlotCache
 
 
 @dataclass

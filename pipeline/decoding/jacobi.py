@@ -1,7 +1,7 @@
 """DiffPO's Jacobi refinement: shared types and the reference algorithm.
 
 The reference algorithm is the published DiffPO inference, kept deliberately plain so the fast engine
-(`pipeline/engine.py`) can be checked against it token for token:
+(`pipeline/decoding/engine.py`) can be checked against it token for token:
 
 1. the aligner's context (prompt) plus the first `r` draft tokens are held fixed;
 2. the next `block_size` draft tokens (padded if the draft is short) are the initial Jacobi state;

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import LoadedModel
-from .prompts import chat_prompt_ids
+from pipeline.models import LoadedModel
+from pipeline.prompts import chat_prompt_ids
 
 
 @dataclass
@@ -68,14 +68,14 @@ class Drafter:
         if self.remote:
             from concurrent.futures import ThreadPoolExecutor
 
-            from .openai_http import ChatEndpoint, EndpointConfig
+            from pipeline.clients import ChatEndpoint, EndpointConfig
 
             self.endpoint = ChatEndpoint(EndpointConfig(
                 base_url=st["base_url"], model=st["model"], api_key_env=st["api_key_env"],
                 timeout_s=st["timeout_s"], max_retries=st["max_retries"]))
             self.pool = ThreadPoolExecutor(st["parallel_requests"])  # concurrent requests
         else:
-            from .models import load_model
+            from pipeline.models import load_model
 
             self.lm = load_model(st["model"], dtype=st["dtype"], device=st["device"],
                                  trust_remote_code=st["trust_remote_code"])

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .states import parse_judge_score
+from pipeline.scoring.verdicts import parse_judge_score
 
 MATH_CATEGORIES = ("math", "reasoning", "coding")  # FastChat grades these against a reference answer
 NEEDED_PROMPTS = ("single-v1", "single-math-v1", "single-v1-multi-turn", "single-math-v1-multi-turn", "pair-v2")
@@ -141,7 +141,7 @@ class LLMJudge:
 # ---- reward model and offline judges ----------------------------------------------------------------------
 class RewardJudge:
     def __init__(self, model: str, **kw):
-        from .states import RewardModel
+        from pipeline.scoring.reward_model import RewardModel
 
         self.rm = RewardModel(model, **kw)
 
@@ -159,7 +159,7 @@ class RewardJudge:
 
 class OfflineJudge:
     def __init__(self, max_tokens: int = 256):
-        from .offline_judge import EmbeddingJudge
+        from pipeline.scoring.embedding import EmbeddingJudge
 
         self.emb = EmbeddingJudge(max_tokens=max_tokens)
 

@@ -1,0 +1,1 @@
+"""Alignment vectors: extraction (`extract`) and per-domain knobs at inference (`knobs`)."""
