@@ -9,24 +9,33 @@ Supported, detected per record (`fmt="auto"`) or forced:
 * ``hh_rlhf``      Anthropic HH-RLHF {"chosen", "rejected"}: the dialogue up to the last human turn is the
                    prompt; the chosen final answer is kept as the reference, the rejected one in meta.
 
-A normalized row (all strings, so that Arrow never has to guess types):
-    id       str       the row's key (output, resume and seeding all use it)
-    history  JSON      messages before the first turn (system prompt, earlier dialogue)
-    turns    JSON      the user turns to answer, in order (one for single-turn data)
-    drafts   JSON|None base answers, one per turn; None = the draft stage must write them
-    meta     JSON      other input fields worth keeping (category, dataset, ...)
-    error    str|None  why the row cannot be processed
+A normalized row, with the Arrow schema `ROW_SCHEMA` (real lists and structs, never JSON text):
+    id          string               the row's key (output, resume and seeding all use it)
+    history     list<{role,content}> messages before the first turn (system prompt, earlier dialogue)
+    turns       list<string>         the user turns to answer, in order (one for single-turn data)
+    drafts      list<string> | null  base answers, one per turn; null = the draft stage must write them
+    references  list<string>         reference answers per turn, when the input has them
+    meta        struct               category, dataset, generator, rejected (null where absent)
+    error       string | null        why the row cannot be processed
 """
 from __future__ import annotations
 
 import json
 import re
 
+import pyarrow as pa
+
 FORMATS = ("auto", "prompts", "messages", "mt_bench", "hh_rlhf")
 ID_KEYS = ("id", "question_id")
 PROMPT_KEYS = ("prompt", "instruction", "question")
 DRAFT_KEYS = ("draft", "output", "response")
-_META_KEYS = ("category", "dataset", "generator", "reference_output", "reference", "rejected")
+META_KEYS = ("category", "dataset", "generator", "rejected")
+REFERENCE_KEYS = ("reference_output", "reference")
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+META = pa.struct([(k, pa.string()) for k in META_KEYS])
+ROW_SCHEMA = pa.schema([("id", pa.string()), ("history", pa.list_(MESSAGE)), ("turns", pa.list_(pa.string())),
+                        ("drafts", pa.list_(pa.string())), ("references", pa.list_(pa.string())),
+                        ("meta", META), ("error", pa.string())])
 
 
 def plain_value(v):
@@ -50,7 +59,8 @@ def plain_value(v):
 
 
 def error_row(row_id: str, reason: str) -> dict:
-    return {"id": str(row_id), "history": "[]", "turns": "[]", "drafts": None, "meta": "{}", "error": reason}
+    return {"id": str(row_id), "history": [], "turns": [], "drafts": None, "references": [], "meta": {},
+            "error": reason}
 
 
 def _str_list(x) -> bool:
@@ -81,9 +91,10 @@ def normalize(rec, fallback_id: str, fmt: str = "auto", id_key: str | None = Non
         if len(drafts) < len(turns):
             return error_row(rid, f"{len(turns)} turns but only {len(drafts)} drafts")
         drafts = drafts[:len(turns)]
-    meta = {k: rec[k] for k in _META_KEYS if k in rec and (isinstance(rec[k], (str, int, float)) or _str_list(rec[k]))}
-    return {"id": rid, "history": json.dumps(history), "turns": json.dumps(turns),
-            "drafts": None if drafts is None else json.dumps(drafts), "meta": json.dumps(meta), "error": None}
+    meta = {k: str(rec[k]) for k in META_KEYS if isinstance(rec.get(k), (str, int, float))}
+    ref = next((rec[k] for k in REFERENCE_KEYS if isinstance(rec.get(k), str) or _str_list(rec.get(k))), None)
+    return {"id": rid, "history": history, "turns": turns, "drafts": drafts,
+            "references": [ref] if isinstance(ref, str) else list(ref or []), "meta": meta, "error": None}
 
 
 def _parse(rec: dict, fmt: str):
@@ -161,6 +172,7 @@ def _draft_field(rec: dict, keys=DRAFT_KEYS):
 
 def parse_lines(data: bytes, source: str):
     """Yield (record or None, fallback id, error reason or None) for each non-blank line of a JSONL file."""
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as some tools write
     for n, raw in enumerate(data.splitlines(), start=1):
         if not raw.strip():
             continue
@@ -179,7 +191,7 @@ def parse_lines(data: bytes, source: str):
 def parse_json_array(data: bytes, source: str):
     """Yield records of a JSON array file (AlpacaEval style); the index is the fallback id."""
     try:
-        items = json.loads(data.decode("utf-8"))
+        items = json.loads(data.removeprefix(b"\xef\xbb\xbf").decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         yield None, f"{source}:0", f"file is not a valid UTF-8 JSON array: {e}"
         return
@@ -218,9 +230,8 @@ def load_drafts(path: str, prefer: tuple = ()) -> dict:
 
 def conversation(row: dict, turn: int, answers: list[str]) -> list[dict]:
     """Messages up to user turn `turn` (0-based), with `answers` as the assistant's earlier turns."""
-    history = json.loads(row["history"]) if isinstance(row["history"], str) else row["history"]
-    turns = json.loads(row["turns"]) if isinstance(row["turns"], str) else row["turns"]
-    msgs = list(history)
+    turns = row["turns"]
+    msgs = [{"role": m["role"], "content": m["content"]} for m in row["history"]]
     for k in range(turn):
         msgs += [{"role": "user", "content": turns[k]}, {"role": "assistant", "content": answers[k]}]
     msgs.append({"role": "user", "content": turns[turn]})

@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from jobs.config import REPO, ConfigError, load_config
+from jobs.common.config import REPO, ConfigError, load_config
 
-TINY = ["base.max_new_tokens=12", "aligner.max_new_tokens=16", "aligner.block_size=8", "ray.progress_bars=false",
+TINY = ["base.sampling.max_new_tokens=12", "aligner.refine.max_new_tokens=16", "aligner.refine.block_size=8", "ray.progress_bars=false",
         "show_samples=1"]
 
 
@@ -62,7 +62,7 @@ def test_job_handles_formats_bad_rows_and_exports(tmp_path, tiny_dirs, ray_local
     row2 = ok.set_index("id").loc["2"]
     assert row2["draft"] == "Red and blue." and row2["draft_s"] == 0.0, "given drafts are used, not regenerated"
     mt = ok.set_index("id").loc["81"]
-    assert len(json.loads(mt["draft_turns"])) == 2 and len(json.loads(mt["aligned_turns"])) == 2
+    assert len(mt["draft_turns"]) == 2 and len(mt["aligned_turns"]) == 2
     assert (ok["passes"] > 0).all() and (ok["tokens_per_pass"] >= 1.0).all()
     fc = [json.loads(x) for x in open(out / "fastchat_answers.jsonl")]
     assert {r["question_id"] for r in fc} >= {81, 1} and all(r["choices"][0]["turns"] for r in fc)
@@ -76,8 +76,8 @@ def test_killed_job_resumes_without_losing_or_duplicating_rows(tmp_path, tiny_di
     src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"Question number {i}?"} for i in range(40)])
     out = tmp_path / "out"
     args = [f"input.path={src}", f"output.path={out}", f"base.model={m}", f"aligner.model={m}",
-            "output.rows_per_file=2", "base.batch_size=2", "aligner.batch_size=2", "base.max_new_tokens=150",
-            "aligner.max_new_tokens=150", "ray.progress_bars=false"]
+            "output.rows_per_file=2", "base.batch_size=2", "aligner.batch_size=2", "base.sampling.max_new_tokens=150",
+            "aligner.refine.max_new_tokens=150", "ray.progress_bars=false"]
     addr = ray_local.get_runtime_context().gcs_address
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "jobs.align_dataset", f"ray.address={addr}", *args], cwd=REPO,
@@ -99,26 +99,25 @@ def test_killed_job_resumes_without_losing_or_duplicating_rows(tmp_path, tiny_di
 
 
 def test_config_errors_are_clear(tmp_path, ray_local):
-    from jobs.align_dataset import AlignDatasetConfig, preflight_resources, validate
+    from jobs.align_dataset import AlignDatasetConfig
+    from jobs.common.data import preflight
 
-    with pytest.raises(ConfigError, match="nope"):
+    with pytest.raises(ConfigError, match="nope: unknown key"):
         load_config(AlignDatasetConfig, "conf/align_dataset.yaml", ["aligner.nope=1"])
-    with pytest.raises(ConfigError, match="block_size"):
-        load_config(AlignDatasetConfig, "conf/align_dataset.yaml", ["aligner.block_size=abc"])
-    cfg = load_config(AlignDatasetConfig, "conf/align_dataset.yaml",
-                      ["input.path=/does/not/exist.jsonl", "aligner.mode=magic", "base.batch_size=0"])
+    with pytest.raises(ConfigError, match="refine.block_size"):
+        load_config(AlignDatasetConfig, "conf/align_dataset.yaml", ["aligner.refine.block_size=abc"])
+    with pytest.raises(ConfigError, match="aligner.block_size: this key was renamed; use aligner.refine.block_size"):
+        load_config(AlignDatasetConfig, "conf/align_dataset.yaml", ["aligner.block_size=8"])
     with pytest.raises(ConfigError) as e:
-        validate(cfg)
+        load_config(AlignDatasetConfig, "conf/align_dataset.yaml",
+                    ["aligner.mode=magic", "base.batch_size=0", "output.format=csv"])
     msg = str(e.value)
-    assert "input.path" in msg and "aligner.mode" in msg and "base.batch_size" in msg, "all problems at once"
+    assert "aligner.mode" in msg and "base.batch_size" in msg and "output.format" in msg, "all problems at once"
+    with pytest.raises(ConfigError) as e:
+        load_config(AlignDatasetConfig, "conf/align_dataset.yaml",
+                    ["input.path=/does/not/exist.jsonl", "aligner.refine.window=0", "aligner.knobs.x=1"])
+    msg = str(e.value)
+    assert "input.path" in msg and "aligner.refine" in msg and "aligner.knobs.x" in msg, "cross-key checks at once"
     cfg = load_config(AlignDatasetConfig, "conf/align_dataset.yaml", ["aligner.num_cpus=1", "aligner.concurrency=2"])
     with pytest.raises(ConfigError, match="fractions"):
-        preflight_resources(cfg, needs_drafts=True)
-
-
-def test_every_conf_file_loads_and_validates():
-    from jobs.align_dataset import AlignDatasetConfig, validate
-
-    cfg = load_config(AlignDatasetConfig, REPO / "conf/align_dataset.yaml", [])
-    validate(cfg)
-    assert cfg.input.path == "demo" and cfg.aligner.mode == "fast"
+        preflight({"base": cfg.base, "aligner": cfg.aligner})

@@ -13,11 +13,14 @@ from pipeline.prompts import chat_prompt_ids
 
 @dataclass
 class SamplingParams:
+    """How a base model samples its drafts (jobs nest this type as `base.sampling`)."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # read by the configs that nest it: unknown keys are errors
     max_new_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 0.9
-    do_sample: bool = True
-    seed: int = 0
+    do_sample: bool = True  # False = greedy drafts
+    seed: int = 0  # with the row id and turn: a rerun draws the same samples
 
 
 @torch.inference_mode()
@@ -56,39 +59,35 @@ def generate_answers(lm: LoadedModel, conversations: list[list[dict]], params: S
 
 
 class Drafter:
-    """A base model that drafts answers: a Hugging Face model in this process (`kind: hf`) or a model behind
-    an OpenAI-compatible endpoint (`kind: openai`). `st` is a base section of a job config (kind, model,
-    dtype, device, trust_remote_code, base_url, api_key_env, timeout_s, max_retries, parallel_requests,
-    max_new_tokens, temperature, top_p, do_sample)."""
+    """A base model that drafts answers: a Hugging Face model in this process (`lm`) or a model behind an
+    OpenAI-compatible endpoint (`endpoint`, a `pipeline.clients.EndpointConfig`)."""
 
-    def __init__(self, st: dict, seed: int = 0):
-        self.remote = st["kind"] == "openai"
-        self.params = SamplingParams(max_new_tokens=st["max_new_tokens"], temperature=st["temperature"],
-                                     top_p=st["top_p"], do_sample=st["do_sample"], seed=seed)
+    def __init__(self, params: SamplingParams, lm: LoadedModel | None = None, endpoint=None,
+                 parallel_requests: int = 8):
+        if (lm is None) == (endpoint is None):
+            raise ValueError("a Drafter needs exactly one of lm (a local model) or endpoint")
+        self.params, self.lm, self.remote = params, lm, endpoint is not None
         if self.remote:
             from concurrent.futures import ThreadPoolExecutor
 
-            from pipeline.clients import ChatEndpoint, EndpointConfig
+            from pipeline.clients import ChatEndpoint
 
-            self.endpoint = ChatEndpoint(EndpointConfig(
-                base_url=st["base_url"], model=st["model"], api_key_env=st["api_key_env"],
-                timeout_s=st["timeout_s"], max_retries=st["max_retries"]))
-            self.pool = ThreadPoolExecutor(st["parallel_requests"])  # concurrent requests
-        else:
-            from pipeline.models import load_model
+            self.endpoint = ChatEndpoint(endpoint)
+            self._pool = ThreadPoolExecutor(parallel_requests)  # concurrent requests
 
-            self.lm = load_model(st["model"], dtype=st["dtype"], device=st["device"],
-                                 trust_remote_code=st["trust_remote_code"])
-
-    def _request(self, conversation: list[dict]) -> tuple[str, int, float]:
+    def _request(self, conversation: list[dict]) -> tuple[str, int, float] | Exception:
         p = self.params
-        c = self.endpoint.chat(conversation, p.max_new_tokens, p.temperature if p.do_sample else 0.0,
-                               p.top_p if p.do_sample else 1.0)
+        try:
+            c = self.endpoint.chat(conversation, p.max_new_tokens, p.temperature if p.do_sample else 0.0,
+                                   p.top_p if p.do_sample else 1.0)
+        except Exception as e:  # noqa: BLE001 - returned, so one failed request marks only its conversation
+            return e
         return c.text, c.completion_tokens, c.seconds
 
-    def answer(self, conversations: list[list[dict]], seed_key: str = "") -> list[tuple[str, int, float]]:
-        """(text, new tokens, seconds) per conversation: parallel requests to an endpoint, or one batched
-        `generate` of the local model seeded by `seed_key` (see `generate_answers`)."""
+    def answer(self, conversations: list[list[dict]], seed_key: str = "") -> list[tuple[str, int, float] | Exception]:
+        """(text, new tokens, seconds) per conversation. An endpoint gets parallel requests, one per
+        conversation, and a request that fails is returned as its exception (the others still count); a local
+        model answers all of them in one batched `generate` seeded by `seed_key` (see `generate_answers`)."""
         if self.remote:
-            return list(self.pool.map(self._request, conversations))
+            return list(self._pool.map(self._request, conversations))
         return generate_answers(self.lm, conversations, self.params, seed_key=seed_key)

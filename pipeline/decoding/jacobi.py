@@ -26,11 +26,14 @@ import torch
 
 @dataclass
 class RefineSettings:
-    """Knobs of the Jacobi refinement (plain values; jobs map their config onto this)."""
+    """Knobs of the Jacobi refinement. Jobs and the Serve app nest this type as `aligner.refine`, so these
+    defaults are the defaults everywhere."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # read by the configs that nest it: unknown keys are errors
 
     block_size: int = 256  # draft tokens per Jacobi block
     max_iter: int = 300  # passes per block before the state is accepted as is (>= block_size+1 always converges)
-    max_new_tokens: int = 512  # answer length cap, reserved draft tokens included
+    max_new_tokens: int = 256  # answer length cap, reserved draft tokens included
     reserve_tokens: int = 12  # r ~ U{0..reserve_tokens} draft tokens are held fixed; 0 disables
     seed: int = 0  # seeds r per row (with the row key), so batching never changes r
     # fast engine only -------------------------------------------------------------------------

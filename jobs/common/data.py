@@ -1,0 +1,283 @@
+"""The Ray Data plumbing the batch jobs share (align_dataset, evaluate, build_states), written once.
+
+A batch job reads like Ray's own examples:
+
+    rows = read_rows(files, normalize, error_row, SCHEMA)        # parse every file in parallel; bad lines = error rows
+    todo = not_done(rows, done_ids(parts))                       # resume: skip what an earlier run wrote
+    ds = blocks(todo, rows_per_file)                             # the unit a killed run redoes
+    ds = map_stage(ds, SomeStage, cfg.stage, ...)                # a callable class per model stage (actor pool)
+    write_parts(ds, parts)                                       # Parquet parts; then the job's finalize
+
+Rows are Arrow tables with an explicit schema (lists and structs, never JSON text). A stage is a
+`RowStage`: it sees its batch as a list of dicts, rows with an error pass through untouched, and a row
+that raises fails alone (an error row naming the stage and the reason), never its batch or the job.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from jobs.common.config import REPO, ConfigError, PoolCfg, resolve_path, to_yaml
+
+DEMO_PROMPTS = REPO / "pipeline" / "data" / "demo_prompts.jsonl"
+INPUT_EXTS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+HEADROOM_CPUS = 0.5  # kept free for Ray Data's read/write tasks: actor pools that take every CPU hang silently
+WRITE_CPUS = 0.25  # per write task, so writes fit in that headroom
+
+
+# ---- start ---------------------------------------------------------------------------------------------------
+def start_data_job(name: str, cfg, out: Path):
+    """Record the resolved config next to the outputs (and print it), start or join Ray and set this driver's
+    Ray Data context (progress bars; order preserved so that `limit` picks the same rows on every run).
+    Returns the context for job-specific settings, which must come before the first read."""
+    from ray.data import DataContext
+
+    from jobs.common.runtime import init_ray
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    print(f"[{name}] resolved config:\n" + to_yaml(cfg), flush=True)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = cfg.ray.progress_bars
+    ctx.execution_options.preserve_order = True
+    return ctx
+
+
+def preflight(pools: dict[str, PoolCfg]) -> None:
+    """Refuse actor pools the cluster cannot hold: Ray Data would otherwise wait forever, silently, for a CPU
+    to run its read/write tasks, or for GPUs that do not exist. `pools`: config key -> pool section."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    want_cpu = sum(p.num_cpus * p.concurrency for p in pools.values())
+    want_gpu = sum(p.num_gpus * p.concurrency for p in pools.values())
+    problems = []
+    if want_cpu + HEADROOM_CPUS > cpus:
+        detail = " + ".join(f"{k} {p.num_cpus:g} x {p.concurrency}" for k, p in pools.items())
+        problems.append(f"the actor pools ask for {want_cpu:g} CPUs ({detail}) but the cluster has {cpus:g}, and "
+                        f"{HEADROOM_CPUS:g} must stay free for reading and writing. Lower num_cpus (fractions "
+                        f"work, e.g. {next(iter(pools))}.num_cpus=0.5) or concurrency.")
+    if want_gpu > gpus:
+        problems.append(f"the actor pools ask for {want_gpu:g} GPUs but the cluster has {gpus:g}; set num_gpus=0 "
+                        "on CPU-only clusters")
+    if problems:
+        raise ConfigError(problems)
+
+
+# ---- reading -------------------------------------------------------------------------------------------------
+def input_files(path: str, demo: Path = DEMO_PROMPTS) -> list[str]:
+    """The input files at `path` (a file, or every JSONL/JSON/Parquet file under a folder, .gz too);
+    "demo" = the bundled demo file."""
+    if path == "demo":
+        return [str(demo)]
+    p = resolve_path(path)
+    if p.is_dir():
+        return sorted(str(f) for f in p.rglob("*") if f.is_file() and f.name.endswith(INPUT_EXTS))
+    return [str(p)] if p.is_file() else []
+
+
+def _parse_files(batch: pa.Table, normalize: Callable, error_row: Callable, schema: pa.Schema) -> pa.Table:
+    """JSONL / JSON-array files (gzipped or not) -> normalized rows; a bad line is one error row."""
+    from pipeline.records import parse_json_array, parse_lines
+
+    rows = []
+    for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist()):
+        src = os.path.basename(path)
+        if data[:2] == b"\x1f\x8b":  # still gzipped
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError) as e:
+                rows.append(error_row(f"{src}:0", f"not a valid gzip file: {e}"))
+                continue
+        name = path[:-3] if path.endswith(".gz") else path
+        parse = parse_json_array if name.endswith(".json") else parse_lines
+        rows += [error_row(fid, err) if err else normalize(rec, fid) for rec, fid, err in parse(data, src)]
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _parse_parquet(batch: pa.Table, normalize: Callable, error_row: Callable, schema: pa.Schema) -> pa.Table:
+    import hashlib
+
+    rows = []
+    for rec in batch.to_pylist():
+        # Parquet rows carry no line number: a row without a usable id is named by a hash of its content
+        fallback = "parquet:" + hashlib.sha256(repr(sorted(rec.items())).encode()).hexdigest()[:12]
+        try:
+            rec = {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in rec.items()}
+        except UnicodeDecodeError as e:
+            rows.append(error_row(fallback, f"field is not valid UTF-8 ({e.reason})"))
+            continue
+        rows.append(normalize(rec, fallback))
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def read_rows(files: list[str], normalize: Callable[[object, str], dict], error_row: Callable[[str, str], dict],
+              schema: pa.Schema) -> pa.Table:
+    """Every input record as a normalized row (`normalize(record, fallback_id)`), or an error row
+    (`error_row(id, reason)`) for what cannot be parsed; files are parsed in parallel by Ray Data and the rows
+    come back to the driver as one Arrow table (prompts are small; the models are the heavy part)."""
+    import ray
+
+    kw = dict(normalize=normalize, error_row=error_row, schema=schema)
+    js = [f for f in files if not f.endswith(".parquet")]
+    pqs = [f for f in files if f.endswith(".parquet")]
+    pieces = []
+    if js:
+        pieces.append(ray.data.read_binary_files(js, include_paths=True)
+                      .map_batches(_parse_files, batch_format="pyarrow", batch_size=1, fn_kwargs=kw))
+    if pqs:
+        pieces.append(ray.data.read_parquet(pqs).map_batches(_parse_parquet, batch_format="pyarrow", fn_kwargs=kw))
+    tables = [t for p in pieces for t in ray.get(p.to_arrow_refs())]
+    return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
+
+
+def check_unique_ids(rows: pa.Table, hint: str) -> None:
+    counts = pc.value_counts(rows.column("id")).to_pylist()
+    dups = [c["values"] for c in counts if c["counts"] > 1]
+    if dups:
+        raise ConfigError([f"input has duplicate ids {dups[:10]}{' ...' if len(dups) > 10 else ''} (resume and "
+                           f"outputs need unique ids); {hint}"])
+
+
+# ---- resume --------------------------------------------------------------------------------------------------
+def read_parts(parts: Path, columns: list[str] | None = None) -> pa.Table | None:
+    """Everything earlier runs wrote to `parts` (None if nothing); a part cut short by a kill (no Parquet
+    footer) is removed, so its rows are redone."""
+    tables = []
+    for f in sorted(parts.glob("*.parquet")):
+        try:
+            tables.append(pq.read_table(f, columns=columns))
+        except Exception:  # noqa: BLE001 - a file cut short by a kill has no footer
+            print(f"[resume] removing incomplete part {f.name} (its rows will be redone)", flush=True)
+            f.unlink()
+    return pa.concat_tables(tables, promote_options="permissive") if tables else None
+
+
+def done_ids(parts: Path) -> set[str]:
+    """Ids already written by an earlier run."""
+    t = read_parts(parts, ["id"])
+    return set(t.column("id").to_pylist()) if t is not None else set()
+
+
+def not_done(rows: pa.Table, done: set[str]) -> pa.Table:
+    return rows.filter(pc.invert(pc.is_in(rows.column("id"), pa.array(sorted(done), pa.string())))) if done else rows
+
+
+# ---- stages --------------------------------------------------------------------------------------------------
+def blocks(rows: pa.Table, rows_per_block: int):
+    """A Dataset of `rows` cut into blocks of `rows_per_block` rows in the driver (no repartition task to
+    schedule; each block becomes one Parquet part, the unit a killed run redoes)."""
+    import ray
+
+    n = max(1, rows_per_block)
+    return ray.data.from_arrow([rows.slice(i, n) for i in range(0, rows.num_rows, n)] or [rows])
+
+
+class RowStage:
+    """A Ray Data stage over rows. Subclasses set `name` (for error messages) and `schema` (the output
+    columns) and implement `process(rows)` for the rows without an error, returning them (same order) with
+    their new columns. Rows that arrive with an error pass through; if `process` raises on a batch, each row
+    is retried alone and the ones that still raise become error rows, so one bad row never sinks its batch.
+    `passthrough(row)` gives an error row its output columns (default: as it is)."""
+
+    name = "stage"
+    schema: pa.Schema
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        raise NotImplementedError
+
+    def passthrough(self, row: dict) -> dict:
+        return row
+
+    def _run(self, rows: list[dict]) -> list[dict]:
+        try:
+            return self.process(rows)
+        except Exception:  # noqa: BLE001 - isolate the row that breaks the batch
+            if len(rows) == 1:
+                raise
+        out = []
+        for r in rows:
+            try:
+                out += self.process([r])
+            except Exception as e:  # noqa: BLE001
+                out.append(self.passthrough(dict(r, error=f"{self.name}: {type(e).__name__}: {e}"[:1000])))
+        return out
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        good = [r for r in rows if not r.get("error")]
+        try:
+            done = iter(self._run(good)) if good else iter(())
+        except Exception as e:  # noqa: BLE001 - a batch of one that raises
+            done = iter([self.passthrough(dict(good[0], error=f"{self.name}: {type(e).__name__}: {e}"[:1000]))])
+        out = [next(done) if not r.get("error") else self.passthrough(r) for r in rows]
+        return pa.Table.from_pylist(out, schema=self.schema)
+
+
+def map_stage(ds, stage: type, pool: PoolCfg, **kwargs):
+    """`ds.map_batches` with `stage` (a RowStage class) in an actor pool sized by `pool`; `kwargs` go to the
+    stage's constructor (typed config sections, not dicts)."""
+    import ray
+
+    return ds.map_batches(stage, batch_format="pyarrow", batch_size=pool.batch_size,
+                          compute=ray.data.ActorPoolStrategy(size=pool.concurrency), num_cpus=pool.num_cpus,
+                          num_gpus=pool.num_gpus or None, fn_constructor_kwargs=kwargs)
+
+
+def write_parts(ds, parts: Path) -> None:
+    ds.write_parquet(str(parts), ray_remote_args={"num_cpus": WRITE_CPUS})
+
+
+# ---- finalize ------------------------------------------------------------------------------------------------
+def sort_key(x) -> tuple:
+    """Numeric ids in numeric order (negative ones too), then the others by text."""
+    s = str(x)
+    return (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s)
+
+
+def sorted_rows(table: pa.Table | None, schema: pa.Schema) -> list[dict]:
+    """The rows of `table` (or none) as dicts, ordered by id."""
+    if table is None:
+        return []
+    rows = table.cast(schema).to_pylist() if table.schema != schema else table.to_pylist()
+    return sorted(rows, key=lambda r: sort_key(r["id"]))
+
+
+def write_table(rows: list[dict], schema: pa.Schema, path: Path) -> None:
+    """Rows as Parquet (`.parquet`) or JSON lines (`.jsonl`), typed by `schema`."""
+    table = pa.Table.from_pylist(rows, schema=schema)
+    if path.suffix == ".parquet":
+        pq.write_table(table, path)
+    else:
+        write_jsonl(path, table.to_pylist())
+
+
+def write_jsonl(path: Path, records: Iterable[dict]) -> None:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+
+
+def write_fastchat(path: Path, rows: Iterable[dict], model_id: str, turns_key: str) -> None:
+    """Answers in FastChat's answer-file format (MT-bench): one line per question with every turn."""
+    now = time.time()
+    write_jsonl(path, ({"question_id": int(r["id"]) if str(r["id"]).isdigit() else r["id"],
+                        "answer_id": f"{model_id}-{r['id']}", "model_id": model_id,
+                        "choices": [{"index": 0, "turns": list(r[turns_key])}], "tstamp": now} for r in rows))
+
+
+def write_alpaca_eval(path: Path, rows: Iterable[dict], model_id: str, answer_key: str) -> None:
+    """Answers in AlpacaEval's model-outputs format (a JSON array of instruction / output / generator)."""
+    recs = [{"instruction": r["prompt"], "output": r[answer_key], "generator": model_id,
+             **({"dataset": r["meta"]["dataset"]} if (r.get("meta") or {}).get("dataset") else {})} for r in rows]
+    path.write_text(json.dumps(recs, indent=1, ensure_ascii=False))
