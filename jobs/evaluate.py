@@ -2,6 +2,7 @@
 
     python -m jobs.evaluate                                        # embedded default: demo prompts, offline judge
     python -m jobs.evaluate config=conf/evaluate_alpaca_heldout.yaml  # AlpacaEval held-out, Llama-3-8B drafts
+    python -m jobs.evaluate --help                                 # every key, its default and what it does
     ray job submit --working-dir . -- python -m jobs.evaluate ray.address=auto benchmark.path=/data/question.jsonl ...
 
 Pipeline: read the benchmark (AlpacaEval, MT-bench, HH-RLHF or any prompt file) -> draft with the base model
@@ -23,204 +24,162 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
-import pandas as pd
-from omegaconf import OmegaConf
+import pyarrow as pa
+from pydantic import Field
 
-from jobs.align_dataset import (AlignerCfg, BaseCfg, DraftStage, _sort_key, input_files, read_inputs,
-                                refine_settings)
-from jobs.config import REPO, ConfigError, DataRayCfg, expand, load_config, run_job, start_data_job
+from jobs.common import data
+from jobs.common.config import (REPO, AlignerCfg, DataRayCfg, DraftCfg, EndpointCfg, ModelCfg, Section,
+                                expand, load_config, resolve_path)
+from jobs.common.runtime import run_job
+from jobs.common.stages import DraftStage, load_aligner, make_refiner, refine_turns
+from pipeline.records import FORMATS, META, MESSAGE, ROW_SCHEMA, error_row, normalize
 
 METHODS = ("draft", "refine", "refine_reference", "in_context", "aligner_ar", "best_of_n")
 ALIGNER_METHODS = {"refine": ("fast", False), "refine_reference": ("reference", False),
                    "in_context": ("fast", True), "aligner_ar": ("ar", False)}
-READ_HEADROOM_CPUS = 0.5  # kept free for Ray Data's write tasks: a pipeline whose actors take every CPU hangs
-WRITE_CPUS = 0.25
 DEMO_EVAL = REPO / "pipeline" / "data" / "demo_eval.jsonl"  # the demo prompts with hand-written reference answers
+Method = Literal[METHODS]
 
 
-# ---- config schema ---------------------------------------------------------------------------------
-@dataclass
-class BenchmarkCfg:
+# ---- config schema ---------------------------------------------------------------------------------------
+class BenchmarkCfg(Section):
     name: str = "demo"
-    path: str = "demo"
-    format: str = "auto"
+    path: str = Field("demo", description='a file or folder (.jsonl, .json, .parquet, .gz too); "demo" = bundled '
+                                          "prompts with references")
+    format: Literal[FORMATS] = "auto"
     id_field: Optional[str] = None
-    drafts_path: Optional[str] = None
-    references_path: Optional[str] = None
-    id_mod: Optional[int] = None
+    drafts_path: Optional[str] = Field(None, description="base answers joined by id or instruction")
+    references_path: Optional[str] = Field(None, description="reference answers by id (FastChat answer file, or "
+                                                             "JSONL with id + reference)")
+    id_mod: Optional[int] = Field(None, ge=1, description="keep integer ids with id % id_mod == id_rem (held-out)")
     id_rem: int = 0
-    limit: Optional[int] = None
+    limit: Optional[int] = Field(None, ge=1)
+
+    def check(self) -> list[str]:
+        problems = [] if data.input_files(self.path, DEMO_EVAL) else [
+            f"path: no .jsonl/.json/.parquet input (.gz too) at {self.path!r}"]
+        for k in ("drafts_path", "references_path"):
+            if getattr(self, k) and not resolve_path(getattr(self, k)).exists():
+                problems.append(f"{k}: file not found: {getattr(self, k)}")
+        return problems
 
 
-@dataclass
-class EvalOutputCfg:
+class EvalOutputCfg(Section):
     path: str = "outputs/evaluate"
-    rows_per_file: int = 4
-    model_id: str = "diffpo"
-    report: bool = True
-    exports: bool = True
+    rows_per_file: int = Field(4, ge=1, description="prompts per block: the unit a killed job redoes")
+    model_id: str = Field("diffpo", description='exports name each method "<model_id>-<method>"')
+    report: bool = Field(True, description="report.html + figures/*.png")
+    exports: bool = Field(True, description="exports/fastchat/<method>.jsonl and exports/alpaca_eval/<method>.json")
 
 
-@dataclass
-class BestOfNCfg:
-    n: int = 4
-    judge: str = "offline"  # offline | reward | llm
+class BestOfNCfg(Section):
+    n: int = Field(4, ge=1, description="base samples per prompt")
+    judge: Literal["offline", "reward", "llm"] = Field(
+        "offline", description="picks the best sample (offline compares with the reference: an oracle)")
 
 
-@dataclass
-class OfflineJudgeCfg:
+class OfflineJudgeCfg(Section):
     enabled: bool = True
-    max_tokens: int = 256
+    max_tokens: int = Field(256, ge=1)
 
 
-@dataclass
-class LLMJudgeCfg:
+class LLMJudgeCfg(EndpointCfg):
     enabled: bool = False
-    base_url: Optional[str] = None
     model: str = "gpt-4"
-    api_key_env: Optional[str] = None
-    prompts: str = "../shared/data/mt_bench/judge_prompts.jsonl"
+    prompts: str = Field("../shared/data/mt_bench/judge_prompts.jsonl", description="FastChat's judge prompts")
     grade: bool = True
     pairwise: bool = True
-    swap: bool = True
-    max_tokens: int = 512
-    timeout_s: float = 120.0
-    max_retries: int = 3
-    parallel_requests: int = 8
+    swap: bool = Field(True, description="pairwise in both orders, averaged")
+    max_tokens: int = Field(512, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+
+    def check(self) -> list[str]:
+        if not self.enabled:
+            return []
+        problems = self.endpoint(self.model).validate()
+        if not resolve_path(self.prompts).exists():
+            problems.append(f"prompts: FastChat judge prompt file not found: {self.prompts}")
+        if not (self.grade or self.pairwise):
+            problems.append("grade and pairwise are both off")
+        return problems
 
 
-@dataclass
-class RewardJudgeCfg:
+class RewardJudgeCfg(ModelCfg):
     enabled: bool = False
-    model: Optional[str] = None
+    model: Optional[str] = Field(None, description="a Hugging Face sequence-classification model")
     label_index: int = 0
-    max_length: int = 2048
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
+    max_length: int = Field(2048, ge=8)
+
+    def check(self) -> list[str]:
+        if not self.enabled:
+            return []
+        return ModelCfg.check(self) if self.model else ["model: a Hugging Face sequence-classification model is needed"]
 
 
-@dataclass
-class JudgesCfg:
-    offline: OfflineJudgeCfg = field(default_factory=OfflineJudgeCfg)
-    llm: LLMJudgeCfg = field(default_factory=LLMJudgeCfg)
-    reward: RewardJudgeCfg = field(default_factory=RewardJudgeCfg)
-    batch_size: int = 16
-    num_cpus: float = 0.5
+class JudgesCfg(Section):
+    offline: OfflineJudgeCfg = Field(default_factory=OfflineJudgeCfg)
+    llm: LLMJudgeCfg = Field(default_factory=LLMJudgeCfg)
+    reward: RewardJudgeCfg = Field(default_factory=RewardJudgeCfg)
+    batch_size: int = Field(16, ge=1)
+    num_cpus: float = Field(0.5, gt=0)
+
+    def check(self) -> list[str]:
+        if not (self.offline.enabled or self.llm.enabled or self.reward.enabled):
+            return ["enable at least one of judges.offline / judges.llm / judges.reward"]
+        return []
 
 
-@dataclass
-class StatsCfg:
+class StatsCfg(Section):
     baseline: str = "draft"
-    n_boot: int = 1000
+    n_boot: int = Field(1000, ge=1)
     seed: int = 0
 
 
-@dataclass
-class EvaluateConfig:
-    benchmark: BenchmarkCfg = field(default_factory=BenchmarkCfg)
-    output: EvalOutputCfg = field(default_factory=EvalOutputCfg)
-    methods: list = field(default_factory=lambda: ["draft", "refine", "in_context", "aligner_ar"])
-    base: BaseCfg = field(default_factory=BaseCfg)
-    aligner: AlignerCfg = field(default_factory=AlignerCfg)
-    best_of_n: BestOfNCfg = field(default_factory=BestOfNCfg)
-    judges: JudgesCfg = field(default_factory=JudgesCfg)
-    stats: StatsCfg = field(default_factory=StatsCfg)
-    ray: DataRayCfg = field(default_factory=DataRayCfg)
+class EvaluateConfig(Section):
+    benchmark: BenchmarkCfg = Field(default_factory=BenchmarkCfg)
+    output: EvalOutputCfg = Field(default_factory=EvalOutputCfg)
+    methods: list[Method] = Field(default_factory=lambda: ["draft", "refine", "in_context", "aligner_ar"])
+    base: DraftCfg = Field(default_factory=DraftCfg, description="drafts rows without drafts, draws Best-of-N samples")
+    aligner: AlignerCfg = Field(default_factory=AlignerCfg, description="every aligner method uses this model "
+                                                                        "and these settings (each picks its mode)")
+    best_of_n: BestOfNCfg = Field(default_factory=BestOfNCfg)
+    judges: JudgesCfg = Field(default_factory=JudgesCfg)
+    stats: StatsCfg = Field(default_factory=StatsCfg)
+    ray: DataRayCfg = Field(default_factory=DataRayCfg)
+
+    def check(self) -> list[str]:
+        problems = []
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            problems.append(f"methods: a non-empty list without repeats, got {self.methods}")
+        if self.stats.baseline not in self.methods:
+            problems.append(f"stats.baseline: {self.stats.baseline!r} is not among the methods {self.methods}")
+        if "best_of_n" in self.methods:
+            if not getattr(self.judges, self.best_of_n.judge).enabled:
+                problems.append(f"best_of_n.judge={self.best_of_n.judge} needs "
+                                f"judges.{self.best_of_n.judge}.enabled=true")
+            if self.base.kind != "hf":
+                problems.append("best_of_n: needs base.kind=hf (samples are drawn in the job)")
+            if not self.base.sampling.do_sample:
+                problems.append("best_of_n: needs base.sampling.do_sample=true (N greedy samples are all the same)")
+        return problems
 
 
-def _path(p: str) -> Path:
-    q = Path(expand(p))
-    return q if q.is_absolute() or q.exists() else REPO / q
-
-
-def validate(cfg) -> None:
-    from jobs.align_dataset import validate as validate_align
-    from pipeline.records import FORMATS
-
-    problems = []
-    if not benchmark_files(cfg.benchmark.path):
-        problems.append(f"benchmark.path: no .jsonl/.jsonl.gz/.json/.parquet input at {cfg.benchmark.path!r}")
-    if cfg.benchmark.format not in FORMATS:
-        problems.append(f"benchmark.format: {cfg.benchmark.format!r} is not one of {', '.join(FORMATS)}")
-    for k in ("drafts_path", "references_path"):
-        v = cfg.benchmark[k]
-        if v and not _path(v).exists():
-            problems.append(f"benchmark.{k}: file not found: {v}")
-    if cfg.benchmark.id_mod is not None and cfg.benchmark.id_mod < 1:
-        problems.append("benchmark.id_mod: must be >= 1 or null")
-    bad = [m for m in cfg.methods if m not in METHODS]
-    if bad or not cfg.methods:
-        problems.append(f"methods: {bad or '[]'} — choose from {', '.join(METHODS)}")
-    if len(set(cfg.methods)) != len(cfg.methods):
-        problems.append("methods: listed twice")
-    if cfg.stats.baseline not in cfg.methods:
-        problems.append(f"stats.baseline: {cfg.stats.baseline!r} is not among the methods {list(cfg.methods)}")
-    if "best_of_n" in cfg.methods:
-        if cfg.best_of_n.n < 1:
-            problems.append("best_of_n.n: must be >= 1")
-        if cfg.best_of_n.judge not in ("offline", "reward", "llm"):
-            problems.append("best_of_n.judge: offline | reward | llm")
-        elif not cfg.judges[cfg.best_of_n.judge].enabled:
-            problems.append(f"best_of_n.judge={cfg.best_of_n.judge} needs judges.{cfg.best_of_n.judge}.enabled=true")
-        if cfg.base.kind != "hf":
-            problems.append("best_of_n: needs base.kind=hf (samples are drawn in the job)")
-        if not cfg.base.do_sample:
-            problems.append("best_of_n: needs base.do_sample=true (N greedy samples are all the same)")
-    j = cfg.judges
-    if not (j.offline.enabled or j.llm.enabled or j.reward.enabled):
-        problems.append("judges: enable at least one of judges.offline / judges.llm / judges.reward")
-    if j.llm.enabled:
-        from pipeline.clients import EndpointConfig
-
-        ep = EndpointConfig(base_url=j.llm.base_url or "", model=j.llm.model, api_key_env=j.llm.api_key_env,
-                            timeout_s=j.llm.timeout_s, max_retries=j.llm.max_retries)
-        problems += [f"judges.llm: {p}" for p in ep.validate()]
-        if not _path(j.llm.prompts).exists():
-            problems.append(f"judges.llm.prompts: FastChat judge prompt file not found: {j.llm.prompts}")
-        if not (j.llm.grade or j.llm.pairwise):
-            problems.append("judges.llm: grade and pairwise are both off")
-    if j.reward.enabled and not j.reward.model:
-        problems.append("judges.reward.model: a Hugging Face sequence-classification model is needed")
-    if j.batch_size < 1 or j.num_cpus <= 0:
-        problems.append("judges.batch_size must be >= 1 and judges.num_cpus > 0")
-    # the base/aligner/ray sections share align_dataset's schema and checks
-    shim = OmegaConf.create({"input": {"path": "demo", "format": "auto", "drafts_path": None, "limit": None},
-                             "output": {"format": "parquet", "rows_per_file": cfg.output.rows_per_file},
-                             "base": cfg.base, "aligner": cfg.aligner, "ray": cfg.ray})
-    try:
-        validate_align(shim)
-    except ConfigError as e:
-        problems += e.problems
-    if problems:
-        raise ConfigError(problems)
-
-
-# ---- reading ----------------------------------------------------------------------------------------
-def benchmark_files(path: str) -> list[str]:
-    return [str(DEMO_EVAL)] if path == "demo" else input_files(str(_path(path)))
-
-
-def done_ids(parts: Path, methods: list[str]) -> set[str]:
-    """Prompts whose rows for every method are already written (a prompt cut off halfway is redone; the
-    final table keeps one row per prompt and method)."""
-    import pyarrow.parquet as pq
-
-    seen: dict[str, set] = {}
-    for f in sorted(parts.glob("*.parquet")):
-        try:
-            t = pq.read_table(f, columns=["id", "method"]).to_pydict()
-        except Exception:  # noqa: BLE001 - a file cut short by a kill has no footer
-            print(f"[evaluate] removing incomplete part {f.name} (its rows will be redone)")
-            f.unlink()
-            continue
-        for i, m in zip(t["id"], t["method"]):
-            seen.setdefault(i, set()).add(m)
-    return {i for i, ms in seen.items() if set(methods) <= ms}
+# ---- rows ------------------------------------------------------------------------------------------------
+INPUT_SCHEMA = ROW_SCHEMA.append(pa.field("draft_s", pa.float64()))
+BON_SCHEMA = INPUT_SCHEMA.append(pa.field("bon_turns", pa.list_(pa.string()))).append(pa.field("bon_s", pa.float64()))
+LONG_SCHEMA = pa.schema([
+    ("id", pa.string()), ("benchmark", pa.string()), ("category", pa.string()), ("method", pa.string()),
+    ("prompt", pa.string()), ("answer", pa.string()), ("answer_turns", pa.list_(pa.string())),
+    ("turns", pa.list_(pa.string())), ("history", pa.list_(MESSAGE)), ("meta", META), ("reference", pa.string()),
+    ("reference_turns", pa.list_(pa.string())), ("answer_words", pa.int64()), ("reference_words", pa.int64()),
+    ("draft_s", pa.float64()), ("refine_s", pa.float64()), ("total_s", pa.float64()), ("passes", pa.int64()),
+    ("new_tokens", pa.int64()), ("tokens_per_pass", pa.float64()), ("converged", pa.bool_()), ("error", pa.string())])
+JUDGE_COLUMNS = ("offline_sim", "llm_score", "llm_pref", "rm_score", "rm_pref")
+RESULT_SCHEMA = pa.schema(list(LONG_SCHEMA) + [pa.field(c, pa.float64()) for c in JUDGE_COLUMNS] + [
+    pa.field("llm_score_turns", pa.list_(pa.float64())), pa.field("judge_notes", pa.list_(pa.string()))])
 
 
 def load_references(path: str | None) -> dict[str, list[str]]:
@@ -230,49 +189,52 @@ def load_references(path: str | None) -> dict[str, list[str]]:
         return {}
     from pipeline.records import load_drafts
 
-    refs = load_drafts(str(_path(path)), prefer=("reference", "reference_output"))
+    refs = load_drafts(str(resolve_path(path)), prefer=("reference", "reference_output"))
     return {k: list(v) for k, v in refs.items()}
 
 
-def reference_turns(row: dict, refs: dict) -> list[str]:
-    meta = json.loads(row["meta"] or "{}")
-    for k in ("reference_output", "reference"):
-        if k in meta:
-            return [meta[k]] if isinstance(meta[k], str) else list(meta[k])
-    return list(refs.get(str(row["id"]), []))
-
-
 def keep_row(rid: str, mod: int | None, rem: int) -> bool:
-    if mod is None:
-        return True
-    return str(rid).isdigit() and int(rid) % mod == rem
+    return mod is None or (str(rid).isdigit() and int(rid) % mod == rem)
 
 
-# ---- Ray Data stages ----------------------------------------------------------------------------------
-LONG_COLUMNS = ["id", "benchmark", "category", "method", "prompt", "answer", "answer_turns", "turns", "history",
-                "reference", "reference_turns", "answer_words", "reference_words", "draft_s", "refine_s", "total_s",
-                "passes", "new_tokens", "tokens_per_pass", "converged", "error"]
+# ---- Ray Data stages (thin adapters over pipeline/) ------------------------------------------------------
+def make_judges(j: JudgesCfg, only: str | None = None) -> dict:
+    """The enabled judges, by name (offline, llm, reward)."""
+    judges = {}
+    if j.offline.enabled and only in (None, "offline"):
+        from pipeline.evaluation.judges import OfflineJudge
+
+        judges["offline"] = OfflineJudge(max_tokens=j.offline.max_tokens)
+    if j.llm.enabled and only in (None, "llm"):
+        from pipeline.clients import ChatEndpoint
+        from pipeline.evaluation.judges import LLMJudge, load_fastchat_prompts
+
+        c = j.llm
+        judges["llm"] = LLMJudge(ChatEndpoint(c.endpoint(c.model)), load_fastchat_prompts(resolve_path(c.prompts)),
+                                 c.max_tokens, c.swap)
+    if j.reward.enabled and only in (None, "reward"):
+        from pipeline.evaluation.judges import RewardJudge
+
+        c = j.reward
+        judges["reward"] = RewardJudge(c.model, device=c.device, dtype=c.dtype, label_index=c.label_index,
+                                       trust_remote_code=c.trust_remote_code, max_length=c.max_length)
+    return judges
 
 
-def _words(s: str) -> int:
-    return len(s.split())
-
-
-class BestOfNStage:
+class BestOfNStage(data.RowStage):
     """N sampled base answers per turn; the selection judge keeps the best (per turn, in order)."""
 
-    def __init__(self, base: dict, bon: dict, judges: dict, threads: int):
+    name = "best_of_n stage"
+    schema = BON_SCHEMA
+
+    def __init__(self, base: DraftCfg, bon: BestOfNCfg, judges: JudgesCfg, threads: int):
         import torch
 
-        from pipeline.decoding.drafting import SamplingParams
         from pipeline.models import load_model
 
         torch.set_num_threads(threads)
-        self.lm = load_model(base["model"], dtype=base["dtype"], device=base["device"],
-                             trust_remote_code=base["trust_remote_code"])
-        self.params = SamplingParams(max_new_tokens=base["max_new_tokens"], temperature=base["temperature"],
-                                     top_p=base["top_p"], do_sample=True, seed=base["seed"])
-        self.n, self.kind = bon["n"], bon["judge"]
+        self.lm = load_model(base.model, dtype=base.dtype, device=base.device, trust_remote_code=base.trust_remote_code)
+        self.params, self.n, self.kind = base.sampling, bon.n, bon.judge
         self.judge = make_judges(judges, only=self.kind)[self.kind]
 
     def _pick(self, conv: list[dict], cands: list[str], ref: str) -> int:
@@ -285,225 +247,140 @@ class BestOfNStage:
         vals = [-math.inf if v != v else v for v in vals]
         return max(range(len(cands)), key=lambda i: vals[i])
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def process(self, rows: list[dict]) -> list[dict]:
         from pipeline.decoding.drafting import generate_answers
         from pipeline.records import conversation
 
-        out = []
-        for r in batch.to_dict("records"):
-            r["bon_turns"], r["bon_s"] = "[]", 0.0
-            if not r["error"]:
-                t0, picked = time.perf_counter(), []
-                try:
-                    refs = json.loads(r["reference_turns"])
-                    for k in range(len(json.loads(r["turns"]))):
-                        conv = conversation(r, k, picked)
-                        cands = [a for a, _, _ in generate_answers(self.lm, [conv] * self.n, self.params,
-                                                                   seed_key=f"{r['id']}#{k}")]
-                        picked.append(cands[self._pick(conv, cands, refs[k] if k < len(refs) else "")])
-                    r["bon_turns"], r["bon_s"] = json.dumps(picked), time.perf_counter() - t0
-                except Exception as e:  # noqa: BLE001
-                    r["error"] = f"best_of_n stage: {type(e).__name__}: {e}"
-            out.append(r)
-        return pd.DataFrame(out)
+        for r in rows:
+            t0, picked, refs = time.perf_counter(), [], r["references"]
+            for k in range(len(r["turns"])):
+                conv = conversation(r, k, picked)
+                cands = [a for a, _, _ in generate_answers(self.lm, [conv] * self.n, self.params,
+                                                           seed_key=f"{r['id']}#{k}")]
+                picked.append(cands[self._pick(conv, cands, refs[k] if k < len(refs) else "")])
+            r["bon_turns"], r["bon_s"] = picked, time.perf_counter() - t0
+        return rows
 
 
-class MethodStage:
+class MethodStage(data.RowStage):
     """Runs every aligner method on a batch of prompts and emits one long row per (prompt, method)."""
 
-    def __init__(self, st: dict, methods: list[str], benchmark: str, threads: int):
-        import torch
+    name = "method stage"
+    schema = LONG_SCHEMA
 
-        from pipeline.models import load_model
-        from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE
-        from pipeline.decoding.refiner import Refiner
+    def __init__(self, aligner: AlignerCfg, methods: list[str], benchmark: str, threads: int):
+        import torch
 
         torch.set_num_threads(threads)
         self.methods, self.benchmark = methods, benchmark
         need = [m for m in methods if m in ALIGNER_METHODS]
-        lm = load_model(st["model"], dtype=st["dtype"], device=st["device"],
-                        trust_remote_code=st["trust_remote_code"]) if need else None
-        if need and st.get("knobs"):  # alignment-vector knob settings: the aligner becomes θ + Σ λ·AV
-            from pipeline.vectors.knobs import load_knobbed
+        lm = load_aligner(aligner) if need else None
+        self.refiners = {m: make_refiner(lm, aligner, *ALIGNER_METHODS[m]) for m in need}
 
-            load_knobbed(lm, {n: expand(p) for n, p in st["vectors"].items() if n in st["knobs"]},
-                         cache_size=0).apply(dict(st["knobs"]))
-        self.refiners = {m: Refiner(lm, refine_settings(st), mode=ALIGNER_METHODS[m][0], in_context=ALIGNER_METHODS[m][1],
-                                    template=st["template"] or DEFAULT_CORRECTION_TEMPLATE) for m in need}
-
-    def _row(self, r: dict, method: str, answers: list[str], draft_s: float, refine_s: float, results=()) -> dict:
-        refs = json.loads(r["reference_turns"])
-        meta = json.loads(r["meta"] or "{}")
-        turns = json.loads(r["turns"]) if r["turns"] else []
-        passes = sum(x.passes for x in results)
-        new = sum(x.new_tokens for x in results)
-        return {"id": str(r["id"]), "benchmark": self.benchmark, "category": str(meta.get("category", meta.get("dataset", ""))),
-                "method": method, "prompt": turns[0] if turns else "", "answer": answers[0] if answers else "",
-                "answer_turns": json.dumps(answers), "turns": r["turns"] or "[]", "history": r["history"] or "[]",
-                "reference": refs[0] if refs else "", "reference_turns": r["reference_turns"],
-                "answer_words": _words(answers[0]) if answers else 0, "reference_words": _words(refs[0]) if refs else 0,
-                "draft_s": float(draft_s), "refine_s": float(refine_s), "total_s": float(draft_s + refine_s),
-                "passes": int(passes), "new_tokens": int(new), "tokens_per_pass": float(new / passes) if passes else 0.0,
-                "converged": all(x.converged for x in results), "error": r["error"] or ""}
-
-    def _refine(self, m: str, rows: list[dict]) -> dict[int, list]:
-        """Refine every turn of every row with method m; row index -> results (or an error string)."""
-        from pipeline.records import conversation
-        from pipeline.decoding.refiner import RefineRequest
-
-        ref = self.refiners[m]
-        jobs, out = [], {}
-        for i, r in enumerate(rows):
-            drafts = json.loads(r["drafts"])
-            try:
-                items = [ref.encode(RefineRequest(conversation(r, k, drafts), drafts[k],
-                                                  key=str(r["id"]) if k == 0 else f"{r['id']}#{k}"))
-                         for k in range(len(json.loads(r["turns"])))]
-            except ValueError as e:
-                out[i] = f"{m}: {e}"
-                continue
-            jobs += [(i, it) for it in items]
-        try:
-            results = ref.refine_items([it for _, it in jobs])
-        except Exception:  # noqa: BLE001 - isolate the row that breaks the batch
-            results = []
-            for i, it in jobs:
-                try:
-                    results.append(ref.refine_items([it])[0])
-                except Exception as e:  # noqa: BLE001
-                    out[i] = f"{m}: {type(e).__name__}: {e}"
-                    results.append(None)
-        for (i, _), res in zip(jobs, results):
-            if not isinstance(out.get(i), str):
-                out.setdefault(i, []).append(res)
-        return out
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        rows = batch.to_dict("records")
-        out = []
+    def __call__(self, batch: pa.Table) -> pa.Table:  # one input row -> one output row per method
+        rows = batch.to_pylist()
+        out = [self._row(r, m) for r in rows if r["error"] for m in self.methods]
         good = [r for r in rows if not r["error"]]
-        for r in rows:
-            if r["error"]:  # one error row per method, so a resumed run sees the prompt as done
-                out += [self._row(r, m, [], 0.0, 0.0) for m in self.methods]
-        per_method = {m: self._refine(m, good) for m in self.methods if m in ALIGNER_METHODS}
-        for i, r in enumerate(good):
-            draft_s = 0.0 if r.get("draft_s") is None or r["draft_s"] != r["draft_s"] else float(r["draft_s"])
-            for m in self.methods:
-                if m == "draft":
-                    out.append(self._row(r, m, json.loads(r["drafts"]), draft_s, 0.0))
-                elif m == "best_of_n":
-                    out.append(self._row(r, m, json.loads(r.get("bon_turns") or "[]"), float(r.get("bon_s") or 0.0), 0.0))
-                else:
-                    res = per_method[m].get(i)
-                    if isinstance(res, str) or res is None or any(x is None for x in res):
-                        bad = dict(r, error=res if isinstance(res, str) else f"{m}: refinement failed")
-                        out.append(self._row(bad, m, [], draft_s, 0.0))
+        if good:
+            per_method = {m: self._refined(m, good) for m in self.methods if m in ALIGNER_METHODS}
+            for i, r in enumerate(good):
+                for m in self.methods:
+                    if m == "draft":
+                        out.append(self._row(r, m, r["drafts"], r["draft_s"]))
+                    elif m == "best_of_n":
+                        out.append(self._row(r, m, r.get("bon_turns") or [], r.get("bon_s") or 0.0))
+                    elif isinstance(per_method[m][i], str):
+                        out.append(self._row(dict(r, error=per_method[m][i]), m, [], r["draft_s"]))
                     else:
-                        out.append(self._row(r, m, [x.text for x in res], draft_s, sum(x.wall_s for x in res), res))
-        return pd.DataFrame(out, columns=LONG_COLUMNS)
+                        res = per_method[m][i]
+                        out.append(self._row(r, m, [x.text for x in res], r["draft_s"], sum(x.wall_s for x in res), res))
+        return pa.Table.from_pylist(out, schema=self.schema)
+
+    def _refined(self, m: str, rows: list[dict]) -> list:
+        """Per row, its results with method m, or the reason it failed (a failing row fails alone)."""
+        try:
+            return [res if isinstance(res, list) else f"{m}: {res}" for res in refine_turns(self.refiners[m], rows)]
+        except Exception:  # noqa: BLE001 - isolate the row that breaks the batch
+            out = []
+            for r in rows:
+                try:
+                    res = refine_turns(self.refiners[m], [r])[0]
+                    out.append(res if isinstance(res, list) else f"{m}: {res}")
+                except Exception as e:  # noqa: BLE001
+                    out.append(f"{m}: {type(e).__name__}: {e}"[:1000])
+            return out
+
+    def _row(self, r: dict, method: str, answers=(), draft_s: float = 0.0, refine_s: float = 0.0, results=()) -> dict:
+        refs, turns, meta = r["references"], r["turns"], r["meta"] or {}
+        answers, passes, new = list(answers), sum(x.passes for x in results), sum(x.new_tokens for x in results)
+        return {"id": r["id"], "benchmark": self.benchmark, "category": meta.get("category") or meta.get("dataset") or "",
+                "method": method, "prompt": turns[0] if turns else "", "answer": answers[0] if answers else "",
+                "answer_turns": answers, "turns": turns, "history": r["history"], "meta": meta,
+                "reference": refs[0] if refs else "", "reference_turns": refs,
+                "answer_words": len(answers[0].split()) if answers else 0,
+                "reference_words": len(refs[0].split()) if refs else 0, "draft_s": draft_s or 0.0,
+                "refine_s": refine_s, "total_s": (draft_s or 0.0) + refine_s, "passes": passes, "new_tokens": new,
+                "tokens_per_pass": new / passes if passes else 0.0, "converged": all(x.converged for x in results),
+                "error": r["error"]}
 
 
-def make_judges(j: dict, only: str | None = None) -> dict:
-    """The enabled judges, by name (offline, llm, reward)."""
-    judges = {}
-    if j["offline"]["enabled"] and only in (None, "offline"):
-        from pipeline.evaluation.judges import OfflineJudge
+class JudgeStage(data.RowStage):
+    """Adds the judges' columns to long rows: offline_sim, llm_score (+ llm_score_turns), llm_pref, rm_score,
+    rm_pref, and judge_notes (statuses and the raw text of every verdict that could not be parsed)."""
 
-        judges["offline"] = OfflineJudge(max_tokens=j["offline"]["max_tokens"])
-    if j["llm"]["enabled"] and only in (None, "llm"):
-        from pipeline.evaluation.judges import LLMJudge, load_fastchat_prompts
-        from pipeline.clients import ChatEndpoint, EndpointConfig
+    name = "judge stage"
+    schema = RESULT_SCHEMA
 
-        c = j["llm"]
-        ep = ChatEndpoint(EndpointConfig(base_url=c["base_url"], model=c["model"], api_key_env=c["api_key_env"],
-                                         timeout_s=c["timeout_s"], max_retries=c["max_retries"]))
-        judges["llm"] = LLMJudge(ep, load_fastchat_prompts(_path(c["prompts"])), c["max_tokens"], c["swap"])
-    if j["reward"]["enabled"] and only in (None, "reward"):
-        from pipeline.evaluation.judges import RewardJudge
-
-        c = j["reward"]
-        judges["reward"] = RewardJudge(c["model"], device=c["device"], dtype=c["dtype"], label_index=c["label_index"],
-                                       trust_remote_code=c["trust_remote_code"], max_length=c["max_length"])
-    return judges
-
-
-class JudgeStage:
-    """Adds the judges' columns to long rows: offline_sim, llm_score(+_turns), llm_pref, rm_score, rm_pref,
-    and judge_notes (statuses and the raw text of every verdict that could not be parsed)."""
-
-    def __init__(self, j: dict, threads: int):
+    def __init__(self, judges: JudgesCfg, threads: int):
         import torch
 
         torch.set_num_threads(threads)
-        self.cfg, self.judges = j, make_judges(j)
+        self.cfg, self.judges = judges, make_judges(judges)
+
+    def passthrough(self, row: dict) -> dict:
+        return dict(row, llm_score_turns=[], judge_notes=[])
 
     def _llm(self, r: dict) -> dict:
-        judge, c, notes, res = self.judges["llm"], self.cfg["llm"], {}, {}
-        qs, ans, refs = json.loads(r["turns"]), json.loads(r["answer_turns"]), json.loads(r["reference_turns"])
-        if c["grade"]:
-            vs = judge.grade(qs, ans, refs, r["category"])
-            res["llm_score"] = float(sum(v.number for v in vs) / len(vs)) if vs else math.nan
-            res["llm_score_turns"] = json.dumps([v.number if v.status == "ok" else None for v in vs])
-            notes["llm_grade"] = [v.status if v.status == "ok" else f"{v.status}: {v.raw[-300:]}" for v in vs]
-        if c["pairwise"] and r["reference"]:
+        judge, c, res = self.judges["llm"], self.cfg.llm, {"judge_notes": []}
+        if c.grade:
+            vs = judge.grade(r["turns"], r["answer_turns"], r["reference_turns"], r["category"])
+            res["llm_score"] = sum(v.number for v in vs) / len(vs) if vs else math.nan
+            res["llm_score_turns"] = [v.number if v.status == "ok" else None for v in vs]
+            res["judge_notes"] += [f"llm grade turn {k + 1}: {v.status}: {v.raw[-300:]}"
+                                   for k, v in enumerate(vs) if v.status != "ok"]
+        if c.pairwise and r["reference"]:
             v = judge.compare(r["prompt"], r["answer"], r["reference"])
             res["llm_pref"] = v.number
-            notes["llm_pair"] = v.status if v.status == "ok" else f"{v.status}: {v.raw[-300:]}"
-        res["_notes"] = notes
+            if v.status != "ok":
+                res["judge_notes"].append(f"llm pair: {v.status}: {v.raw[-300:]}")
         return res
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def process(self, rows: list[dict]) -> list[dict]:
         from concurrent.futures import ThreadPoolExecutor
 
         from pipeline.records import conversation
 
-        df = batch.copy()
-        n = len(df)
-        for c in ("offline_sim", "llm_score", "llm_pref", "rm_score", "rm_pref"):
-            df[c] = math.nan
-        df["llm_score_turns"] = "[]"
-        notes = [{} for _ in range(n)]
-        ok = [i for i in range(n) if not df["error"].iat[i]]
-        if "offline" in self.judges and ok:
-            vs = self.judges["offline"].score([df["answer"].iat[i] for i in ok], [df["reference"].iat[i] for i in ok])
-            for i, v in zip(ok, vs):
-                df.iat[i, df.columns.get_loc("offline_sim")] = v.number
+        for r in rows:
+            r.update({c: math.nan for c in JUDGE_COLUMNS}, llm_score_turns=[], judge_notes=[])
+        if "offline" in self.judges:
+            for r, v in zip(rows, self.judges["offline"].score([r["answer"] for r in rows],
+                                                               [r["reference"] for r in rows])):
+                r["offline_sim"] = v.number
         if "reward" in self.judges:
-            for i in ok:
-                r = df.iloc[i].to_dict()
+            for r in rows:
                 score, pref = self.judges["reward"].score(conversation(r, 0, []), r["answer"], r["reference"] or None)
-                df.iat[i, df.columns.get_loc("rm_score")], df.iat[i, df.columns.get_loc("rm_pref")] = score.number, pref.number
+                r["rm_score"], r["rm_pref"] = score.number, pref.number
                 if score.status != "ok":
-                    notes[i]["reward"] = f"{score.status}: {score.raw}"
-        if "llm" in self.judges and ok:
-            with ThreadPoolExecutor(self.cfg["llm"]["parallel_requests"]) as pool:
-                outs = list(pool.map(lambda i: self._llm(df.iloc[i].to_dict()), ok))
-            for i, o in zip(ok, outs):
-                notes[i].update(o.pop("_notes"))
-                for k, v in o.items():
-                    df.iat[i, df.columns.get_loc(k)] = v
-        df["judge_notes"] = [json.dumps(x) for x in notes]
-        return df
+                    r["judge_notes"].append(f"reward: {score.status}: {score.raw}")
+        if "llm" in self.judges:
+            with ThreadPoolExecutor(self.cfg.llm.parallel_requests) as pool:
+                for r, o in zip(rows, pool.map(self._llm, rows)):
+                    r["judge_notes"] += o.pop("judge_notes")
+                    r.update(o)
+        return rows
 
 
-# ---- finalize -------------------------------------------------------------------------------------------
-def write_exports(ok: pd.DataFrame, out: Path, model_id: str) -> None:
-    """Each method's answers in FastChat's answer format and AlpacaEval's model-outputs format."""
-    (out / "exports" / "fastchat").mkdir(parents=True, exist_ok=True)
-    (out / "exports" / "alpaca_eval").mkdir(parents=True, exist_ok=True)
-    for m, g in ok.groupby("method", sort=False):
-        name = f"{model_id}-{m}"
-        with open(out / "exports" / "fastchat" / f"{m}.jsonl", "w") as f:
-            for r in g.to_dict("records"):
-                qid = int(r["id"]) if str(r["id"]).isdigit() else r["id"]
-                f.write(json.dumps({"question_id": qid, "answer_id": f"{name}-{r['id']}", "model_id": name,
-                                    "choices": [{"index": 0, "turns": json.loads(r["answer_turns"])}],
-                                    "tstamp": time.time()}, ensure_ascii=False) + "\n")
-        recs = [{"instruction": r["prompt"], "output": r["answer"], "generator": name,
-                 **({"dataset": r["category"]} if r["category"] else {})} for r in g.to_dict("records")]
-        (out / "exports" / "alpaca_eval" / f"{m}.json").write_text(json.dumps(recs, indent=1, ensure_ascii=False))
-
-
+# ---- finalize --------------------------------------------------------------------------------------------
 NOTES = {
     "offline": "The offline judge measures how close an answer is to the reference answer in a small embedding "
                "space (all-MiniLM-L6-v2), not quality. On 8 models' AlpacaEval answers it agrees with GPT-4-turbo's "
@@ -514,129 +391,107 @@ NOTES = {
 }
 
 
-def finalize(cfg, out: Path, parts: Path, rows_in: int, started: float, drafted: bool) -> tuple[dict, pd.DataFrame]:
-    import pyarrow.parquet as pq
+def done_ids(parts: Path, methods: list[str]) -> set[str]:
+    """Prompts whose rows for every method are already written (a prompt cut off halfway is redone)."""
+    t = data.read_parts(parts, ["id", "method"])
+    seen: dict[str, set] = {}
+    for i, m in zip(*(t.column(c).to_pylist() for c in ("id", "method"))) if t is not None else ():
+        seen.setdefault(i, set()).add(m)
+    return {i for i, ms in seen.items() if set(methods) <= ms}
+
+
+def finalize(cfg: EvaluateConfig, out: Path, parts: Path, rows_in: int, started: float, drafted: bool):
+    import pandas as pd
 
     from pipeline.evaluation.summary import summarize
 
-    files = sorted(parts.glob("*.parquet"))
-    df = pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True) if files else \
-        pd.DataFrame(columns=LONG_COLUMNS + ["offline_sim", "llm_score", "llm_pref", "rm_score", "rm_pref", "judge_notes"])
-    df = df.drop_duplicates(subset=["id", "method"], keep="last")
-    df = df[df["method"].isin(list(cfg.methods))]  # a rerun with fewer methods reports only those
-    df["_o"] = df["method"].map({m: i for i, m in enumerate(cfg.methods)})
-    df = df.sort_values(["id", "_o"], key=lambda s: s.map(_sort_key) if s.name == "id" else s).drop(columns="_o")
-    df = df.reset_index(drop=True)
-    ok, bad = df[df["error"] == ""], df[df["error"] != ""]
-    ok.to_parquet(out / "results.parquet", index=False)
-    with open(out / "errors.jsonl", "w") as f:
-        for r in bad.to_dict("records"):
-            f.write(json.dumps({"id": r["id"], "method": r["method"], "error": r["error"], "prompt": r["prompt"]},
-                               ensure_ascii=False) + "\n")
-    s = summarize(df, cfg.stats.baseline, cfg.stats.n_boot, cfg.stats.seed)
-    judges = [k for k in ("offline", "llm", "reward") if cfg.judges[k].enabled]
-    notes = [NOTES["offline"]] if "offline" in judges else []
-    if not drafted:
-        notes.append(NOTES["given_drafts"])
-    summary = {"benchmark": cfg.benchmark.name, "n_prompts": int(ok["id"].nunique()), "rows_in": rows_in,
-               "error_rows": int(len(bad)), "judges": judges, "methods_run": list(cfg.methods),
+    rows = {(r["id"], r["method"]): r for r in data.sorted_rows(data.read_parts(parts), RESULT_SCHEMA)
+            if r["method"] in cfg.methods}  # one row per (prompt, method), the last written; configured methods only
+    order = {m: k for k, m in enumerate(cfg.methods)}
+    rows = sorted(rows.values(), key=lambda r: (data.sort_key(r["id"]), order[r["method"]]))
+    ok, bad = [r for r in rows if not r["error"]], [r for r in rows if r["error"]]
+    data.write_table(ok, RESULT_SCHEMA, out / "results.parquet")
+    data.write_jsonl(out / "errors.jsonl", ({k: r[k] for k in ("id", "method", "error", "prompt")} for r in bad))
+    df = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA).to_pandas()
+    df["error"] = df["error"].fillna("")
+    judges = [k for k in ("offline", "llm", "reward") if getattr(cfg.judges, k).enabled]
+    summary = {"benchmark": cfg.benchmark.name, "n_prompts": len({r["id"] for r in ok}), "rows_in": rows_in,
+               "error_rows": len(bad), "judges": judges, "methods_run": list(cfg.methods),
                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "wall_s": round(time.perf_counter() - started, 1), "notes": notes,
-               "config": OmegaConf.to_container(cfg), **s}
+               "wall_s": round(time.perf_counter() - started, 1),
+               "notes": ([NOTES["offline"]] if "offline" in judges else []) + ([] if drafted else [NOTES["given_drafts"]]),
+               "config": cfg.model_dump(mode="json"), **summarize(df, cfg.stats.baseline, cfg.stats.n_boot, cfg.stats.seed)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     if cfg.output.exports:
-        write_exports(ok, out, cfg.output.model_id)
+        for m in cfg.methods:
+            mine, name = [r for r in ok if r["method"] == m], f"{cfg.output.model_id}-{m}"
+            (out / "exports" / "fastchat").mkdir(parents=True, exist_ok=True)
+            (out / "exports" / "alpaca_eval").mkdir(parents=True, exist_ok=True)
+            data.write_fastchat(out / "exports" / "fastchat" / f"{m}.jsonl", mine, name, "answer_turns")
+            data.write_alpaca_eval(out / "exports" / "alpaca_eval" / f"{m}.json", mine, name, "answer")
     if cfg.output.report:
         from pipeline.evaluation.report import write_report
 
-        write_report(ok, summary, out)
-    return summary, ok
+        write_report(df[df["error"] == ""].reset_index(drop=True), summary, out)
+    return summary, pd.DataFrame(ok)
 
 
 def print_table(summary: dict) -> None:
     metrics = list(summary["metrics"])[:4]
-    head = f"{'method':<18}" + "".join(f"{m:>22}" for m in metrics) + f"{'words':>7}{'total_s':>9}{'tok/pass':>9}"
-    print(head)
+    print(f"{'method':<18}" + "".join(f"{m:>22}" for m in metrics) + f"{'words':>7}{'total_s':>9}{'tok/pass':>9}")
     for m, r in summary["methods"].items():
-        cells = ""
-        for k in metrics:
-            v = r["metrics"].get(k)
-            cells += f"{v['mean']:>8.3f} [{v['lo']:.3f},{v['hi']:.3f}]" if v else f"{'-':>22}"
+        cells = "".join(f"{v['mean']:>8.3f} [{v['lo']:.3f},{v['hi']:.3f}]" if (v := r["metrics"].get(k)) else f"{'-':>22}"
+                        for k in metrics)
         print(f"{m:<18}{cells}{r['mean_words']:>7.0f}{r['latency']['total_s']:>9.2f}{r['jacobi']['tokens_per_pass']:>9.2f}")
 
 
-# ---- main ---------------------------------------------------------------------------------------------
+# ---- main ------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     cfg = load_config(EvaluateConfig, "conf/evaluate.yaml", argv)
-    validate(cfg)
     out = Path(expand(cfg.output.path))
     parts = out / "_parts"
     parts.mkdir(parents=True, exist_ok=True)
-
-    import ray
-
-    start_data_job("evaluate", cfg, out)
+    data.start_data_job("evaluate", cfg, out)
 
     from pipeline.records import load_drafts
 
     b = cfg.benchmark
-    files = benchmark_files(b.path)
-    drafts_by_key = load_drafts(str(_path(b.drafts_path))) if b.drafts_path else None
+    drafts = load_drafts(str(resolve_path(b.drafts_path))) if b.drafts_path else None
+    rows = data.read_rows(data.input_files(b.path, DEMO_EVAL),
+                          lambda rec, fid: normalize(rec, fid, b.format, b.id_field, drafts), error_row, ROW_SCHEMA)
+    rows = rows.filter(pa.array([keep_row(i, b.id_mod, b.id_rem) for i in rows.column("id").to_pylist()], pa.bool_()))
+    rows = rows.slice(0, b.limit) if b.limit else rows
+    data.check_unique_ids(rows, "set benchmark.id_field to a unique field")
     refs = load_references(b.references_path)
-    parsed = read_inputs(files, b.format, b.id_field, drafts_by_key)
-    rows = parsed.to_pandas()  # benchmarks are small (hundreds to thousands of prompts); the models are the heavy part
-    rows = rows[[keep_row(i, b.id_mod, b.id_rem) for i in rows["id"]]]
-    if b.limit:
-        rows = rows.head(b.limit)
-    dups = rows["id"][rows["id"].duplicated()].unique().tolist()
-    if dups:
-        raise ConfigError([f"benchmark has duplicate ids {dups[:10]}; set benchmark.id_field to a unique field"])
-    rows = rows.assign(reference_turns=[json.dumps(reference_turns(r, refs)) for r in rows.to_dict("records")])
-    rows_in = len(rows)
-    done = done_ids(parts, list(cfg.methods))
-    todo = rows[~rows["id"].isin(done)]
-    drafted = bool(todo["drafts"].isna().any()) if len(todo) else False
-    print(f"[evaluate] {rows_in} prompts, {rows_in - len(todo)} already done in {parts}, {len(todo)} to do; "
-          f"methods {list(cfg.methods)}", flush=True)
+    if refs:  # references from a separate file fill the rows that came without
+        merged = [r or refs.get(i, []) for r, i in zip(rows.column("references").to_pylist(), rows.column("id").to_pylist())]
+        rows = rows.set_column(rows.schema.get_field_index("references"), "references", pa.array(merged, pa.list_(pa.string())))
+    todo = data.not_done(rows, done_ids(parts, list(cfg.methods)))
+    drafted = any(d is None for d in todo.column("drafts").to_pylist())
+    print(f"[evaluate] {rows.num_rows} prompts, {rows.num_rows - todo.num_rows} already done in {parts}, "
+          f"{todo.num_rows} to do; methods {list(cfg.methods)}", flush=True)
 
-    if len(todo):
-        res = ray.cluster_resources().get("CPU", 0.0)
+    if todo.num_rows:
         threads = cfg.ray.torch_threads
-        stages = [("base", cfg.base.num_cpus * cfg.base.concurrency)] if drafted else []
-        stages += [("best_of_n", cfg.base.num_cpus)] if "best_of_n" in cfg.methods else []
-        stages += [("aligner", cfg.aligner.num_cpus * cfg.aligner.concurrency), ("judges", cfg.judges.num_cpus)]
-        if sum(c for _, c in stages) + READ_HEADROOM_CPUS > res:
-            raise ConfigError([f"the stages ask for {sum(c for _, c in stages):g} CPUs ({stages}) and "
-                               f"{READ_HEADROOM_CPUS} must stay free for I/O, but the cluster has {res:g}"])
-        todo = todo.reset_index(drop=True)
-        k = cfg.output.rows_per_file  # blocks of k prompts from the start: no repartition task to schedule
-        ds = ray.data.from_pandas([todo.iloc[i:i + k] for i in range(0, len(todo), k)])
-        if drafted:
-            st = OmegaConf.to_container(cfg.base)
-            ds = ds.map_batches(DraftStage, batch_format="pandas", batch_size=cfg.base.batch_size,
-                                compute=ray.data.ActorPoolStrategy(size=cfg.base.concurrency),
-                                num_cpus=cfg.base.num_cpus, num_gpus=cfg.base.num_gpus or None,
-                                fn_constructor_kwargs=dict(st=st, threads=threads))
+        pools = {"base": cfg.base} if drafted else {}
         if "best_of_n" in cfg.methods:
-            ds = ds.map_batches(BestOfNStage, batch_format="pandas", batch_size=cfg.base.batch_size,
-                                compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.base.num_cpus,
-                                num_gpus=cfg.base.num_gpus or None,
-                                fn_constructor_kwargs=dict(base=OmegaConf.to_container(cfg.base),
-                                                           bon=OmegaConf.to_container(cfg.best_of_n),
-                                                           judges=OmegaConf.to_container(cfg.judges), threads=threads))
-        a = cfg.aligner
-        ds = ds.map_batches(MethodStage, batch_format="pandas", batch_size=a.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=a.concurrency), num_cpus=a.num_cpus,
-                            num_gpus=a.num_gpus or None,
-                            fn_constructor_kwargs=dict(st=OmegaConf.to_container(a), methods=list(cfg.methods),
-                                                       benchmark=b.name, threads=threads))
-        ds = ds.map_batches(JudgeStage, batch_format="pandas", batch_size=cfg.judges.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cfg.judges.num_cpus,
-                            fn_constructor_kwargs=dict(j=OmegaConf.to_container(cfg.judges), threads=threads))
-        ds.write_parquet(str(parts), ray_remote_args={"num_cpus": WRITE_CPUS})
+            pools["best_of_n"] = cfg.base.model_copy(update={"concurrency": 1})
+        pools |= {"aligner": cfg.aligner,
+                  "judges": data.PoolCfg(batch_size=cfg.judges.batch_size, num_cpus=cfg.judges.num_cpus)}
+        data.preflight(pools)
+        ds = data.blocks(todo.append_column("draft_s", pa.array([0.0] * todo.num_rows)), cfg.output.rows_per_file)
+        if drafted:
+            ds = data.map_stage(ds, DraftStage, cfg.base, base=cfg.base, schema=INPUT_SCHEMA, threads=threads)
+        if "best_of_n" in cfg.methods:
+            ds = data.map_stage(ds, BestOfNStage, pools["best_of_n"], base=cfg.base, bon=cfg.best_of_n,
+                                judges=cfg.judges, threads=threads)
+        ds = data.map_stage(ds, MethodStage, cfg.aligner, aligner=cfg.aligner, methods=list(cfg.methods),
+                            benchmark=b.name, threads=threads)
+        ds = data.map_stage(ds, JudgeStage, pools["judges"], judges=cfg.judges, threads=threads)
+        data.write_parts(ds, parts)
 
-    summary, _ = finalize(cfg, out, parts, rows_in, started, drafted)
+    summary, _ = finalize(cfg, out, parts, rows.num_rows, started, drafted)
     print_table(summary)
     print(f"[evaluate] results: {out / 'results.parquet'}\n[evaluate] summary: {out / 'summary.json'}"
           + (f"\n[evaluate] report:  {out / 'report.html'}" if cfg.output.report else ""), flush=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from jobs.config import ConfigError
+from jobs.common.config import ConfigError, load_config
 from pipeline.evaluation.judges import LLMJudge, Verdict, load_fastchat_prompts, parse_pairwise
 from tests.conftest import shared_file
 
@@ -178,7 +178,7 @@ def _bench(tmp_path: Path) -> Path:
     return p
 
 
-TINY = ["base.max_new_tokens=10", "aligner.max_new_tokens=12", "aligner.block_size=8", "ray.progress_bars=false",
+TINY = ["base.sampling.max_new_tokens=10", "aligner.refine.max_new_tokens=12", "aligner.refine.block_size=8", "ray.progress_bars=false",
         "stats.n_boot=50", "best_of_n.n=2", "output.rows_per_file=1", "base.num_cpus=0.25", "aligner.num_cpus=0.25",
         "judges.num_cpus=0.25", "aligner.batch_size=1", "base.batch_size=1", "judges.batch_size=6"]  # a part per prompt
 
@@ -199,10 +199,10 @@ def test_evaluate_job_end_to_end(tmp_path, tiny_dirs, tiny_rm, ray_local):
     by = {(r["id"], r["method"]): r for r in df.to_dict("records")}
     assert by[("0", "draft")]["answer"] == "Red and blue."  # a draft that came with the input is kept
     for i in ("0", "4", "12"):  # greedy Jacobi, reference Jacobi and greedy AR agree token for token
-        assert by[(i, "refine")]["answer_turns"] == by[(i, "aligner_ar")]["answer_turns"] == \
-            by[(i, "refine_reference")]["answer_turns"]
-    assert len(json.loads(by[("12", "refine")]["answer_turns"])) == 2  # both MT-bench turns
-    assert by[("12", "draft")]["reference_turns"] == json.dumps(["2", "4"])
+        assert list(by[(i, "refine")]["answer_turns"]) == list(by[(i, "aligner_ar")]["answer_turns"]) == \
+            list(by[(i, "refine_reference")]["answer_turns"])
+    assert len(by[("12", "refine")]["answer_turns"]) == 2  # both MT-bench turns
+    assert list(by[("12", "draft")]["reference_turns"]) == ["2", "4"]
     assert df["offline_sim"].notna().all() and df["rm_score"].notna().all() and df["rm_pref"].between(0, 1).all()
     assert (df.loc[df["method"] == "refine", "passes"] > 0).all()
     errors = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
@@ -232,7 +232,7 @@ def test_evaluate_job_end_to_end(tmp_path, tiny_dirs, tiny_rm, ray_local):
 
 
 @pytest.mark.parametrize("override,msg", [
-    ("methods=[draft,nope]", "choose from"),
+    ("methods=[draft,nope]", "methods.1: Input should be 'draft'"),
     ("stats.baseline=refine_reference", "not among the methods"),
     ("methods=[draft,best_of_n]", None),  # fine with the offline judge on
     ("judges.llm.enabled=true", "base_url"),
@@ -240,15 +240,13 @@ def test_evaluate_job_end_to_end(tmp_path, tiny_dirs, tiny_rm, ray_local):
     ("benchmark.path=/nonexistent.jsonl", "benchmark.path"),
 ])
 def test_config_errors_are_reported_up_front(override, msg):
-    from jobs.config import load_config
-    from jobs.evaluate import EvaluateConfig, validate
+    from jobs.evaluate import EvaluateConfig
 
-    cfg = load_config(EvaluateConfig, "conf/evaluate.yaml", [override])
     if msg is None:
-        validate(cfg)
+        load_config(EvaluateConfig, "conf/evaluate.yaml", [override])
         return
     with pytest.raises(ConfigError, match=msg):
-        validate(cfg)
+        load_config(EvaluateConfig, "conf/evaluate.yaml", [override])
 
 
 def test_hh_rlhf_dialogues_become_prompts_with_the_chosen_answer_as_reference():
@@ -261,10 +259,9 @@ def test_hh_rlhf_dialogues_become_prompts_with_the_chosen_answer_as_reference():
     for i, rec in enumerate(recs):
         row = normalize(rec, str(i))
         assert row["error"] is None
-        meta = json.loads(row["meta"])
         last = rec["chosen"].rsplit("\n\nAssistant:", 1)
-        assert meta["reference"] == last[1].strip()
-        assert json.loads(row["turns"])[0] == last[0].rsplit("\n\nHuman:", 1)[1].strip()
+        assert row["references"] == [last[1].strip()]
+        assert row["turns"][0] == last[0].rsplit("\n\nHuman:", 1)[1].strip()
     assert normalize({"chosen": "no turns here"}, "x")["error"]
 
 
