@@ -7,7 +7,6 @@ Model paths and trust settings come only from here, never from a request.
 """
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -92,7 +91,6 @@ class VLLMBaseArgs(_Strict):
 
 
 BaseArgs = Annotated[Union[HFBaseArgs, OpenAIBaseArgs, VLLMBaseArgs], Field(discriminator="kind")]
-_REFINE_KEYS = {f.name for f in fields(RefineSettings)}
 
 
 class AlignerArgs(VectorArgs):
@@ -100,7 +98,7 @@ class AlignerArgs(VectorArgs):
     mode: str = "fast"  # fast | reference | ar
     in_context: bool = False  # show the draft in the aligner's prompt (Aligner-style correction)
     template: str | None = None  # correction prompt with {question} and {draft}; None: the built-in one
-    refine: dict = Field(default_factory=dict)  # RefineSettings overrides (block_size, window, max_new_tokens ...)
+    refine: RefineSettings = Field(default_factory=RefineSettings)  # the same Jacobi settings type as the jobs' aligner.refine
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
@@ -118,15 +116,12 @@ class AlignerArgs(VectorArgs):
 
     @field_validator("refine")
     @classmethod
-    def _refine(cls, v):
-        unknown = set(v) - _REFINE_KEYS
-        if unknown:
-            raise ValueError(f"unknown refine settings {sorted(unknown)}; known: {sorted(_REFINE_KEYS)}")
-        RefineSettings(**v).validate()
+    def _refine(cls, v: RefineSettings):
+        v.validate()
         return v
 
     def settings(self) -> RefineSettings:
-        return RefineSettings(**self.refine)
+        return self.refine
 
 
 class ModelRoute(_Strict):
