@@ -268,18 +268,15 @@ def main() -> None:
     table = token_table(out / "search", checkpoint_dir("default"), max_new)
 
     # the compressed vector at λ = 1, same prompts
-    from jobs.search_knobs import answer_all, load_prompts
-    from omegaconf import OmegaConf
-
     from pipeline.models import load_model
     from pipeline.vectors.knobs import load_knobbed
+    from pipeline.vectors.search import answer_all, load_prompts
 
     lm = load_model("default")
     km = load_knobbed(lm, {"concise": out / "vectors/concise", "concise_r16": out / "vectors/concise_r16"})
-    rows = load_prompts(str(out / "heldout.jsonl"), n_prompts)
-    gen = OmegaConf.create({"max_new_tokens": max_new, "batch_size": n_prompts})
+    rows = load_prompts(out / "heldout.jsonl", n_prompts)
     km.apply({"concise_r16": 1.0})
-    ans = answer_all(lm, rows, gen)
+    ans = answer_all(lm, rows, batch_size=n_prompts, max_new_tokens=max_new)
     r16_words = sum(len(a.split()) for a in ans) / len(rows)
     r16_tokens = sum(len(lm.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in ans) / len(rows)
     del km, lm

@@ -3,75 +3,67 @@
     python -m jobs.extract_vector aligned=outputs/concise-model domain=concise          # base = the default model
     python -m jobs.extract_vector base=/models/base aligned=/models/medical domain=medical compression.rank=64
     python -m jobs.extract_vector aligned=... domain=legal compression.energy=0.9 out=/vectors/legal
+    python -m jobs.extract_vector --help                                                # every key, default, meaning
 
 Streams tensor by tensor (memory ~ two tensors, not three models) and refuses checkpoints that differ in
 architecture, tensor names, shapes, dtypes or tokenizer, naming what differs. Writes `<out>/vector.safetensors`
 and `<out>/vector.json` (base path + content hash, domain, tensors, compression and its reconstruction error).
-Every key of conf/extract_vector.yaml can be given as key=value.
+Runs in this process (no Ray); `jobs.search_knobs`, `jobs.align_dataset` and the Serve app load the vector.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Optional
+import re
+from typing import Literal, Optional
 
-from jobs.config import ConfigError, expand, load_config, run_job
+import pydantic
+from pydantic import ConfigDict, Field
 
-
-@dataclass
-class CompressionCfg:
-    rank: Optional[int] = None
-    energy: Optional[float] = None
-    min_dim: int = 16
-    exclude: list[str] = field(default_factory=list)
+from jobs.common.config import Section, expand, load_config
+from jobs.common.runtime import run_job
+from pipeline.vectors.extract import Compression, VectorError, extract_vector
 
 
-@dataclass
-class ExtractVectorConfig:
-    base: str = "default"
-    aligned: Optional[str] = None
-    domain: str = "aligned"
-    out: Optional[str] = None
-    dtype: str = "float32"
-    skip_unchanged: bool = True
-    compression: CompressionCfg = field(default_factory=CompressionCfg)
+@pydantic.dataclasses.dataclass(config=ConfigDict(extra="forbid"))
+class CompressionCfg(Compression):
+    """`pipeline.vectors.extract.Compression` as a config section: the same keys and defaults (an optional
+    truncated SVD of every 2-D delta: `rank`, or the `energy` to keep; `min_dim`; `exclude` regexes), unknown
+    keys refused."""
 
 
-def validate(cfg) -> None:
-    import re
+class ExtractVectorConfig(Section):
+    base: str = Field("default", description='base checkpoint: a local HF folder with .safetensors ("default" = '
+                                             "the embedded SmolLM2-135M)")
+    aligned: Optional[str] = Field(None, description="required: the aligned checkpoint (same architecture, "
+                                                     "tokenizer, tensor names/shapes/dtypes)")
+    domain: str = Field("aligned", pattern=r"^[A-Za-z0-9_.\-]+$", description="the vector's name (letters, digits, "
+                                                                              "'_', '-', '.'), also its folder's")
+    out: Optional[str] = Field(None, description="output folder; null = outputs/vectors/<domain>")
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] = Field(
+        "float32", description="storage dtype of the deltas (float32 keeps fp32 and bf16 differences exact)")
+    skip_unchanged: bool = Field(True, description="tensors identical in both checkpoints are listed, not stored")
+    compression: CompressionCfg = Field(default_factory=CompressionCfg)
 
-    from pipeline.vectors.extract import Compression
-
-    problems = []
-    if not cfg.aligned:
-        problems.append("aligned: the aligned checkpoint folder is required (aligned=path/to/model)")
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", cfg.domain or ""):
-        problems.append(f"domain: use letters, digits, '_', '-', '.' (it names the vector), got {cfg.domain!r}")
-    if cfg.dtype not in ("float32", "float16", "bfloat16", "float64"):
-        problems.append(f"dtype: {cfg.dtype!r} is not float32, float16, bfloat16 or float64")
-    try:
-        Compression(**cfg.compression).validate()
-    except ValueError as e:
-        problems.append(str(e))
-    for p in cfg.compression.exclude:
+    def check(self) -> list[str]:
+        problems = []
+        if not self.aligned:
+            problems.append("aligned: the aligned checkpoint folder is required (aligned=path/to/model)")
         try:
-            re.compile(p)
-        except re.error as e:
-            problems.append(f"compression.exclude: bad regex {p!r}: {e}")
-    if problems:
-        raise ConfigError(problems)
+            self.compression.validate()
+        except ValueError as e:
+            problems.append(str(e))
+        for p in self.compression.exclude:
+            try:
+                re.compile(p)
+            except re.error as e:
+                problems.append(f"compression.exclude: bad regex {p!r}: {e}")
+        return problems
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from omegaconf import OmegaConf
-
-    from pipeline.vectors.extract import Compression, extract_vector
-
     cfg = load_config(ExtractVectorConfig, "conf/extract_vector.yaml", argv)
-    validate(cfg)
     out = expand(cfg.out or f"outputs/vectors/{cfg.domain}")
-    c = OmegaConf.to_container(cfg.compression)
-    meta = extract_vector(expand(cfg.base), expand(cfg.aligned), out, cfg.domain, Compression(**c),
+    meta = extract_vector(expand(cfg.base), expand(cfg.aligned), out, cfg.domain, cfg.compression,
                           dtype=cfg.dtype, skip_unchanged=cfg.skip_unchanged)
     comp = meta["compression"]
     print(json.dumps({"out": out, "domain": meta["domain"], "base_hash": meta["base"]["hash"],
@@ -84,6 +76,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from pipeline.vectors.extract import VectorError
-
     run_job("extract_vector", errors=(VectorError, FileNotFoundError))

@@ -2,14 +2,16 @@
 
     python -m jobs.search_knobs domains.concise.vector=outputs/vectors/concise \\
         'domains.concise.grid=[0,0.5,1,1.5]' domains.concise.score=length_words domains.concise.target=20
-    python -m jobs.search_knobs config=my_search.yaml
+    python -m jobs.search_knobs config=my_search.yaml generation.mode=refine generation.refine.block_size=32
+    python -m jobs.search_knobs --help                                       # every key, default, meaning
 
-The base model is loaded once; every grid point is a knob switch on it (pipeline/vectors/), never a reload.
-For each point the knobbed model answers the prompts (greedy `generate`, or refines the rows' drafts with the
-fast Jacobi engine: `generation.mode=refine`), and each domain's score is computed on its prompt set:
+Runs in this process (no Ray). The base model is loaded once; every grid point is a knob switch on it
+(pipeline/vectors/knobs.py), never a reload. For each point the knobbed model answers the prompts (greedy
+`generate`, or refines the rows' drafts with the fast Jacobi engine: `generation.mode=refine`, settings in
+`generation.refine`), and each domain's score is computed on its prompt set (pipeline/vectors/search.py):
 `length_words` / `length_tokens` (mean answer length) or `judge` (offline embedding similarity to the row's
-reference answer, pipeline/scoring/embedding.py). A domain's loss is |score - target| when it has a target, else
--score (`direction: max`) or score (`direction: min`); the objective is the weighted sum of the losses.
+reference answer). A domain's loss is |score - target| when it has a target, else -score (`direction: max`)
+or score (`direction: min`); the objective is the weighted sum of the losses.
 
 Outputs in `out`: table.csv (one row per grid point: λ per domain, score per domain, objective, seconds),
 answers.jsonl, best.json, summary.json, and knobs.png: a curve of score against λ for one domain, heat maps
@@ -17,146 +19,140 @@ answers.jsonl, best.json, summary.json, and knobs.png: a curve of score against 
 """
 from __future__ import annotations
 
-import gzip
 import itertools
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
-from jobs.config import REPO, ConfigError, expand, load_config, run_job, to_yaml
+from pydantic import Field
 
-SCORES = ("length_words", "length_tokens", "judge")
-
-
-@dataclass
-class DomainCfg:
-    vector: str = ""  # folder written by jobs.extract_vector
-    grid: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
-    score: str = "length_words"
-    target: Optional[float] = None  # null: optimize in `direction`
-    direction: str = "max"  # max | min, when there is no target
-    weight: float = 1.0
-    prompts: Optional[str] = None  # this domain's prompt file; null = prompts.path
+from jobs.common.config import ConfigError, ModelCfg, Section, expand, load_config, resolve_path, to_yaml
+from jobs.common.data import DEMO_PROMPTS
+from jobs.common.runtime import run_job
+from pipeline.decoding.jacobi import RefineSettings
+from pipeline.vectors.search import SCORES, PromptRowsError, Scorer, answer_all, load_prompts, refine_all
 
 
-@dataclass
-class PromptsCfg:
-    path: str = "demo"  # .jsonl / .jsonl.gz with prompt | instruction | question (+ reference | reference_output, draft)
-    limit: Optional[int] = 8
+# ---- config schema ---------------------------------------------------------------------------------------
+class DomainCfg(Section):
+    """One knob: its alignment vector, the λ values to try, and how its answers are scored."""
+    vector: str = Field("", description="folder written by jobs.extract_vector")
+    grid: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0], min_length=1,
+                              description="λ values (every combination across the domains is evaluated)")
+    score: Literal[SCORES] = Field("length_words", description="length_words | length_tokens | judge (offline "
+                                                               "embedding similarity to the row's reference)")
+    target: Optional[float] = Field(None, description="a number: minimize |score - target|; null: optimize in "
+                                                      "`direction`")
+    direction: Literal["max", "min"] = Field("max", description="without a target")
+    weight: float = Field(1.0, description="weight of this domain's loss in the objective")
+    prompts: Optional[str] = Field(None, description="this domain's prompt file; null = prompts.path")
+
+    def loss(self, score: float) -> float:
+        """This domain's part of the objective (lower is better)."""
+        if self.target is not None:
+            return abs(score - self.target)
+        return -score if self.direction == "max" else score
 
 
-@dataclass
-class GenerationCfg:
-    mode: str = "generate"  # generate | refine
-    max_new_tokens: int = 96
-    batch_size: int = 8
+class PromptsCfg(Section):
+    path: str = Field("demo", description=".jsonl(.gz) rows with prompt | instruction | question (+ reference | "
+                                          "reference_output, draft | output); demo = the bundled demo prompts")
+    limit: Optional[int] = Field(8, ge=1, description="first N rows of each prompt file")
 
 
-@dataclass
-class SearchKnobsConfig:
-    model: str = "default"
-    dtype: str = "auto"
-    device: str = "auto"
-    domains: dict[str, DomainCfg] = field(default_factory=dict)
-    prompts: PromptsCfg = field(default_factory=PromptsCfg)
-    generation: GenerationCfg = field(default_factory=GenerationCfg)
-    out: str = "outputs/search_knobs"
-    check_base: bool = True
-    torch_threads: Optional[int] = None
+class GenerationCfg(Section):
+    """How the knobbed model answers."""
+    mode: Literal["generate", "refine"] = Field("generate", description="generate: it answers (greedy) | refine: it "
+                                                                        "refines each row's draft (fast Jacobi)")
+    max_new_tokens: int = Field(96, ge=1, description="generate mode's answer cap (refine mode: refine.max_new_tokens)")
+    batch_size: int = Field(8, ge=1, description="prompts per batch")
+    refine: RefineSettings = Field(default_factory=RefineSettings)
+
+    def check(self) -> list[str]:
+        problems = []
+        try:
+            self.refine.validate()
+        except ValueError as e:
+            problems.append(f"refine: {e}")
+        if self.mode == "refine" and "max_new_tokens" in self.model_fields_set:
+            problems.append("max_new_tokens: caps generate mode only; with mode=refine set "
+                            "generation.refine.max_new_tokens")
+        return problems
 
 
-def validate(cfg) -> None:
-    problems = []
-    if not cfg.domains:
-        problems.append("domains: give at least one, e.g. domains.concise.vector=outputs/vectors/concise")
-    for name, d in cfg.domains.items():
-        if not d.vector or not (Path(expand(d.vector)) / "vector.json").exists():
-            problems.append(f"domains.{name}.vector: no alignment vector at {d.vector!r}")
-        if not d.grid:
-            problems.append(f"domains.{name}.grid: needs at least one λ")
-        if d.score not in SCORES:
-            problems.append(f"domains.{name}.score: {d.score!r} is not one of {', '.join(SCORES)}")
-        if d.direction not in ("max", "min"):
-            problems.append(f"domains.{name}.direction: {d.direction!r} is not max or min")
-        src = d.prompts or cfg.prompts.path
-        if src != "demo" and not Path(expand(src)).exists():
-            problems.append(f"domains.{name}.prompts: file not found: {src}")
-    if cfg.generation.mode not in ("generate", "refine"):
-        problems.append(f"generation.mode: {cfg.generation.mode!r} is not generate or refine")
-    if cfg.generation.max_new_tokens < 1 or cfg.generation.batch_size < 1:
-        problems.append("generation.max_new_tokens and generation.batch_size must be >= 1")
-    if cfg.prompts.limit is not None and cfg.prompts.limit < 1:
-        problems.append("prompts.limit: must be >= 1 or null")
-    if problems:
-        raise ConfigError(problems)
+class SearchKnobsConfig(ModelCfg):
+    """The base model the vectors were extracted from (`model`, `dtype`, `device`), the domains and the search."""
+    domains: dict[str, DomainCfg] = Field(default_factory=dict, description="name -> knob, e.g. "
+                                                                            "domains.concise.vector=...")
+    prompts: PromptsCfg = Field(default_factory=PromptsCfg)
+    generation: GenerationCfg = Field(default_factory=GenerationCfg)
+    out: str = Field("outputs/search_knobs", description="table.csv, answers.jsonl, best.json, summary.json, "
+                                                         "knobs.png")
+    check_base: bool = Field(True, description="refuse vectors whose base hash differs from the model's")
+    torch_threads: Optional[int] = Field(None, ge=1, description="null = torch's default")
+
+    def check(self) -> list[str]:
+        problems = ModelCfg.check(self)
+        if not self.domains:
+            problems.append("domains: give at least one, e.g. domains.concise.vector=outputs/vectors/concise")
+        missing = set()
+        for name, d in self.domains.items():
+            if not d.vector or not (Path(expand(d.vector)) / "vector.json").exists():
+                problems.append(f"domains.{name}.vector: no alignment vector at {d.vector!r} (write one with "
+                                "jobs.extract_vector)")
+            src = self.prompt_source(name)
+            if src != "demo" and not resolve_path(src).exists() and src not in missing:
+                missing.add(src)
+                problems.append(f"{f'domains.{name}.prompts' if d.prompts else 'prompts.path'}: file not found: {src}")
+        return problems
+
+    def prompt_source(self, domain: str) -> str:
+        """The prompt file `domain` is scored on, as configured ("demo" = the bundled prompts)."""
+        return self.domains[domain].prompts or self.prompts.path
 
 
-def load_prompts(path: str, limit: int | None) -> list[dict]:
-    """Rows {id, prompt, reference, draft} from a JSONL (optionally gzipped) file; `demo` = bundled prompts."""
-    p = REPO / "pipeline" / "data" / "demo_prompts.jsonl" if path == "demo" else Path(expand(path))
-    opener = gzip.open if p.suffix == ".gz" else open
-    rows = []
-    with opener(p, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            prompt = r.get("prompt") or r.get("instruction") or r.get("question")
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ConfigError([f"{p}:{n + 1}: no prompt / instruction / question"])
-            rows.append({"id": str(r.get("id", n)), "prompt": prompt,
-                         "reference": r.get("reference") or r.get("reference_output"),
-                         "draft": r.get("draft") or r.get("output")})
-            if limit and len(rows) >= limit:
-                break
-    return rows
+# ---- the search -------------------------------------------------------------------------------------------
+def read_prompt_sets(cfg: SearchKnobsConfig) -> dict[str, list[dict]]:
+    """Prompt source -> its rows (prompts.limit of them), one entry per distinct source of the domains."""
+    sets = {}
+    for src in sorted({cfg.prompt_source(n) for n in cfg.domains}):
+        sets[src] = load_prompts(DEMO_PROMPTS if src == "demo" else resolve_path(src), cfg.prompts.limit)
+    if cfg.generation.mode == "refine":
+        missing = [src for src, rows in sets.items() if any(not r["draft"] for r in rows)]
+        if missing:
+            raise ConfigError([f"generation.mode=refine needs a draft (draft / output) on every row of {missing}"])
+    return sets
 
 
-class Scorer:
-    def __init__(self, tokenizer):
-        self.tok, self._judge = tokenizer, None
+def answerer(cfg: SearchKnobsConfig, lm):
+    """rows -> the knobbed model's answers, as `generation` says."""
+    g = cfg.generation
+    if g.mode == "generate":
+        return lambda rows: answer_all(lm, rows, g.batch_size, g.max_new_tokens)
+    from pipeline.decoding.refiner import Refiner
 
-    def __call__(self, kind: str, answers: list[str], rows: list[dict]) -> list[float]:
-        if kind == "length_words":
-            return [float(len(a.split())) for a in answers]
-        if kind == "length_tokens":
-            return [float(len(self.tok(a, add_special_tokens=False)["input_ids"])) for a in answers]
-        refs = [r["reference"] for r in rows]
-        if any(not isinstance(x, str) or not x for x in refs):
-            raise ConfigError(["score=judge needs a reference (reference / reference_output) on every prompt row"])
-        if self._judge is None:
-            from pipeline.scoring.embedding import EmbeddingJudge
-
-            self._judge = EmbeddingJudge()
-        return self._judge.similarity(answers, refs)
+    refiner = Refiner(lm, g.refine, mode="fast")
+    return lambda rows: refine_all(refiner, rows, g.batch_size)
 
 
-def answer_all(lm, rows: list[dict], gen, refiner=None) -> list[str]:
-    from pipeline.decoding.drafting import SamplingParams, generate_answers
-    from pipeline.decoding.refiner import RefineRequest
-
-    out = []
-    for i in range(0, len(rows), gen.batch_size):
-        chunk = rows[i:i + gen.batch_size]
-        convs = [[{"role": "user", "content": r["prompt"]}] for r in chunk]
-        if refiner is None:
-            params = SamplingParams(max_new_tokens=gen.max_new_tokens, do_sample=False)
-            out += [a[0] for a in generate_answers(lm, convs, params, seed_key="search")]
-        else:
-            out += [x.text for x in refiner.refine([RefineRequest(c, r["draft"] or "", key=r["id"])
-                                                    for c, r in zip(convs, chunk)])]
-    return out
-
-
-def loss(d, score: float) -> float:
-    if d.target is not None:
-        return abs(score - d.target)
-    return -score if d.direction == "max" else score
+def score_point(cfg: SearchKnobsConfig, setting: dict[str, float], answers: dict[str, list[str]],
+                prompt_sets: dict[str, list[dict]], scorer: Scorer) -> dict:
+    """The table row of one grid point: λ, mean score and its standard error per domain, and the objective."""
+    rec = {f"lambda_{n}": lam for n, lam in setting.items()}
+    objective = 0.0
+    for n in setting:
+        d, src = cfg.domains[n], cfg.prompt_source(n)
+        vals = scorer(d.score, answers[src], prompt_sets[src])
+        mean = sum(vals) / len(vals)
+        sem = (sum((v - mean) ** 2 for v in vals) / max(1, len(vals) - 1)) ** 0.5 / len(vals) ** 0.5
+        rec[f"score_{n}"], rec[f"sem_{n}"] = mean, sem
+        objective += d.weight * d.loss(mean)
+    rec["objective"] = objective
+    return rec
 
 
-def plot(table, names: list[str], cfg, path: Path) -> bool:
+def plot(table, names: list[str], cfg: SearchKnobsConfig, path: Path) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,7 +178,7 @@ def plot(table, names: list[str], cfg, path: Path) -> bool:
         panels, seen = [], {}
         for n in names:  # domains scored the same way on the same prompts share one panel
             d = cfg.domains[n]
-            what = (d.score, d.prompts or cfg.prompts.path)
+            what = (d.score, cfg.prompt_source(n))
             if what in seen:
                 panels[seen[what]] = (panels[seen[what]][0], f"{panels[seen[what]][1].split(':')[0]}, {n}: {d.score}")
                 continue
@@ -224,57 +220,39 @@ def main(argv: list[str] | None = None) -> dict:
 
     started = time.perf_counter()
     cfg = load_config(SearchKnobsConfig, "conf/search_knobs.yaml", argv)
-    validate(cfg)
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     out = Path(expand(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     names = sorted(cfg.domains)
-    sets = {n: cfg.domains[n].prompts or cfg.prompts.path for n in names}
-    rows = {src: load_prompts(src, cfg.prompts.limit) for src in set(sets.values())}
-    if cfg.generation.mode == "refine":
-        missing = [src for src, rs in rows.items() if any(not r["draft"] for r in rs)]
-        if missing:
-            raise ConfigError([f"generation.mode=refine needs a draft (draft / output) on every row of {missing}"])
+    prompt_sets = read_prompt_sets(cfg)
     t0 = time.perf_counter()
-    lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    lm = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     load_s = time.perf_counter() - t0
     knobbed = load_knobbed(lm, {n: expand(cfg.domains[n].vector) for n in names}, cache_size=1,
                            check_base=cfg.check_base)
-    refiner = None
-    if cfg.generation.mode == "refine":
-        from pipeline.decoding.jacobi import RefineSettings
-        from pipeline.decoding.refiner import Refiner
-
-        refiner = Refiner(lm, RefineSettings(max_new_tokens=cfg.generation.max_new_tokens), mode="fast")
-    scorer = Scorer(lm.tokenizer)
+    answer, scorer = answerer(cfg, lm), Scorer(lm.tokenizer)
     records, answers_log = [], []
     points = list(itertools.product(*[cfg.domains[n].grid for n in names]))
-    print(f"[search_knobs] {len(points)} grid points x {sum(len(r) for r in rows.values())} prompts; "
+    print(f"[search_knobs] {len(points)} grid points x {sum(len(r) for r in prompt_sets.values())} prompts; "
           f"model loaded once in {load_s:.1f} s", flush=True)
     for k, lams in enumerate(points):
         setting = dict(zip(names, map(float, lams)))
         t1 = time.perf_counter()
-        sw = knobbed.apply(setting)
-        answers = {src: answer_all(lm, rs, cfg.generation, refiner) for src, rs in rows.items()}
-        rec = {f"lambda_{n}": setting[n] for n in names}
-        obj = 0.0
-        for n in names:
-            d, src = cfg.domains[n], sets[n]
-            vals = scorer(d.score, answers[src], rows[src])
-            mean = sum(vals) / len(vals)
-            sem = (sum((v - mean) ** 2 for v in vals) / max(1, len(vals) - 1)) ** 0.5 / len(vals) ** 0.5
-            rec[f"score_{n}"], rec[f"sem_{n}"] = mean, sem
-            obj += d.weight * loss(d, mean)
-        rec["objective"], rec["switch_ms"], rec["seconds"] = obj, sw.switch_ms, time.perf_counter() - t1
+        switch = knobbed.apply(setting)
+        answers = {src: answer(rows) for src, rows in prompt_sets.items()}
+        rec = score_point(cfg, setting, answers, prompt_sets, scorer)
+        rec["switch_ms"], rec["seconds"] = switch.switch_ms, time.perf_counter() - t1
         records.append(rec)
         for src, ans in answers.items():
-            answers_log += [{"knobs": setting, "prompts": src, "id": r["id"], "answer": a} for r, a in zip(rows[src], ans)]
+            answers_log += [{"knobs": setting, "prompts": src, "id": r["id"], "answer": a}
+                            for r, a in zip(prompt_sets[src], ans)]
         print(f"[search_knobs] {k + 1}/{len(points)} {setting}: "
-              + ", ".join(f"{n}={rec[f'score_{n}']:.3g}" for n in names) + f", objective {obj:.3g} "
+              + ", ".join(f"{n}={rec[f'score_{n}']:.3g}" for n in names) + f", objective {rec['objective']:.3g} "
               f"({rec['seconds']:.1f} s)", flush=True)
     knobbed.apply({})
+
     table = pd.DataFrame(records)
     table.to_csv(out / "table.csv", index=False)
     with open(out / "answers.jsonl", "w") as f:
@@ -297,4 +275,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_job("search_knobs")
+    run_job("search_knobs", errors=(PromptRowsError,))

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from jobs.config import REPO
+from jobs.common.config import REPO, ConfigError, load_config
 from pipeline.models import load_model
 from tests.tiny import save_tiny, tiny_model, tiny_tokenizer
 from pipeline.vectors.extract import META_FILE, VECTOR_FILE, Compression, KnobError, VectorError, checkpoint_hash, extract_vector
@@ -223,7 +223,6 @@ def test_compressed_vector_error_is_what_the_metadata_says(ckpts, tmp_path, comp
 
 
 def test_extract_job_end_to_end(ckpts, tmp_path):
-    from jobs.config import ConfigError
     from jobs.extract_vector import main
 
     c = ckpts["llama"]
@@ -243,6 +242,19 @@ def test_extract_job_end_to_end(ckpts, tmp_path):
                         f"aligned={ckpts['gpt2']['a1']}", f"out={tmp_path / 'bad'}"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "architecture differs" in r.stderr, r.stderr[-2000:]
+
+
+def test_extract_config_lists_every_problem(tmp_path):
+    from jobs.extract_vector import main
+
+    with pytest.raises(ConfigError) as e:  # the schema's own checks, together
+        main(["domain=a b", "dtype=int8", "compression.rnk=4"])
+    assert [p.split(":")[0] for p in e.value.problems[:3]] == ["domain", "dtype", "compression.rnk"], e.value.problems
+    with pytest.raises(ConfigError) as e:  # then the rules across keys, together
+        main(["compression.rank=4", "compression.energy=0.9", "compression.exclude=['(']"])
+    assert e.value.problems == ["aligned: the aligned checkpoint folder is required (aligned=path/to/model)",
+                                "compression: give rank or energy, not both",
+                                "compression.exclude: bad regex '(': missing ), unterminated subpattern at position 0"]
 
 
 def test_search_knobs_on_tiny_models(ckpts, tmp_path):
@@ -281,6 +293,68 @@ def test_search_knobs_on_tiny_models(ckpts, tmp_path):
     assert len(pd.read_csv(tmp_path / "s1" / "table.csv")) == 3
 
 
+def test_search_knobs_refine_mode_uses_the_refine_settings(ckpts, tmp_path):
+    """generation.mode=refine: the knobbed model refines each row's draft with `generation.refine`."""
+    import pandas as pd
+
+    from jobs.search_knobs import main
+    from pipeline.decoding.jacobi import RefineSettings
+    from pipeline.decoding.refiner import Refiner, RefineRequest
+
+    c = ckpts["llama"]
+    prompts = tmp_path / "p.jsonl"
+    rows = [{"id": i, "prompt": p[-1]["content"], "draft": f"A draft answer number {i}."}
+            for i, p in enumerate(PROMPTS)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main([f"model={c['base']}", f"prompts.path={prompts}", "generation.mode=refine",
+          "generation.refine.max_new_tokens=12", "generation.refine.block_size=8", f"domains.one.vector={c['v1']}",
+          "domains.one.grid=[0,1]",
+          "domains.one.score=length_tokens", f"out={tmp_path / 'r'}"])
+    t = pd.read_csv(tmp_path / "r" / "table.csv")
+    lm = load_model(str(c["base"]))
+    refiner = Refiner(lm, RefineSettings(max_new_tokens=12, block_size=8), mode="fast")
+    for lam in (0.0, 1.0):
+        load_knobbed(lm, {"one": c["v1"]}).apply({"one": lam})
+        got = refiner.refine([RefineRequest([{"role": "user", "content": r["prompt"]}], r["draft"], key=str(r["id"]))
+                              for r in rows])
+        want = sum(len(lm.tokenizer(x.text, add_special_tokens=False)["input_ids"]) for x in got) / len(got)
+        assert t[t["lambda_one"] == lam].iloc[0]["score_one"] == pytest.approx(want)
+
+
+def test_search_knobs_config_errors(ckpts, tmp_path):
+    """Every problem in one ConfigError; a Jacobi setting outside `generation.refine` is named with its new key."""
+    from jobs.search_knobs import main
+
+    with pytest.raises(ConfigError) as e:
+        main(["generation.block_size=16", "domains.one.score=bleu", "domains.one.grid=[]", "prompts.limit=0"])
+    assert "generation.block_size: this key was renamed; use generation.refine.block_size" in e.value.problems
+    assert {p.split(":")[0] for p in e.value.problems} >= {"domains.one.score", "domains.one.grid", "prompts.limit"}
+    with pytest.raises(ConfigError) as e:
+        main([f"domains.one.vector={tmp_path / 'none'}", f"domains.two.vector={ckpts['llama']['v2']}",
+              f"domains.two.prompts={tmp_path / 'none.jsonl'}", "generation.mode=refine",
+              "generation.max_new_tokens=20", "generation.refine.block_size=0"])
+    starts = ("domains.one.vector: no alignment vector", "domains.two.prompts: file not found",
+              "generation.refine: block_size must be >= 1", "generation.max_new_tokens: caps generate mode only")
+    assert len(e.value.problems) == len(starts), e.value.problems
+    assert all(any(p.startswith(s) for p in e.value.problems) for s in starts), e.value.problems
+
+
+def test_shipped_vector_configs_load(ckpts):
+    """conf/search_knobs.yaml and conf/extract_vector.yaml validate through load_config once given what they
+    leave open (a domain's vector; the aligned checkpoint)."""
+    from dataclasses import asdict
+
+    from jobs.extract_vector import ExtractVectorConfig
+    from jobs.search_knobs import SearchKnobsConfig
+
+    c = ckpts["llama"]
+    s = load_config(SearchKnobsConfig, REPO / "conf/search_knobs.yaml", [f"domains.concise.vector={c['v1']}"])
+    assert s.generation.refine.max_new_tokens == s.generation.max_new_tokens == 96
+    assert s.domains["concise"].grid == [0.0, 0.5, 1.0] and s.prompts.path == "demo"
+    e = load_config(ExtractVectorConfig, REPO / "conf/extract_vector.yaml", [f"aligned={c['a1']}"])
+    assert e.base == "default" and e.out is None and asdict(e.compression) == asdict(Compression())
+
+
 @pytest.mark.timeout(300)
 def test_batch_job_applies_knobs_from_config(ckpts, tmp_path, ray_local):
     import pandas as pd
@@ -294,8 +368,8 @@ def test_batch_job_applies_knobs_from_config(ckpts, tmp_path, ray_local):
     rows = [{"id": i, "prompt": p, "draft": d} for i, (p, d) in
             enumerate([("Say hi.", "Hello there!"), ("Name a fruit.", "An apple."), ("Count to two.", "One, two.")])]
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = [f"input.path={src}", f"aligner.model={c['base']}", "aligner.max_new_tokens=16", "aligner.block_size=8",
-              "aligner.num_cpus=0.5", "ray.progress_bars=false", "show_samples=0",
+    common = [f"input.path={src}", f"aligner.model={c['base']}", "aligner.refine.max_new_tokens=16",
+              "aligner.refine.block_size=8", "aligner.num_cpus=0.5", "ray.progress_bars=false", "show_samples=0",
               f"aligner.vectors.one={c['v1']}", f"aligner.vectors.two={c['v2']}"]
     s = main(common + [f"output.path={tmp_path / 'k'}", "aligner.knobs.one=1.0"])
     assert s["rows_out"] == 3
@@ -307,7 +381,5 @@ def test_batch_job_applies_knobs_from_config(ckpts, tmp_path, ray_local):
         want[name] = [x.text for x in ref.refine([RefineRequest([{"role": "user", "content": r["prompt"]}], r["draft"],
                                                                 key=str(r["id"])) for r in rows])]
     assert list(got["aligned"]) == want["aligned"] != want["base"]  # λ=1: the aligned model's answers
-    from jobs.config import ConfigError
-
     with pytest.raises(ConfigError, match="aligner.knobs.three: no vector named 'three'"):
         main(common + [f"output.path={tmp_path / 'bad'}", "aligner.knobs.three=1"])
