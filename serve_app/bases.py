@@ -10,7 +10,6 @@ import asyncio
 import time
 from collections import defaultdict
 
-import httpx
 from ray import serve
 
 from pipeline.decoding.drafting import SamplingParams, generate_answers
@@ -117,17 +116,15 @@ class OpenAIBase:
         try:
             self.endpoint = ChatEndpoint(EndpointConfig(base_url=a.base_url, model=a.model, api_key_env=a.api_key_env,
                                                         timeout_s=a.timeout_s, max_retries=a.max_retries,
-                                                        backoff_s=a.backoff_s))
+                                                        max_connections=a.max_connections))
         except ValueError as e:
             raise ValueError(f"base {name!r}: {e}") from None
-        self.client = httpx.AsyncClient(timeout=a.timeout_s, limits=httpx.Limits(max_connections=a.max_connections))
         self.metrics = DraftMetrics(name)
 
     async def draft(self, req: dict) -> dict:
         t0 = time.perf_counter()
         try:
-            c = await self.endpoint.achat(req["messages"], req["max_tokens"], req["temperature"], req["top_p"],
-                                          client=self.client)
+            c = await self.endpoint.achat(req["messages"], req["max_tokens"], req["temperature"], req["top_p"])
         except EndpointRejected as e:
             self.metrics.record("rejected")
             if e.status in (400, 413, 422):

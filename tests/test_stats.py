@@ -2,6 +2,8 @@
 import math
 import random
 
+import pytest
+
 from pipeline.evaluation.stats import bootstrap_ci, length_controlled_win_rate, paired_test
 
 
@@ -56,3 +58,45 @@ def test_pairwise_agreement_counts_pairs_and_ties():
     r = pairwise_agreement(ties)
     assert r["pairs"] == 2 and r["agreement"] == (0.5 + 1.0) / 2
 
+
+
+def test_same_seed_same_figures_and_a_new_seed_new_draws():
+    from pipeline.evaluation.stats import lc_win_rate_ci, pairwise_agreement
+
+    rng = random.Random(5)
+    xs = [rng.gauss(0, 1) for _ in range(40)]
+    assert bootstrap_ci(xs, n_boot=200, seed=7) == bootstrap_ci(xs, n_boot=200, seed=7)
+    assert bootstrap_ci(xs, n_boot=200, seed=7) != bootstrap_ci(xs, n_boot=200, seed=8)
+    ys = [x + rng.gauss(0, 1) for x in xs]
+    assert paired_test(xs, ys, n_boot=200, seed=3) == paired_test(xs, ys, n_boot=200, seed=3)
+    prefs, diffs = [float(x > 0) for x in xs], [100 * y for y in ys]
+    assert lc_win_rate_ci(prefs, diffs, n_boot=50, seed=1) == lc_win_rate_ci(prefs, diffs, n_boot=50, seed=1)
+    groups = [[(rng.random(), rng.random()) for _ in range(3)] for _ in range(20)]
+    assert pairwise_agreement(groups, n_boot=100, seed=2) == pairwise_agreement(groups, n_boot=100, seed=2)
+
+
+def test_degenerate_inputs():
+    from pipeline.evaluation.stats import lc_win_rate_ci, mean
+
+    assert all(math.isnan(v) for v in bootstrap_ci([]))
+    assert math.isnan(mean([]))
+    assert bootstrap_ci([2.0] * 10, n_boot=100) == (2.0, 2.0, 2.0)
+    assert bootstrap_ci([3.0]) == (3.0, 3.0, 3.0)
+    assert all(math.isnan(v) for v in bootstrap_ci([1.0, float("nan"), 2.0], n_boot=100))
+    ties = paired_test([1.0] * 5, [1.0] * 5, n_boot=100)
+    assert ties["p_value"] == 1.0 and ties["ties"] == 5 and ties["mean_diff"] == 0.0
+    assert paired_test([1.0, 2.0, 3.0], [0.0, 0.0, 0.0], n_boot=100)["p_value"] == 0.25  # exact: 2 of 8 flips
+    # perfectly separable (short answers always win, long ones always lose): finite, thanks to the ridge
+    sep = length_controlled_win_rate([1.0] * 5 + [0.0] * 5, [float(i) for i in range(10)])
+    assert sep["win_rate"] == 0.5 and 0.99 < sep["lc_win_rate"] <= 1.0 and -100 < sep["length_coef"] < -5
+    lo, hi = lc_win_rate_ci([1.0] * 5 + [0.0] * 5, [float(i) for i in range(10)], n_boot=30)
+    assert 0.0 <= lo <= hi <= 1.0
+    assert length_controlled_win_rate([1.0] * 10, [float(i) for i in range(10)])["lc_win_rate"] > 0.999
+    same_len = length_controlled_win_rate([1.0, 0.0, 1.0, 0.5, 1.0], [3.0] * 5)  # no length information
+    assert abs(same_len["lc_win_rate"] - 0.7) < 1e-3 and abs(same_len["length_coef"]) < 1e-2
+    assert math.isnan(length_controlled_win_rate([1.0, float("nan")], [1.0, 2.0])["lc_win_rate"])
+    for bad in (([], []), ([1.0], [1.0, 2.0])):
+        with pytest.raises(ValueError):
+            length_controlled_win_rate(*bad)
+    with pytest.raises(ValueError):
+        paired_test([1.0], [1.0, 2.0])

@@ -1,117 +1,139 @@
 """Statistics for comparing methods on the same prompts: bootstrap intervals, paired tests, and a
 length-controlled win rate in the spirit of AlpacaEval 2.
 
+Intervals are percentile bootstrap intervals from `scipy.stats.bootstrap` (prompts resampled with
+replacement); the paired test's p-value is a sign-flip permutation test from `scipy.stats.permutation_test`.
+Every random draw comes from a `numpy.random.Generator` seeded with the caller's seed, so a result is the
+same for the same seed.
+
 Length control: preferences p_i in [0, 1] (1 = the method's answer beats the baseline) are regressed on the
 length difference with a logistic model, logit P(win) = b0 + b1 * tanh(d_i / sd(d)), d_i = len(method) -
-len(baseline), fitted on the soft labels by Newton's method (with a small ridge). The length-controlled win
-rate is the model's prediction at d = 0, sigmoid(b0): what the win rate would be if the answers were equally
-long. Pure Python + math (no numpy needed), deterministic given the seed.
+len(baseline), fitted on the soft labels as a statsmodels binomial GLM with a small ridge on b1 (which keeps
+perfectly separable data and length differences that are all equal finite). The length-controlled win rate
+is the model's prediction at d = 0, sigmoid(b0): what the win rate would be if the answers were equally long.
 """
 from __future__ import annotations
 
 import math
-import random
-import statistics
+from collections.abc import Callable
+
+import numpy as np
+from scipy import stats
+from scipy.special import expit
+from statsmodels.genmod.families import Binomial
+from statsmodels.genmod.generalized_linear_model import GLM
+
+LC_RIDGE = 1e-3  # L2 penalty on the length coefficient, on the summed log-likelihood
 
 
 def mean(xs) -> float:
-    xs = list(xs)
-    return statistics.fmean(xs) if xs else float("nan")
+    """Arithmetic mean of an iterable of numbers; NaN when it is empty."""
+    a = np.fromiter(xs, dtype=float)
+    return float(a.mean()) if a.size else float("nan")
+
+
+def _vectorized_mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(x, axis=axis)
+
+
+def _percentile_interval(data: tuple[np.ndarray, ...], statistic: Callable, estimate: float, n_boot: int,
+                         alpha: float, seed: int, vectorized: bool) -> tuple[float, float]:
+    """Percentile bootstrap interval of `statistic` over the observations (the rows of every array in `data`,
+    resampled together). Data too small to resample (one observation) gives the estimate at both ends, and a
+    NaN estimate gives a NaN interval."""
+    if math.isnan(estimate):
+        return float("nan"), float("nan")
+    if len(data[0]) < 2:
+        return estimate, estimate
+    res = stats.bootstrap(data, statistic, n_resamples=n_boot, vectorized=vectorized, paired=len(data) > 1,
+                          confidence_level=1 - alpha, method="percentile", rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def bootstrap_ci(values: list[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0,
                  stat=mean) -> tuple[float, float, float]:
-    """(estimate, low, high): percentile bootstrap interval of `stat` over resampled values."""
-    values = list(values)
-    if not values:
+    """(estimate, low, high): percentile bootstrap interval of `stat` over resampled values.
+
+    `stat` maps a 1-D numpy array of values to a number. Empty values give NaN throughout; values with a NaN
+    give a NaN interval (and the mean is NaN)."""
+    x = np.asarray(values, dtype=float)
+    if not x.size:
         return float("nan"), float("nan"), float("nan")
-    rng = random.Random(seed)
-    boots = sorted(stat(rng.choices(values, k=len(values))) for _ in range(n_boot))
-    lo = boots[int(math.floor(alpha / 2 * n_boot))]
-    hi = boots[min(n_boot - 1, int(math.ceil((1 - alpha / 2) * n_boot)) - 1)]
-    return stat(values), lo, hi
+    est = float(stat(x))
+    if np.isnan(x).any():
+        return est, float("nan"), float("nan")
+    vectorized = stat is mean
+    lo, hi = _percentile_interval((x,), _vectorized_mean if vectorized else stat, est, n_boot, alpha, seed,
+                                  vectorized)
+    return est, lo, hi
+
+
+def _abs_mean_difference(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.abs(np.mean(a - b, axis=axis))
 
 
 def paired_test(a: list[float], b: list[float], n_boot: int = 2000, seed: int = 0) -> dict:
     """Paired comparison of two methods scored on the same prompts: mean difference a - b, its bootstrap
-    interval, and a two-sided sign-flip permutation p-value."""
+    interval, and a two-sided sign-flip permutation p-value (exact when 2**n <= n_boot; NaN when a score is
+    NaN)."""
     if len(a) != len(b):
         raise ValueError(f"paired_test needs equal lengths (got {len(a)} and {len(b)})")
-    d = [x - y for x, y in zip(a, b)]
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    d = x - y
     est, lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=seed)
-    rng = random.Random(seed + 1)
-    obs = abs(sum(d))
-    hits = sum(abs(sum(x if rng.random() < 0.5 else -x for x in d)) >= obs - 1e-12 for _ in range(n_boot))
-    return {"mean_diff": est, "ci_low": lo, "ci_high": hi, "p_value": (hits + 1) / (n_boot + 1), "n": len(d),
-            "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d), "ties": sum(x == 0 for x in d)}
+    if np.isnan(d).any():
+        p_value = float("nan")
+    elif len(d) < 2:  # a sign flip cannot change |sum(d)| of one difference: no evidence either way
+        p_value = 1.0
+    else:
+        # swapping a pair's two scores flips the sign of its difference; two-sided through |mean difference|
+        p_value = float(stats.permutation_test((x, y), _abs_mean_difference, permutation_type="samples",
+                                               vectorized=True, n_resamples=n_boot, alternative="greater",
+                                               rng=np.random.default_rng(seed + 1)).pvalue)
+    return {"mean_diff": est, "ci_low": lo, "ci_high": hi, "p_value": p_value, "n": len(d),
+            "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "ties": int((d == 0).sum())}
 
 
-def _sigmoid(z: float) -> float:
-    return 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
-
-
-def fit_logistic(xs: list[list[float]], ys: list[float], ridge: float = 1e-3, iters: int = 50) -> list[float]:
-    """Logistic regression on soft labels ys in [0, 1] (Newton-Raphson, ridge on all but the intercept)."""
-    k = len(xs[0])
-    w = [0.0] * k
-    for _ in range(iters):
-        grad = [0.0] * k
-        hess = [[0.0] * k for _ in range(k)]
-        for x, y in zip(xs, ys):
-            p = _sigmoid(sum(wi * xi for wi, xi in zip(w, x)))
-            for i in range(k):
-                grad[i] += (p - y) * x[i]
-                for j in range(k):
-                    hess[i][j] += p * (1 - p) * x[i] * x[j]
-        for i in range(1, k):
-            grad[i] += ridge * w[i]
-            hess[i][i] += ridge
-        for i in range(k):
-            hess[i][i] += 1e-9
-        step = _solve(hess, grad)
-        w = [wi - si for wi, si in zip(w, step)]
-        if max(abs(s) for s in step) < 1e-9:
-            break
-    return w
-
-
-def _solve(a: list[list[float]], b: list[float]) -> list[float]:
-    """Gaussian elimination with partial pivoting (k is tiny)."""
-    n = len(b)
-    m = [row[:] + [bi] for row, bi in zip(a, b)]
-    for c in range(n):
-        p = max(range(c, n), key=lambda r: abs(m[r][c]))
-        m[c], m[p] = m[p], m[c]
-        for r in range(c + 1, n):
-            f = m[r][c] / m[c][c]
-            for j in range(c, n + 1):
-                m[r][j] -= f * m[c][j]
-    x = [0.0] * n
-    for r in range(n - 1, -1, -1):
-        x[r] = (m[r][n] - sum(m[r][j] * x[j] for j in range(r + 1, n))) / m[r][r]
-    return x
+def _lc_fit(prefs: np.ndarray, len_diff: np.ndarray) -> tuple[float, float, float]:
+    """(sigmoid(b0), b1, sd) of the length-control model (see the module docstring)."""
+    sd = float(np.std(len_diff)) or 1.0
+    if np.isnan(prefs).any() or np.isnan(sd):
+        return float("nan"), float("nan"), sd
+    exog = np.column_stack([np.ones(len(len_diff)), np.tanh(len_diff / sd)])
+    model = GLM(np.clip(prefs, 0.0, 1.0), exog, family=Binomial())
+    # L1_wt=0: a pure ridge, per observation as statsmodels scales it; the intercept is not penalised
+    fit = model.fit_regularized(method="elastic_net", alpha=np.array([0.0, LC_RIDGE / len(prefs)]), L1_wt=0.0)
+    b0, b1 = fit.params
+    return float(expit(b0)), float(b1), sd
 
 
 def length_controlled_win_rate(prefs: list[float], len_diff: list[float]) -> dict:
-    """Raw and length-controlled win rate of a method against a baseline (see the module docstring)."""
-    if len(prefs) != len(len_diff) or not prefs:
+    """Raw and length-controlled win rate of a method against a baseline (see the module docstring).
+
+    A NaN preference or length difference makes the win rates and the length coefficient NaN."""
+    if len(prefs) != len(len_diff) or not len(prefs):
         raise ValueError("prefs and len_diff must be non-empty and of equal length")
-    sd = statistics.pstdev(len_diff) or 1.0
-    xs = [[1.0, math.tanh(d / sd)] for d in len_diff]
-    b0, b1 = fit_logistic(xs, [min(1.0, max(0.0, p)) for p in prefs])
-    return {"win_rate": mean(prefs), "lc_win_rate": _sigmoid(b0), "length_coef": b1, "len_sd": sd}
+    p, d = np.asarray(prefs, dtype=float), np.asarray(len_diff, dtype=float)
+    lc, coef, sd = _lc_fit(p, d)
+    return {"win_rate": mean(p), "lc_win_rate": lc, "length_coef": coef, "len_sd": sd}
+
+
+def _lc_statistic(prefs: np.ndarray, len_diff: np.ndarray) -> float:
+    return _lc_fit(prefs, len_diff)[0]
 
 
 def lc_win_rate_ci(prefs: list[float], len_diff: list[float], n_boot: int = 300, seed: int = 0) -> tuple[float, float]:
-    """Bootstrap interval of the length-controlled win rate (resampling prompts)."""
-    rng = random.Random(seed)
-    idx = list(range(len(prefs)))
-    vals = []
-    for _ in range(n_boot):
-        s = rng.choices(idx, k=len(idx))
-        vals.append(length_controlled_win_rate([prefs[i] for i in s], [len_diff[i] for i in s])["lc_win_rate"])
-    vals.sort()
-    return vals[int(0.025 * n_boot)], vals[int(0.975 * n_boot) - 1]
+    """95% bootstrap interval of the length-controlled win rate (resampling prompts; the model, including
+    sd(d), is refitted on every resample)."""
+    p, d = np.asarray(prefs, dtype=float), np.asarray(len_diff, dtype=float)
+    if len(p) != len(d) or not len(p):
+        raise ValueError("prefs and len_diff must be non-empty and of equal length")
+    return _percentile_interval((p, d), _lc_statistic, _lc_statistic(p, d), n_boot, 0.05, seed,
+                                vectorized=False)
+
+
+def _ratio_of_sums(agree: np.ndarray, total: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.sum(agree, axis=axis) / np.sum(total, axis=axis)
 
 
 def pairwise_agreement(groups: list[list[tuple[float, float]]], n_boot: int = 1000, seed: int = 0) -> dict:
@@ -119,28 +141,20 @@ def pairwise_agreement(groups: list[list[tuple[float, float]]], n_boot: int = 10
 
     `groups`: per prompt, (reference score, judge score) for each answer. Every pair with different
     reference scores counts; the judge agrees when it orders the pair the same way (a judge tie counts 1/2).
-    The interval resamples prompts.
+    The 95% interval resamples prompts.
     """
-    per_prompt = []
+    agree, total = [], []
     for g in groups:
-        agree = total = 0.0
-        for i in range(len(g)):
-            for j in range(i + 1, len(g)):
-                dt, dj = g[i][0] - g[j][0], g[i][1] - g[j][1]
-                if dt == 0:
-                    continue
-                total += 1
-                agree += 0.5 if dj == 0 else float((dt > 0) == (dj > 0))
-        if total:
-            per_prompt.append((agree, total))
-    if not per_prompt:
+        scores = np.asarray(g, dtype=float).reshape(-1, 2)
+        i, j = np.triu_indices(len(scores), k=1)
+        dt, dj = scores[i, 0] - scores[j, 0], scores[i, 1] - scores[j, 1]
+        keep = dt != 0  # pairs the reference can order
+        if keep.any():
+            agree.append(float(np.where(dj[keep] == 0, 0.5, (dt[keep] > 0) == (dj[keep] > 0)).sum()))
+            total.append(float(keep.sum()))
+    if not total:
         return {"agreement": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "pairs": 0, "prompts": 0}
-    rng = random.Random(seed)
-    boots = []
-    for _ in range(n_boot):
-        s = rng.choices(per_prompt, k=len(per_prompt))
-        boots.append(sum(a for a, _ in s) / sum(t for _, t in s))
-    boots.sort()
-    return {"agreement": sum(a for a, _ in per_prompt) / sum(t for _, t in per_prompt),
-            "ci_low": boots[int(0.025 * n_boot)], "ci_high": boots[int(0.975 * n_boot) - 1],
-            "pairs": int(sum(t for _, t in per_prompt)), "prompts": len(per_prompt)}
+    a, t = np.asarray(agree), np.asarray(total)
+    est = float(_ratio_of_sums(a, t))
+    lo, hi = _percentile_interval((a, t), _ratio_of_sums, est, n_boot, 0.05, seed, vectorized=True)
+    return {"agreement": est, "ci_low": lo, "ci_high": hi, "pairs": int(t.sum()), "prompts": len(t)}
