@@ -4,7 +4,7 @@ import pytest
 from pipeline.decoding.jacobi import RefineSettings
 from pipeline.decoding.refiner import RefineRequest, Refiner
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 DRAFT = "The capital city of France is Paris, which is known for the Eiffel Tower and the Louvre museum."

@@ -30,6 +30,7 @@ def run_job(args):
     return main(args)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_job_handles_formats_bad_rows_and_exports(tmp_path, tiny_dirs, ray_local):
     m = tiny_dirs["llama"]
@@ -70,6 +71,7 @@ def test_job_handles_formats_bad_rows_and_exports(tmp_path, tiny_dirs, ray_local
     assert {r["instruction"] for r in ae} >= {"Say hi.", "List two colors."}
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(400)
 def test_killed_job_resumes_without_losing_or_duplicating_rows(tmp_path, tiny_dirs, ray_local):
     m = tiny_dirs["qwen2"]
@@ -98,6 +100,7 @@ def test_killed_job_resumes_without_losing_or_duplicating_rows(tmp_path, tiny_di
     assert s["rows_processed_this_run"] < 40, "the rerun skipped what the killed run had written"
 
 
+@pytest.mark.integration
 def test_config_errors_are_clear(tmp_path, ray_local):
     from jobs.align_dataset import AlignDatasetConfig
     from jobs.common.data import preflight

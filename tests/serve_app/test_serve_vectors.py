@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import TEST_API_KEY, TEST_API_KEY_ENV, free_port, run_serve_app
 from tests.test_vectors import moved_copy
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 MAX_NEW = 24
 MSGS = [{"role": "user", "content": "Name a color."}]
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import TEST_API_KEY, TEST_API_KEY_ENV, free_port, run_serve_app
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 MAX_NEW = 48
 
 
@@ -200,7 +200,7 @@ def test_llm_judge_over_http_records_what_it_cannot_parse(server, monkeypatch, t
 
     from pipeline.evaluation.judges import LLMJudge, load_fastchat_prompts
     from pipeline.clients import ChatEndpoint, EndpointConfig
-    from tests.test_evaluate import write_prompts
+    from tests.pipeline.evaluation.test_judges import write_prompts
 
     monkeypatch.setenv(TEST_API_KEY_ENV, TEST_API_KEY)
     prompts = load_fastchat_prompts(write_prompts(tmp_path / "p.jsonl"))

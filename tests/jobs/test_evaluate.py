@@ -1,0 +1,108 @@
+"""The evaluation job end to end on tiny models (offline and reward-model judges, every method, exports, report,
+resume), its config errors and its references file."""
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from jobs.common.config import ConfigError, load_config
+
+
+# ---- the job ------------------------------------------------------------------------------------------
+def _bench(tmp_path: Path) -> Path:
+    rows = [
+        {"id": 0, "dataset": "helpful_base", "instruction": "Name two colors.", "output": "Red and blue.",
+         "reference_output": "Two colors are red and blue."},
+        {"id": 4, "dataset": "koala", "instruction": "Say hello politely.", "reference_output": "Hello, nice to meet you."},
+        {"id": 8, "instruction": "", "reference_output": "x"},  # empty prompt: an error row
+        {"id": 5, "instruction": "Not held out.", "reference_output": "y"},  # id % 4 != 0: filtered
+        {"question_id": 12, "category": "math", "turns": ["What is 1+1?", "And 2+2?"], "reference": ["2", "4"]},
+    ]
+    p = tmp_path / "bench.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+TINY = ["base.sampling.max_new_tokens=10", "aligner.refine.max_new_tokens=12", "aligner.refine.block_size=8", "ray.progress_bars=false",
+        "stats.n_boot=50", "best_of_n.n=2", "output.rows_per_file=1", "base.num_cpus=0.25", "aligner.num_cpus=0.25",
+        "judges.num_cpus=0.25", "aligner.batch_size=1", "base.batch_size=1", "judges.batch_size=6"]  # a part per prompt
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_evaluate_job_end_to_end(tmp_path, tiny_dirs, tiny_rm, ray_local):
+    from jobs.evaluate import main
+
+    m = str(tiny_dirs["llama"])
+    out = tmp_path / "out"
+    args = [f"benchmark.path={_bench(tmp_path)}", "benchmark.name=mini", "benchmark.id_mod=4", f"output.path={out}",
+            f"base.model={m}", f"aligner.model={m}", "methods=[draft,refine,refine_reference,in_context,aligner_ar,best_of_n]",
+            "judges.reward.enabled=true", f"judges.reward.model={tiny_rm}", *TINY]
+    s = main(args)
+    df = pd.read_parquet(out / "results.parquet")
+    assert s["n_prompts"] == 3 and len(df) == 3 * 6
+    assert set(df["method"]) == {"draft", "refine", "refine_reference", "in_context", "aligner_ar", "best_of_n"}
+    by = {(r["id"], r["method"]): r for r in df.to_dict("records")}
+    assert by[("0", "draft")]["answer"] == "Red and blue."  # a draft that came with the input is kept
+    for i in ("0", "4", "12"):  # greedy Jacobi, reference Jacobi and greedy AR agree token for token
+        assert list(by[(i, "refine")]["answer_turns"]) == list(by[(i, "aligner_ar")]["answer_turns"]) == \
+            list(by[(i, "refine_reference")]["answer_turns"])
+    assert len(by[("12", "refine")]["answer_turns"]) == 2  # both MT-bench turns
+    assert list(by[("12", "draft")]["reference_turns"]) == ["2", "4"]
+    assert df["offline_sim"].notna().all() and df["rm_score"].notna().all() and df["rm_pref"].between(0, 1).all()
+    assert (df.loc[df["method"] == "refine", "passes"] > 0).all()
+    errors = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
+    assert {e["id"] for e in errors} == {"8"} and "empty prompt" in errors[0]["error"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["baseline"] == "draft" and {"offline_sim", "rm_score", "length_only"} <= set(summary["metrics"])
+    assert any(p["method"] == "refine" and p["metric"] == "offline_sim" for p in summary["paired"])
+    fc = [json.loads(x) for x in (out / "exports/fastchat/refine.jsonl").read_text().splitlines()]
+    assert {x["question_id"] for x in fc} == {0, 4, 12} and fc[0]["model_id"] == "diffpo-refine"
+    ae = json.loads((out / "exports/alpaca_eval/draft.json").read_text())
+    assert ae[0]["instruction"] == "Name two colors." and ae[0]["output"] == "Red and blue."
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "refine_reference" in html
+
+    # resume: drop one part file (one prompt); a rerun redoes exactly that prompt, without duplicates
+    parts = sorted((out / "_parts").glob("*.parquet"))
+    assert len(parts) == 4  # 3 prompts + the error row
+    parts[0].unlink()
+    s2 = main(args)
+    assert len(list((out / "_parts").glob("*.parquet"))) == 4
+    df2 = pd.read_parquet(out / "results.parquet")
+    assert len(df2) == len(df) and not df2.duplicated(["id", "method"]).any()
+    pd.testing.assert_frame_equal(df.drop(columns=["draft_s", "refine_s", "total_s"]).reset_index(drop=True),
+                                  df2.drop(columns=["draft_s", "refine_s", "total_s"]).reset_index(drop=True),
+                                  check_dtype=False)
+    assert s2["n_prompts"] == 3
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("methods=[draft,nope]", "methods.1: Input should be 'draft'"),
+    ("stats.baseline=refine_reference", "not among the methods"),
+    ("methods=[draft,best_of_n]", None),  # fine with the offline judge on
+    ("judges.llm.enabled=true", "base_url"),
+    ("judges.offline.enabled=false", "enable at least one"),
+    ("benchmark.path=/nonexistent.jsonl", "benchmark.path"),
+])
+def test_config_errors_are_reported_up_front(override, msg):
+    from jobs.evaluate import EvaluateConfig
+
+    if msg is None:
+        load_config(EvaluateConfig, "conf/evaluate.yaml", [override])
+        return
+    with pytest.raises(ConfigError, match=msg):
+        load_config(EvaluateConfig, "conf/evaluate.yaml", [override])
+
+
+def test_references_file_formats(tmp_path):
+    from jobs.evaluate import load_references
+
+    fc = tmp_path / "ref.jsonl"
+    fc.write_text(json.dumps({"question_id": 81, "choices": [{"index": 0, "turns": ["t1", "t2"]}]}) + "\n"
+                  + json.dumps({"id": 5, "reference_output": "R5", "output": "not this"}) + "\n"
+                  + json.dumps({"id": 6, "output": "O6"}) + "\n")
+    refs = load_references(str(fc))
+    assert refs["81"] == ["t1", "t2"] and refs["5"] == ["R5"] and refs["6"] == ["O6"]
+    assert load_references(None) == {}
