@@ -111,9 +111,14 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     tmp.rename(out_dir)
 
 
+def is_default_model(spec) -> bool:
+    """Whether a model spec names the embedded default (``default``, or nothing at all)."""
+    return spec in (DEFAULT_MODEL, "", None)
+
+
 def resolve_model_path(spec: str) -> tuple[str, str | None]:
     """Map a model spec to (folder or hub id, gguf file name or None)."""
-    if spec in (DEFAULT_MODEL, "", None):
+    if is_default_model(spec):
         return str(convert_gguf(find_default_gguf())), None
     p = Path(os.path.expanduser(spec))
     if p.suffix == ".gguf":

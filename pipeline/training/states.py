@@ -5,9 +5,14 @@ score; y(T), the target, is the best answer or (``target="reference"``) the refe
 model answer ranked below it. `jobs/build_states.py` wires these functions into Ray Data; nothing here
 knows about Ray or the job's config, so all of it is testable with plain values.
 
-An answer travels through the stages as a dict::
+Rows are Arrow rows with explicit types (lists and structs, never JSON text): `ROW_SCHEMA` while a prompt's
+answers are filtered and scored, `STATES_SCHEMA` for the ranked rows of train/dev/heldout.parquet. An answer
+travels through the stages as a struct (`ANSWER`), in Python a dict::
 
-    {"generator": str, "text": str, "score": float | None, "raw_score": any, "drop": str | None, "detail": str}
+    {"generator": str, "text": str, "score": float | None, "raw_score": str | None, "drop": str | None,
+     "detail": str}
+
+``raw_score`` is the input's score field as text (a number or a string holding one); `column_scores` parses it.
 
 ``drop`` is the reason key of an answer that is filtered out (kept in the row, so the summary can count it):
 
@@ -22,13 +27,32 @@ An answer travels through the stages as a dict::
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
+
+import pyarrow as pa
+
+from pipeline.records import MESSAGE
+from pipeline.training.trajectories import TRAJECTORY
 
 DROP_REASONS = ("empty", "repetition", "too_long", "no_score", "score_error", "draft_error", "duplicate")
 TARGETS = ("best", "reference")
 REFERENCE = "reference"  # generator name of the reference answer in the output
+
+ANSWER = pa.struct([("generator", pa.string()), ("text", pa.string()), ("score", pa.float64()),
+                    ("raw_score", pa.string()), ("drop", pa.string()), ("detail", pa.string())])
+META = pa.map_(pa.string(), pa.string())  # the record's other scalar fields, as text
+DROPPED = pa.struct([("generator", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+# one prompt and its candidate answers, from `normalize_record` / `error_row` through the filter and score stages
+ROW_SCHEMA = pa.schema([("id", pa.string()), ("messages", pa.list_(MESSAGE)), ("reference", pa.string()),
+                        ("answers", pa.list_(ANSWER)), ("meta", META), ("error", pa.string()),
+                        ("error_kind", pa.string())])
+# one ranked prompt: the rows of train.parquet, dev.parquet and heldout.parquet
+STATES_SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt", pa.string()), ("messages", pa.list_(MESSAGE)),
+    ("states", pa.list_(pa.string())), ("scores", pa.list_(pa.float64())), ("generators", pa.list_(pa.string())),
+    ("target", pa.string()), ("num_states", pa.int64()), ("split", pa.string()), ("dropped", pa.list_(DROPPED)),
+    ("meta", META), ("trajectories", pa.list_(TRAJECTORY))])
 
 
 class RowError(ValueError):
@@ -60,9 +84,10 @@ def _messages_of(prompt) -> list[dict]:
 def _answer(rec: dict, text_field: str, score_field: str | None, generator_field: str | None, n: int) -> dict:
     text = rec.get(text_field)
     gen = rec.get(generator_field) if generator_field else None
+    raw = rec.get(score_field) if score_field else None
     return {"generator": str(gen) if gen is not None else f"answer{n}",
             "text": text if isinstance(text, str) else "", "score": None,
-            "raw_score": rec.get(score_field) if score_field else None, "drop": None, "detail": ""}
+            "raw_score": raw if raw is None or isinstance(raw, str) else str(raw), "drop": None, "detail": ""}
 
 
 def normalize_record(rec, fallback_id: str, fields: dict, layout: str = "nested") -> dict:
@@ -100,30 +125,30 @@ def normalize_record(rec, fallback_id: str, fields: dict, layout: str = "nested"
         return error_row(rid if layout == "nested" else fallback_id, e.kind, f"{e}" + (
             f" (prompt id {rid})" if layout == "flat" else ""))
     used = {fields[f] for f in ("id", "prompt", "answers", "text", "score", "generator", "reference") if fields.get(f)}
-    meta = {k: v for k, v in rec.items() if isinstance(v, (str, int, float, bool)) and k not in used}
-    return {"id": rid, "messages": json.dumps(messages, ensure_ascii=False), "reference": json.dumps(ref),
-            "answers": json.dumps(answers, ensure_ascii=False), "meta": json.dumps(meta, ensure_ascii=False),
-            "error": "", "error_kind": ""}
+    meta = {k: str(v) for k, v in rec.items() if isinstance(v, (str, int, float, bool)) and k not in used}
+    return {"id": rid, "messages": messages, "reference": ref, "answers": answers, "meta": meta, "error": None,
+            "error_kind": None}
 
 
 def error_row(row_id, kind: str, reason: str) -> dict:
-    return {"id": str(row_id), "messages": "[]", "reference": "null", "answers": "[]", "meta": "{}",
-            "error": reason, "error_kind": kind}
+    """A row that cannot become an example: `kind` is its summary key, `reason` the message."""
+    return {"id": str(row_id), "messages": [], "reference": None, "answers": [], "meta": {}, "error": reason,
+            "error_kind": kind}
 
 
 def merge_flat(rows: list[dict]) -> dict:
     """Rows of one prompt id (flat layout) -> one row with all their answers, ordered by (generator, text)
     so the result does not depend on the order a shuffle delivered them in. The rows must agree on the
     prompt and the reference; error rows never reach here (their ids are their position in the input)."""
-    rows = sorted(rows, key=lambda r: (r["messages"], r["reference"]))
+    rows = sorted(rows, key=lambda r: ([(m["role"], m["content"]) for m in r["messages"]], r["reference"] or ""))
     first = dict(rows[0])
     for r in rows[1:]:
         for k in ("messages", "reference"):
             if r[k] != first[k]:
                 return error_row(first["id"], "input", f"the rows of prompt id {first['id']} disagree on the {k}")
-    answers = [a for r in rows for a in json.loads(r["answers"])]
+    answers = [a for r in rows for a in r["answers"]]
     answers.sort(key=lambda a: (a["generator"], a["text"], str(a["raw_score"])))
-    first["answers"] = json.dumps(answers, ensure_ascii=False)
+    first["answers"] = answers
     return first
 
 
@@ -182,6 +207,35 @@ def parse_score(value) -> float | None:
     else:
         return None
     return x if math.isfinite(x) else None
+
+
+def filter_answers(row: dict, tokenizer, max_tokens: int | None, repeat_ngram: int,
+                   max_repeat_fraction: float | None, check_reference: bool) -> None:
+    """Mark the answers of a row (`ROW_SCHEMA`) that fail a filter with their reason (``drop``, ``detail``):
+    the content filters (`text_problem`), then the length filter (`length_problem`, counted in `tokenizer`'s
+    tokens; skipped when it is None). With `check_reference` (the reference is the target) a reference that
+    fails a filter fails the whole row (error kind ``reference``)."""
+    from pipeline.prompts import chat_prompt_ids
+
+    answers, ref = row["answers"], row["reference"]
+    for a in answers:
+        if not a["drop"] and (p := text_problem(a["text"], repeat_ngram, max_repeat_fraction)):
+            a["drop"], a["detail"] = p
+    check_ref = check_reference and isinstance(ref, str)
+    if check_ref and (p := text_problem(ref, repeat_ngram, max_repeat_fraction)):
+        row["error"], row["error_kind"] = f"reference answer rejected: {p[1]}", "reference"
+    if tokenizer is None:
+        return
+    n_prompt = len(chat_prompt_ids(tokenizer, row["messages"]))
+    todo = [a for a in answers if not a["drop"]]
+    ref_too = check_ref and not row["error"]
+    texts = [a["text"] for a in todo] + ([ref] if ref_too else [])
+    lens = [len(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    for a, n in zip(todo, lens):
+        if p := length_problem(n_prompt, n, max_tokens):
+            a["drop"], a["detail"] = p
+    if ref_too and (p := length_problem(n_prompt, lens[-1], max_tokens)):
+        row["error"], row["error_kind"] = f"reference answer rejected: {p[1]}", "reference"
 
 
 def column_scores(answers: list[dict]) -> None:
@@ -244,6 +298,27 @@ def rank_states(row_id: str, answers: list[dict], reference: str | None, target:
         raise RowError("too_few_states", f"{len(states)} state(s) left, min_states is {min_states} "
                                          f"({len(answers)} answers; dropped: {why})")
     return {"states": states, "scores": scores, "generators": gens}
+
+
+def ranked_row(row: dict, split: str, target: str = "best", min_states: int = 2, seed: int = 0) -> dict:
+    """A filtered, scored row (`ROW_SCHEMA`) -> its ranked row: the columns of `STATES_SCHEMA` (no
+    trajectories yet) plus ``error``, ``error_kind`` and ``answers_in`` (its number of candidate answers).
+    A row that arrives with an error, or that `rank_states` rejects, has no states and says why; either way
+    ``dropped`` lists every answer left out, with the reason."""
+    msgs, answers = row["messages"], row["answers"]
+    out = {"id": row["id"], "prompt": msgs[-1]["content"] if msgs else "", "messages": msgs, "states": [],
+           "scores": [], "generators": [], "target": "", "num_states": 0, "split": split, "dropped": [],
+           "meta": row["meta"], "error": row["error"], "error_kind": row["error_kind"], "answers_in": len(answers),
+           "trajectories": []}
+    if not row["error"]:
+        try:
+            st = rank_states(row["id"], answers, row["reference"], target, min_states, seed)
+            out.update(st, target=st["states"][-1], num_states=len(st["states"]))
+        except RowError as e:
+            out["error"], out["error_kind"] = str(e), e.kind
+    out["dropped"] = [{"generator": a["generator"], "reason": a["drop"], "detail": a["detail"]}
+                      for a in answers if a["drop"]]
+    return out
 
 
 def drop_counts(answers: list[dict]) -> dict:

@@ -2,7 +2,16 @@
 its fixed point, recorded with the batched fast engine (the training data of consistency training)."""
 from __future__ import annotations
 
-# ---- CLLM-style Jacobi trajectories -------------------------------------------------------------------
+import pyarrow as pa
+
+# One trajectory as build_states stores it: `from` is the index of the worse state it started from; a request
+# that could not be refined has only `from` and `error`.
+TRAJECTORY = pa.struct([
+    ("from", pa.int64()), ("states", pa.list_(pa.string())), ("state_ids", pa.list_(pa.list_(pa.int64()))),
+    ("fixed_point", pa.string()), ("fixed_point_ids", pa.list_(pa.int64())), ("stop", pa.string()),
+    ("passes", pa.int64()), ("converged", pa.bool_()), ("error", pa.string())])
+
+
 def _evenly(xs: list, k: int) -> list:
     """k items of xs evenly spaced, the first and the last always among them (all of xs when k >= len)."""
     if k >= len(xs):

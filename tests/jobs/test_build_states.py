@@ -1,14 +1,14 @@
-"""build_states: ranking, filters, split, scorers (pure functions) and the Ray Data job end to end."""
+"""build_states: its scorers, stages and config, and the Ray Data job end to end (the ranking, filter and split
+functions themselves: tests/pipeline/training/test_states.py)."""
 import gzip
 import json
-import random
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
-from jobs.config import REPO, ConfigError, load_config
-from pipeline.training.states import RowError, length_problem, parse_score, rank_states, repeated_ngram_fraction, split_of, text_problem
+from jobs.common.config import REPO, ConfigError, load_config
 from pipeline.scoring.verdicts import parse_judge_score
 from tests.conftest import shared_file
 
@@ -19,70 +19,7 @@ def ans(text, score=None, gen="g", drop=None):
     return {"generator": gen, "text": text, "score": score, "raw_score": None, "drop": drop, "detail": ""}
 
 
-# ---- pure functions -----------------------------------------------------------------------------------
-def test_rank_orders_worst_to_best_and_picks_the_target():
-    answers = [ans("mid", 0.5, "b"), ans("worst", 0.1, "a"), ans("best", 0.9, "c"), ans("dropped", 5.0, "d", "empty")]
-    st = rank_states("7", answers, reference="REF", target="best")
-    assert st == {"states": ["worst", "mid", "best"], "scores": [0.1, 0.5, 0.9], "generators": ["a", "b", "c"]}
-    st = rank_states("7", [dict(a, drop=a["drop"]) for a in answers], reference="REF", target="reference")
-    assert st["states"] == ["worst", "mid", "best", "REF"] and st["scores"][-1] is None
-    assert st["generators"][-1] == "reference", "the reference is the target, every answer ranks below it"
-
-
-def test_rank_ties_do_not_depend_on_input_order_and_duplicates_keep_the_better_copy():
-    base = [ans(f"t{i}", 1.0, f"g{i}") for i in range(6)] + [ans("low", 0.0)]
-    orders = set()
-    for k in range(5):
-        xs = [dict(a) for a in base]
-        random.Random(k).shuffle(xs)
-        orders.add(tuple(rank_states("x", xs, None, seed=3)["states"]))
-    assert len(orders) == 1, "equal scores are ordered by a hash of (seed, id, text), not by input order"
-    assert next(iter(orders))[0] == "low"
-    answers = [ans("same", 0.2, "a"), ans("same ", 0.8, "b"), ans("other", 0.5, "c")]
-    st = rank_states("x", answers, None)
-    assert st["generators"] == ["c", "b"] and answers[0]["drop"] == "duplicate"
-    answers = [ans("REF", 0.9, "a"), ans("other", 0.5, "c")]
-    st = rank_states("x", answers, "REF", target="reference")
-    assert st["states"] == ["other", "REF"] and answers[0]["drop"] == "duplicate"
-
-
-def test_rank_rejects_rows_with_too_few_states():
-    with pytest.raises(RowError, match="1 state.*min_states is 2.*1 empty") as e:
-        rank_states("x", [ans("only", 0.3), ans("", drop="empty")], None, min_states=2)
-    assert e.value.kind == "too_few_states"
-    with pytest.raises(RowError) as e:
-        rank_states("x", [ans("a", 0.3)], None, target="reference")
-    assert e.value.kind == "reference"
-    assert rank_states("x", [ans("a", 0.3)], "R", target="reference", min_states=2)["states"] == ["a", "R"]
-
-
-def test_filters():
-    assert repeated_ngram_fraction("a b c d a b c d", 4) == pytest.approx(1 - 4 / 5)  # 5 4-grams, 4 distinct
-    assert repeated_ngram_fraction("one two three", 4) == 0.0  # fewer words than n
-    assert repeated_ngram_fraction("Stop, stop. STOP! stop stop", 1) == pytest.approx(0.8)  # case and punctuation
-    assert text_problem("", 4, 0.5)[0] == "empty" and text_problem(" \n", 4, 0.5)[0] == "empty"
-    assert text_problem("go " * 40, 4, 0.5)[0] == "repetition"
-    assert text_problem("go " * 40, 4, None) is None, "null threshold switches the filter off"
-    assert text_problem("A normal answer with several different words in it.", 4, 0.5) is None
-    assert length_problem(10, 89, 100) is None  # 10 + 89 + EOS = 100 fits
-    assert length_problem(10, 90, 100)[0] == "too_long"
-    assert length_problem(10, 10**6, None) is None
-    assert parse_score("1.8e-07") == pytest.approx(1.8e-07) and parse_score(3) == 3.0
-    assert [parse_score(x) for x in ("n/a", "", None, "nan", float("inf"), True, [1])] == [None] * 7
-
-
-def test_split_rule_keeps_heldout_ids_out_of_train():
-    splits = {i: split_of(str(i), 4, 0, dev_fraction=0.1, seed=0) for i in range(805)}
-    assert all((s == "heldout") == (i % 4 == 0) for i, s in splits.items())
-    assert sum(s == "heldout" for s in splits.values()) == 202  # ids 0, 4, ..., 804
-    dev = [i for i, s in splits.items() if s == "dev"]
-    assert 30 < len(dev) < 90 and all(i % 4 for i in dev), "dev is a hashed share of the train ids"
-    assert dev == [i for i in range(805) if split_of(str(i), 4, 0, 0.1, 0) == "dev"], "deterministic"
-    assert dev != [i for i in range(805) if split_of(str(i), 4, 0, 0.1, 1) == "dev"], "the seed picks the dev ids"
-    assert split_of("7", 4, 3) == "heldout" and split_of("7", None, 0) == "train"
-    assert {split_of(f"q{i}", 4, 0) for i in range(50)} == {"train", "heldout"}, "string ids: hashed"
-
-
+# ---- scorers and trajectories -------------------------------------------------------------------------
 @pytest.mark.parametrize("verdict,score", [
     ("Good answer.\nRating: [[7]]", 7.0), ("[[7.5]]", 7.5), ("[[ 8/10 ]]", 8.0), ("Rating: 6", 6.0),
     ("score = 9.", 9.0), ("I give it 8/10.", 8.0), ("7 out of 10", 7.0), ("8", 8.0), ("8.", 8.0),
@@ -137,22 +74,22 @@ def test_reward_model_scores_each_answer_independently_of_the_batch(tiny_rm):
 
 
 def test_draft_stage_adds_seeded_answers(tiny_dirs):
-    from omegaconf import OmegaConf
+    import pyarrow as pa
 
-    from jobs.build_states import ROW_COLUMNS, BaseCfg, DraftStage
-    from pipeline.training.states import error_row
+    from jobs.build_states import BaseCfg, DraftStage
+    from pipeline.decoding.drafting import SamplingParams
+    from pipeline.training.states import ROW_SCHEMA, error_row
 
-    st = OmegaConf.to_container(OmegaConf.structured(BaseCfg(model=str(tiny_dirs["llama"]), max_new_tokens=8,
-                                                             num_answers=2)))
-    stage = DraftStage(st, "tiny", seed=0, threads=1)
-    rows = pd.DataFrame([{"id": "1", "messages": json.dumps([{"role": "user", "content": "Hi?"}]),
-                          "reference": "null", "answers": json.dumps([ans("given", None, "file")]), "meta": "{}",
-                          "error": "", "error_kind": ""}, error_row("2", "input", "bad")], columns=ROW_COLUMNS)
-    out1, out2 = stage(rows.copy()), stage(rows.copy())
-    a1 = json.loads(out1["answers"][0])
+    base = BaseCfg(model=str(tiny_dirs["llama"]), name="tiny", sampling=SamplingParams(max_new_tokens=8), num_answers=2)
+    stage = DraftStage(base, seed=0, threads=1)
+    rows = pa.Table.from_pylist([{"id": "1", "messages": [{"role": "user", "content": "Hi?"}], "reference": None,
+                                  "answers": [ans("given", None, "file")], "meta": {}, "error": None,
+                                  "error_kind": None}, error_row("2", "input", "bad")], schema=ROW_SCHEMA)
+    out1, out2 = stage(rows), stage(rows)
+    a1 = out1.column("answers")[0].as_py()
     assert [a["generator"] for a in a1] == ["file", "tiny#0", "tiny#1"]
-    assert a1 == json.loads(out2["answers"][0]), "seeded by (seed, base, row id): reruns draw the same samples"
-    assert out1["answers"][1] == "[]", "error rows are left alone"
+    assert a1 == out2.column("answers")[0].as_py(), "seeded by (seed, base, row id): reruns draw the same samples"
+    assert out1.column("answers")[1].as_py() == [], "error rows are left alone"
 
 
 # ---- the job ------------------------------------------------------------------------------------------
@@ -196,13 +133,20 @@ def _run(args):
     return main(args + FAST)
 
 
-@pytest.mark.timeout(240)
-def test_job_filters_ranks_splits_and_is_deterministic(tmp_path, tiny_dirs, ray_local):
-    src = _write_gz(tmp_path / "in.jsonl.gz", _records())
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, tiny_dirs, ray_local):
+    """The job on `_records()` (nested layout, score column), run once: (its arguments, summary, output folder)."""
+    tmp = tmp_path_factory.mktemp("build_states")
+    src = _write_gz(tmp / "in.jsonl.gz", _records())
     args = [f"input.path={src}", f"filters.tokenizer={tiny_dirs['llama']}", "filters.max_tokens=600",
             "split.dev_fraction=0.3", "seed=1"]
-    s = _run(args + [f"output.path={tmp_path / 'a'}"])
-    out = tmp_path / "a"
+    return args, _run(args + [f"output.path={tmp / 'a'}"]), tmp / "a"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_job_filters_ranks_splits_and_is_deterministic(tmp_path, first_run):
+    args, s, out = first_run
     assert s["rows_in"] == 25 and s["rows_out"] == 22 and s["error_rows"] == 3
     assert s["error_rows_by_kind"] == {"input": 2, "too_few_states": 1}
     assert s["answers_dropped"] == {"empty": 3, "repetition": 1, "too_long": 1, "no_score": 1, "score_error": 0,
@@ -221,9 +165,9 @@ def test_job_filters_ranks_splits_and_is_deterministic(tmp_path, tiny_dirs, ray_
     assert r1["target"] == r1["states"][-1] and r1["num_states"] == 4
     r2 = rows.loc["2"]
     assert list(r2["generators"]) == ["m1", "m2"], "empty, repetitive and over-length answers are dropped"
-    assert {d["reason"] for d in json.loads(r2["dropped"])} == {"empty", "repetition", "too_long"}
+    assert {d["reason"] for d in r2["dropped"]} == {"empty", "repetition", "too_long"}
     assert list(rows.loc["3"]["generators"]) == ["m2", "m3"], "the lower-scored duplicate and the unscored go"
-    assert json.loads(rows.loc["1"]["messages"]) == [{"role": "user", "content": "Q1"}]
+    assert list(rows.loc["1"]["messages"]) == [{"role": "user", "content": "Q1"}]
 
     s2 = _run(args + [f"output.path={tmp_path / 'b'}"])
     for f in ("train.parquet", "dev.parquet", "heldout.parquet", "errors.jsonl"):
@@ -231,42 +175,68 @@ def test_job_filters_ranks_splits_and_is_deterministic(tmp_path, tiny_dirs, ray_
     assert s2["rows_by_split"] == s["rows_by_split"]
 
 
+@pytest.mark.integration
+def test_train_parquet_columns_are_arrow_lists_and_structs_not_json_text(first_run):
+    import pyarrow as pa
+
+    from pipeline.records import MESSAGE
+    from pipeline.training.states import STATES_SCHEMA
+    from pipeline.training.trajectories import TRAJECTORY
+
+    out = first_run[2]
+    for sp in ("train", "dev", "heldout"):
+        assert pq.read_schema(out / f"{sp}.parquet").equals(STATES_SCHEMA), f"{sp}.parquet is not STATES_SCHEMA"
+    types = {f.name: f.type for f in pq.read_schema(out / "train.parquet")}
+    assert types["messages"] == pa.list_(MESSAGE) and types["trajectories"] == pa.list_(TRAJECTORY)
+    assert types["states"] == pa.list_(pa.string()) and types["scores"] == pa.list_(pa.float64())
+    assert pa.types.is_struct(types["dropped"].value_type) and pa.types.is_map(types["meta"])
+    assert not any(pa.types.is_string(types[k]) for k in ("messages", "dropped", "meta", "trajectories"))
+    row = pq.read_table(out / "train.parquet").to_pylist(maps_as_pydicts="strict")[0]
+    assert row["messages"] == [{"role": "user", "content": f"Q{row['id']}"}] and row["trajectories"] == []
+
+
+@pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_job_adds_trajectories_to_train_rows_only(tmp_path, tiny_dirs, ray_local):
     src = _write_gz(tmp_path / "in.jsonl.gz", _records(), bad_line=False)
     tiny = str(tiny_dirs["llama"])
     s = _run([f"input.path={src}", f"filters.tokenizer={tiny}", "filters.max_tokens=600", "split.dev_fraction=0.3",
               f"output.path={tmp_path / 'o'}", "trajectory.enabled=true", f"trajectory.model={tiny}",
-              "trajectory.from_states=1", "trajectory.block_size=4", "trajectory.max_iter=5",
-              "trajectory.max_new_tokens=8", "trajectory.max_states=3", "trajectory.num_cpus=0.5"])
-    parts = {sp: pd.read_parquet(tmp_path / "o" / f"{sp}.parquet") for sp in ("train", "dev", "heldout")}
+              "trajectory.from_states=1", "trajectory.refine.block_size=4", "trajectory.refine.max_iter=5",
+              "trajectory.refine.max_new_tokens=8", "trajectory.max_states=3", "trajectory.num_cpus=0.5"])
+    parts = {sp: pq.read_table(tmp_path / "o" / f"{sp}.parquet").to_pylist() for sp in ("train", "dev", "heldout")}
     for sp in ("dev", "heldout"):
-        assert all(x == "[]" for x in parts[sp]["trajectories"]), f"no trajectories for {sp} rows"
+        assert all(r["trajectories"] == [] for r in parts[sp]), f"no trajectories for {sp} rows"
     train = parts["train"]
     assert len(train) > 0 and s["trajectories"]["count"] == len(train) and s["trajectories"]["errors"] == 0
-    for r in train.itertuples():
-        (tr,) = json.loads(r.trajectories)  # from_states=1: one per prompt
-        assert 0 <= tr["from"] < r.num_states - 1, "starts from a worse answer, never the target"
+    for r in train:
+        (tr,) = r["trajectories"]  # from_states=1: one per prompt
+        assert 0 <= tr["from"] < r["num_states"] - 1, "starts from a worse answer, never the target"
         assert tr["state_ids"][-1] == tr["fixed_point_ids"] and len(tr["state_ids"]) <= 3
         assert tr["converged"] and len(tr["fixed_point_ids"]) <= 8
 
 
 def test_parquet_rows_are_normalized_like_json_rows(tmp_path):
-    """What Ray's read_parquet hands the parser: pandas batches with numpy arrays for lists and NaN for gaps."""
-    from jobs.build_states import BuildStatesConfig, _fields, parse_parquet_batch
-    from pipeline.training.states import normalize_record
+    """What Ray's read_parquet hands the parser: Arrow batches, lists of structs for the answers, nulls for gaps."""
+    from functools import partial
+
+    from jobs.build_states import BuildStatesConfig, input_error
+    from jobs.common.data import _parse_parquet
+    from pipeline.training.states import ROW_SCHEMA, normalize_record
 
     recs = _records()[:2] + [{"id": 30, "instruction": "Q30", "reference_output": None, "responses": []}]
     pd.DataFrame(recs).to_parquet(tmp_path / "x.parquet")
-    fields = _fields(load_config(BuildStatesConfig, "conf/build_states.yaml", []).input)
-    rows = parse_parquet_batch(pd.read_parquet(tmp_path / "x.parquet"), fields, "nested").to_dict("records")
+    fields = load_config(BuildStatesConfig, "conf/build_states.yaml", []).input.fields()
+    rows = _parse_parquet(pq.read_table(tmp_path / "x.parquet"), partial(normalize_record, fields=fields),
+                          input_error, ROW_SCHEMA).to_pylist(maps_as_pydicts="strict")
     expect = [normalize_record(r, "-", fields) for r in recs]
     for r, e in zip(rows, expect):
-        assert json.loads(r["answers"]) == json.loads(e["answers"]) and r["messages"] == e["messages"]
-        assert r["error"] == "" and json.loads(r["reference"]) == json.loads(e["reference"])
-    assert rows[1]["error_kind"] == "" and len(json.loads(rows[1]["answers"])) == 6
+        assert r["answers"] == e["answers"] and r["messages"] == e["messages"]
+        assert r["error"] is None and r["reference"] == e["reference"]
+    assert rows[1]["error_kind"] is None and len(rows[1]["answers"]) == 6
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_job_reward_model_flat_layout_reference_target(tmp_path, tiny_rm, ray_local):
     from pipeline.scoring.reward_model import RewardModel
@@ -293,6 +263,7 @@ def test_job_reward_model_flat_layout_reference_target(tmp_path, tiny_rm, ray_lo
         assert list(r["scores"][:-1]) == pytest.approx([direct[t] for t in r["states"][:-1]], abs=1e-4)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_job_on_real_alpaca_eval_ranked_responses(tmp_path, tiny_dirs, ray_local):
     path = shared_file("alpaca_eval/ranked_responses.jsonl.gz")
@@ -315,33 +286,37 @@ def test_job_on_real_alpaca_eval_ranked_responses(tmp_path, tiny_dirs, ray_local
         assert r["scores"][-1] == kept_best
 
 
+@pytest.mark.integration
 def test_config_errors_are_reported_together(tmp_path, ray_local):
-    from jobs.build_states import BuildStatesConfig, preflight_resources, validate
+    from jobs.build_states import BuildStatesConfig
+    from jobs.common.data import preflight
 
     with pytest.raises(ConfigError, match="nope"):
         load_config(BuildStatesConfig, "conf/build_states.yaml", ["rank.nope=1"])
-    cfg = load_config(BuildStatesConfig, "conf/build_states.yaml", [
-        "input.path=/does/not/exist.jsonl", "rank.target=worst", "score.kind=reward_model",
-        "split.heldout_rem=4", "filters.max_repeat_fraction=1.5", "bases=[{model: /no/such/model}]"])
-    with pytest.raises(ConfigError) as e:
-        validate(cfg)
-    msg = str(e.value)
-    for key in ("input.path", "rank.target", "score.reward_model.model", "split", "filters.max_repeat_fraction",
-                "bases.0.model"):
-        assert key in msg, f"{key} missing from {msg}"
+    # values of the wrong type or out of range are reported together, then (once the types are right) every
+    # rule that spans keys or looks at files
+    for args, keys in ((["rank.target=worst", "filters.max_repeat_fraction=1.5"],
+                        ("rank.target", "filters.max_repeat_fraction")),
+                       (["input.path=/does/not/exist.jsonl", "score.kind=reward_model", "split.heldout_rem=4",
+                         "bases=[{model: /no/such/model}]"],
+                        ("input.path", "score.reward_model.model", "split", "bases.0.model"))):
+        with pytest.raises(ConfigError) as e:
+            load_config(BuildStatesConfig, "conf/build_states.yaml", args)
+        msg = str(e.value)
+        for key in keys:
+            assert key in msg, f"{key} missing from {msg}"
     cfg = load_config(BuildStatesConfig, "conf/build_states.yaml",
                       ["score.kind=judge", "score.judge.base_url=http://x/v1", "score.judge.model=j",
                        "score.judge.num_cpus=1", "score.judge.concurrency=2"])
     with pytest.raises(ConfigError, match="fractions"):
-        preflight_resources(cfg)
+        preflight(cfg.pools())
 
 
 def test_conf_file_loads_and_validates(tmp_path):
-    from jobs.build_states import BuildStatesConfig, validate
+    from jobs.build_states import BuildStatesConfig
 
     src = _write_gz(tmp_path / "x.jsonl.gz", _records()[:1], bad_line=False)
-    cfg = load_config(BuildStatesConfig, REPO / "conf/build_states.yaml", [f"input.path={src}"])
-    validate(cfg)
+    cfg = load_config(BuildStatesConfig, REPO / "conf/build_states.yaml", [f"input.path={src}"])  # checks it too
     assert cfg.score.kind == "column" and cfg.rank.target == "best" and cfg.split.heldout_mod == 4
 
 
@@ -396,19 +371,18 @@ def test_jacobi_trajectories_run_from_the_answer_to_the_aligner_fixed_point(tiny
 
 
 def test_trajectory_stage_refuses_a_sliding_window_aligner_before_starting(tmp_path, tiny_dirs):
-    from jobs.build_states import BuildStatesConfig, validate
+    from jobs.build_states import BuildStatesConfig
     from pipeline.models import load_model
     from pipeline.decoding.refiner import Refiner, RefineRequest
     from tests.tiny import save_tiny
 
     gemma = save_tiny("gemma2", tmp_path / "gemma2")
     src = _write_gz(tmp_path / "x.jsonl.gz", _records()[:1], bad_line=False)
-    cfg = load_config(BuildStatesConfig, REPO / "conf/build_states.yaml",
-                      [f"input.path={src}", "trajectory.enabled=true", f"trajectory.model={gemma}"])
+    args = [f"input.path={src}", "trajectory.enabled=true"]
     with pytest.raises(ConfigError, match="trajectory.model: the fast engine needs full causal attention"):
-        validate(cfg)
-    cfg.trajectory.model = str(tiny_dirs["llama"])
-    validate(cfg)  # a full-attention aligner passes
+        load_config(BuildStatesConfig, REPO / "conf/build_states.yaml", args + [f"trajectory.model={gemma}"])
+    load_config(BuildStatesConfig, REPO / "conf/build_states.yaml",
+                args + [f"trajectory.model={tiny_dirs['llama']}"])  # a full-attention aligner passes
     ref = Refiner(load_model(str(tiny_dirs["llama"])), mode="reference")
     item = ref.encode(RefineRequest([{"role": "user", "content": "hi"}], "abc"))
     with pytest.raises(ValueError, match="needs mode='fast'"):
