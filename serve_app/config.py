@@ -71,7 +71,6 @@ class OpenAIBaseArgs(_Strict):
     api_key_env: str | None = None  # environment variable holding the key; never the key itself
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(3, ge=0)
-    backoff_s: float = Field(0.5, ge=0)
     max_connections: int = Field(64, ge=1)
     context_window: int | None = None  # optional local check before calling (tokens are not counted remotely)
 
