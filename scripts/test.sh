@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test suite. Creates/updates .venv first. Extra arguments go to pytest (e.g. -m "not slow").
+# The test suite. Creates/updates .venv first. Extra arguments go to pytest, e.g. -m "not integration" for the
+# unit tier (about a minute) without the Ray jobs, the Serve app and the real model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
