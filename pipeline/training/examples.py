@@ -28,7 +28,7 @@ def pick_state(row_id: str, epoch: int, seed: int, n_states: int) -> int:
 def good_trajectories(x) -> list[dict]:
     """The row's Jacobi trajectories (the `trajectories` column, a list of structs) that can give an example: no
     error, and at least one state before the fixed point."""
-    return [t for t in (x if x is not None else []) if not t["error"] and len(t["state_ids"]) >= 2]
+    return [t for t in (x if x is not None else []) if not t.get("error") and len(t["state_ids"]) >= 2]
 
 
 def row_example(row: dict, epoch: int, tokenizer, stop_id: int, pad_id: int, *, kind: str, seed: int,
