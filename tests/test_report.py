@@ -8,7 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.evaluation import figures
 from pipeline.evaluation.report import method_colors, write_report
+from pipeline.evaluation.summary import summarize
 
 METHODS = ["draft", "refine", "refine_reference", "in_context", "aligner_ar", "best_of_n"]
 METRICS = {
@@ -174,8 +176,42 @@ def test_nan_everywhere_and_empty_histograms(tmp_path):
         m["jacobi"] = {"mean_passes": 3}  # says Jacobi, but no per-row passes to draw
         m["metrics"]["offline_sim"] = {"mean": float("nan")}
     summary["paired"].append({"metric": "llm_score", "method": "refine", "vs": "draft", "diff": None})
-    html = write_report(df, summary, tmp_path).read_text()
+    html = write_report(df, summary, tmp_path).read_text()  # a figure builder that raises fails the test
     assert "<html" in html
+    # every figure drawn, or skipped because it has nothing to draw: no latency (quality_latency), no per-row
+    # passes (jacobi), no answer lengths (lengths)
+    figs = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
+    assert figs == ["metrics.png", "paired.png"]
+    assert len(_pngs(html)) == 2 and 'alt="metrics"' in html and 'alt="paired"' in html
+
+
+def test_figure_errors_propagate(tmp_path, monkeypatch):
+    def broken(r):
+        raise RuntimeError("broken figure")
+
+    monkeypatch.setitem(figures.FIGURES, "lengths", broken)
+    df, summary = synthetic(n=3, methods=["draft", "refine"], metrics=FEW)
+    with pytest.raises(RuntimeError, match="broken figure"):
+        write_report(df, summary, tmp_path)
+
+
+def test_report_from_summarize(tmp_path):
+    """The summary as jobs/evaluate.py's finalize builds it (summarize() plus the run's fields), over the rows
+    without errors."""
+    df, _ = synthetic(n=12)
+    ok = df[df["error"] == ""]
+    summary = {"benchmark": "alpaca_eval", "n_prompts": int(ok["id"].nunique()), "rows_in": 12,
+               "error_rows": int((df["error"] != "").sum()), "judges": ["offline", "llm", "reward"],
+               "methods_run": METHODS, "created": "2026-11-22T12:00:00Z", "wall_s": 98.7,
+               "notes": ["The offline judge measures closeness to the reference."], "config": {"seed": 0},
+               **summarize(df, "draft", n_boot=10, seed=0)}  # few resamples: the shape matters here, not the intervals
+    html = write_report(ok, summary, tmp_path).read_text(encoding="utf-8")
+    assert len(_pngs(html)) == 5
+    for m in METHODS:
+        assert m in html
+    for k in summary["metrics"]:
+        assert f'<span title="{summary["metrics"][k]["label"]}">{k}</span>' in html
+    assert '<table class="paired">' in html and "Read this first" in html and "Prompt p002" in html
 
 
 def test_empty_inputs(tmp_path):
@@ -191,7 +227,8 @@ def test_html_escaping(tmp_path):
     summary["config"] = {"x": "</pre><script>"}
     html = write_report(df, summary, tmp_path).read_text()
     assert "<script" not in html and "<img src=x" not in html and "<b>bold?</b>" not in html
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in html
+    # the quote may be written &#x27; (html.escape) or &#39; (Jinja's markupsafe): the same character
+    assert re.search(r"&lt;script&gt;alert\((&#x27;|&#39;)x(&#x27;|&#39;)\)&lt;/script&gt; &amp; more", html)
     assert "&lt;b&gt;bold?&lt;/b&gt;" in html
 
 
