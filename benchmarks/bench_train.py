@@ -74,9 +74,9 @@ def loop(config: dict) -> None:
     import ray.train
     import torch
 
-    from jobs.train_aligner import ds_config
-    from pipeline.training.consistency import losses
     from pipeline.models import load_model
+    from pipeline.training.consistency import losses
+    from pipeline.training.deepspeed_config import deepspeed_config
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -91,14 +91,14 @@ def loop(config: dict) -> None:
     batch = build_batch(lm.tokenizer, lm.stop_ids[0], pad, raw[rank * per:(rank + 1) * per], config["answer_tokens"])
     model = lm.model
     if config["lora"]:
-        from jobs.train_aligner import with_lora
+        from pipeline.training.lora import with_lora
 
-        model = with_lora(model, {"r": config["lora"], "alpha": 2.0 * config["lora"], "dropout": 0.0,
-                                  "target_modules": "all-linear"}, gradient_checkpointing=False)
+        model = with_lora(model, r=config["lora"], alpha=2.0 * config["lora"], dropout=0.0,
+                          target_modules="all-linear", gradient_checkpointing=False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    cfg = {"deepspeed": {"zero_stage": config["zero"], "precision": "fp32", "micro_batch": per, "grad_accum": 1,
-                         "offload_optimizer": False, "bucket_size": config["bucket_size"]}, "optim": {"grad_clip": 1.0}}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(cfg))
+    ds = deepspeed_config(zero_stage=config["zero"], precision="fp32", micro_batch=per, grad_accum=1, grad_clip=1.0,
+                          bucket_size=config["bucket_size"], offload_optimizer=False)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     times = []
     for _ in range(config["steps"] + 1):
         t0 = time.perf_counter()

@@ -54,11 +54,11 @@ def main():
     import pandas as pd
     import torch
 
-    from jobs.train_aligner import as_states, pick_state
     from pipeline.decoding.jacobi import RefineSettings
+    from pipeline.decoding.refiner import RefineRequest, Refiner
     from pipeline.models import load_model
     from pipeline.scoring.embedding import EmbeddingJudge
-    from pipeline.decoding.refiner import RefineRequest, Refiner
+    from pipeline.training.examples import as_states, conversation, pick_state
     from pipeline.training.states import repeated_ngram_fraction
     from pipeline.training.trajectories import trajectory_settings
 
@@ -70,7 +70,7 @@ def main():
     for r in df.itertuples():
         states = as_states(r.states)
         draft = states[pick_state(str(r.id), 0, 0, len(states))]
-        reqs.append(RefineRequest(json.loads(r.messages), draft, str(r.id)))
+        reqs.append(RefineRequest(conversation(r.messages), draft, str(r.id)))
         drafts.append(draft)
     refs_list = [refs[str(i)] for i in df["id"]]
     settings = {"jacobi": trajectory_settings(block, max_iter=block + 1, max_new_tokens=max_new),

@@ -109,29 +109,26 @@ def test_trajectory_example_trains_only_from_real_state_tokens():
 
 
 def test_row_example_draws_states_or_trajectories_by_config():
-    import json
-
-    from jobs.train_aligner import row_example
+    from pipeline.training.examples import row_example
 
     _, tok = _model()
     stop = tok.eos_token_id
     traj = {"from": 0, "states": ["a", "b"], "state_ids": [[30, 31], [20, 21, 22]], "fixed_point": "f",
             "fixed_point_ids": [20, 21, 22], "stop": "eos", "passes": 3, "converged": True}
-    row = {"id": "7", "messages": json.dumps([{"role": "user", "content": "Name a color."}]),
-           "states": ["Red", "Blue is a color."], "trajectories": json.dumps([traj, {"from": 0, "error": "too long"}])}
-    cfg = {"data": {"examples": "trajectories", "max_answer_tokens": 64}, "model": {"in_context": False},
-           "train": {"seed": 0}}
-    e = row_example(row, 0, cfg, tok, stop, PAD, "{question} {draft}")
+    row = {"id": "7", "messages": [{"role": "user", "content": "Name a color."}],  # Arrow lists and structs
+           "states": ["Red", "Blue is a color."], "trajectories": [traj, {"from": 0, "error": "too long"}]}
+    cfg = {"kind": "trajectories", "max_answer_tokens": 64, "in_context": False, "seed": 0,
+           "template": "{question} {draft}"}
+    e = row_example(row, 0, tok, stop, PAD, **cfg)
     assert e.target_ids == [20, 21, 22, stop] and e.state_ids[:2] == [30, 31] and e.state_len == 2
-    cfg["data"]["examples"] = "states"
-    e = row_example(row, 0, cfg, tok, stop, PAD, "{question} {draft}")
+    cfg["kind"] = "states"
+    e = row_example(row, 0, tok, stop, PAD, **cfg)
     assert e.state_len is None and tok.decode(e.target_ids[:-1]) == "Blue is a color."
-    cfg["data"]["examples"] = "mixed"
-    kinds = {row_example({**row, "id": str(i)}, 0, cfg, tok, stop, PAD, "{question} {draft}").state_len is None
-             for i in range(20)}
+    cfg["kind"] = "mixed"
+    kinds = {row_example({**row, "id": str(i)}, 0, tok, stop, PAD, **cfg).state_len is None for i in range(20)}
     assert kinds == {True, False}, "mixed draws both kinds"
-    cfg["data"]["examples"] = "trajectories"
-    e = row_example({**row, "trajectories": "[]"}, 0, cfg, tok, stop, PAD, "{question} {draft}")
+    cfg["kind"] = "trajectories"
+    e = row_example({**row, "trajectories": []}, 0, tok, stop, PAD, **cfg)
     assert e.state_len is None, "a row without a usable trajectory falls back to its ranked states"
 
 

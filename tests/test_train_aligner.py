@@ -1,24 +1,32 @@
 """Ray Train + DeepSpeed (ZeRO-2, gloo, 2 CPU workers) on a tiny model: steps, logs, checkpoints, resume, export."""
 import json
 
-import pandas as pd
 import pytest
 
-from jobs.config import REPO, ConfigError
+from jobs.common.config import REPO, ConfigError, load_config, resolve_path
 
 
 def _states(path, n=8, trajectories=True):
+    """A train.parquet as build_states writes it: Arrow lists and structs, the target state last."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.records import MESSAGE
+    from pipeline.training.trajectories import TRAJECTORY
+
     rows = []
     for i in range(n):
         q = f"Question {i}: name a color."
-        row = {"id": str(i), "messages": json.dumps([{"role": "user", "content": q}]),
-               "states": json.dumps([f"bad answer {i}", f"better answer {i}!", f"The best answer is blue ({i})."])}
+        row = {"id": str(i), "messages": [{"role": "user", "content": q}],
+               "states": [f"bad answer {i}", f"better answer {i}!", f"The best answer is blue ({i})."]}
         if trajectories:  # token ids as build_states records them (any ids inside the tiny vocabulary)
-            row["trajectories"] = json.dumps([{"from": 0, "states": ["x", "y", "z"], "state_ids": [[40, 41], [30, 31, 50],
-                                               [30, 31, 32, 33]], "fixed_point": "z", "fixed_point_ids": [30, 31, 32, 33],
-                                               "stop": "eos", "passes": 4, "converged": True}])
+            row["trajectories"] = [{"from": 0, "states": ["x", "y", "z"], "state_ids": [[40, 41], [30, 31, 50],
+                                    [30, 31, 32, 33]], "fixed_point": "z", "fixed_point_ids": [30, 31, 32, 33],
+                                    "stop": "eos", "passes": 4, "converged": True}]
         rows.append(row)
-    pd.DataFrame(rows).to_parquet(path)
+    fields = [("id", pa.string()), ("messages", pa.list_(MESSAGE)), ("states", pa.list_(pa.string()))]
+    fields += [("trajectories", pa.list_(TRAJECTORY))] if trajectories else []
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema(fields)), path)
     return path
 
 
@@ -87,20 +95,51 @@ def test_lora_trains_only_adapters_and_exports_a_merged_model(tmp_path, tiny_dir
 
 
 def test_config_errors_are_reported_together(tmp_path, tiny_dirs):
+    """Values the schema refuses are listed together; once they are right, so are the rules across keys."""
     from jobs.train_aligner import main
 
+    missing = f"data.train_path={tmp_path / 'missing.parquet'}"
     with pytest.raises(ConfigError) as e:
-        main([f"data.train_path={tmp_path / 'missing.parquet'}", "deepspeed.zero_stage=3", "deepspeed.precision=fp8",
-              "loss.w_ar=0", "loss.w_con=0", "data.examples=trajectory", "loss.teacher=frozen"])
+        main([missing, "deepspeed.zero_stage=3", "deepspeed.precision=fp8", "loss.w_ar=0", "loss.w_con=0",
+              "data.examples=trajectory", "loss.teacher=frozen"])
     msg = str(e.value)
-    for part in ("not found", "zero_stage=3 needs GPUs", "fp8", "w_ar, w_con and w_kd", "'trajectory' is not one of",
-                 "loss.teacher: 'frozen'"):
+    for part in ("deepspeed.precision: Input should be 'fp32', 'bf16' or 'fp16' (got 'fp8')",
+                 "data.examples: Input should be 'states', 'trajectories' or 'mixed' (got 'trajectory')",
+                 "loss.teacher: Input should be 'self' or 'initial' (got 'frozen')"):
+        assert part in msg
+    with pytest.raises(ConfigError) as e:
+        main([missing, "deepspeed.zero_stage=3", "loss.w_ar=0", "loss.w_con=0"])
+    msg = str(e.value)
+    for part in ("not found", "zero_stage=3 needs GPUs", "w_ar, w_con and w_kd"):
         assert part in msg
     with pytest.raises(ConfigError, match="not supported with deepspeed.zero_stage=3"):
-        main([f"data.train_path={tmp_path / 'missing.parquet'}", "lora.r=8", "deepspeed.zero_stage=3",
-              "train.use_gpu=true"])
+        main([missing, "lora.r=8", "deepspeed.zero_stage=3", "train.use_gpu=true"])
     with pytest.raises(ConfigError, match="set loss.teacher=initial"):
-        main([f"data.train_path={tmp_path / 'missing.parquet'}", "loss.w_kd=1"])
+        main([missing, "loss.w_kd=1"])
+
+
+def test_a_bad_config_lists_every_problem_in_one_error(tmp_path):
+    """One ConfigError names every wrong key: unknown keys and values out of range, or (once those are right)
+    every file that is missing and every rule across sections that is broken."""
+    from jobs.train_aligner import TrainAlignerConfig
+
+    conf = REPO / "conf/train_aligner.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainAlignerConfig, conf, ["optim.learning_rate=1e-4", "optim.lr=0", "train.num_workers=0",
+                                               "data.max_answer_tokens=1", "lora.dropout=1.5", "run.name=a/b",
+                                               "deepspeed.zero_stage=4"])
+    keys = [p.split(":")[0] for p in e.value.problems]
+    assert {"optim.learning_rate", "optim.lr", "train.num_workers", "data.max_answer_tokens", "lora.dropout",
+            "run.name", "deepspeed.zero_stage"} <= set(keys), e.value.problems
+    assert "optim.learning_rate: unknown key" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainAlignerConfig, conf, [f"data.train_path={tmp_path / 'none.parquet'}",
+                                               f"model.path={tmp_path / 'no-model'}", "model.template=no fields",
+                                               "deepspeed.precision=fp16", "lora.r=4", "deepspeed.zero_stage=3"])
+    starts = ("lora: adapters are not supported", "deepspeed.zero_stage=3 needs GPUs",
+              "deepspeed.precision=fp16 needs GPUs", "data.train_path:", "model.path: not found", "model.template:")
+    assert len(e.value.problems) == len(starts), e.value.problems
+    assert all(any(p.startswith(s) for p in e.value.problems) for s in starts), e.value.problems
 
 
 def test_trajectory_examples_need_the_trajectories_column(tmp_path, tiny_dirs, ray_local):
@@ -111,21 +150,34 @@ def test_trajectory_examples_need_the_trajectories_column(tmp_path, tiny_dirs, r
         main(_args(tmp_path, str(tiny_dirs["llama"]), **{"data.examples": "trajectories"}))
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "conf").glob("train_aligner*.yaml")))
-def test_shipped_deepspeed_configs_are_valid(name):
-    """Every shipped recipe's DeepSpeed config passes DeepSpeed's own parser (no workers, no data needed)."""
-    from deepspeed.runtime.config import DeepSpeedConfig
+def load_shipped(name: str, tmp_path):
+    """conf/<name> through load_config. The files it names that only exist where the recipe runs (the
+    build_states output, cluster storage) are replaced by stand-ins in tmp_path."""
     from omegaconf import OmegaConf
 
-    from jobs.config import load_config
-    from jobs.train_aligner import TrainAlignerConfig, ds_config, validate
+    from jobs.train_aligner import TrainAlignerConfig
 
-    cfg = load_config(TrainAlignerConfig, REPO / "conf/train_aligner.yaml", [f"config={REPO / 'conf' / name}"])
-    try:
-        validate(cfg)
-    except ConfigError as e:  # the data file is written by build_states (or lives on cluster storage)
-        assert all(p.startswith("data.train_path") for p in e.problems), e.problems
-    ds = DeepSpeedConfig(ds_config(OmegaConf.to_container(cfg)))
+    raw = OmegaConf.load(REPO / "conf" / name)
+    overrides = [f"config={REPO / 'conf' / name}"]
+    train = OmegaConf.select(raw, "data.train_path", default=TrainAlignerConfig().data.train_path)
+    if not resolve_path(train).exists():
+        _states(tmp_path / "train.parquet")
+        overrides.append(f"data.train_path={tmp_path / 'train.parquet'}")
+    model = OmegaConf.select(raw, "model.path", default="default")
+    if model.startswith("/") and not resolve_path(model).exists():
+        (tmp_path / "model").mkdir()
+        overrides.append(f"model.path={tmp_path / 'model'}")
+    return load_config(TrainAlignerConfig, REPO / "conf/train_aligner.yaml", overrides)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "conf").glob("train_aligner*.yaml")))
+def test_shipped_configs_load_and_their_deepspeed_configs_are_valid(name, tmp_path):
+    """Every shipped recipe validates through load_config, and its DeepSpeed config passes DeepSpeed's own
+    parser (no workers, no data needed)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    cfg = load_shipped(name, tmp_path)
+    ds = DeepSpeedConfig(cfg.deepspeed.engine_config(cfg.optim.grad_clip))
     assert ds.zero_optimization_stage == cfg.deepspeed.zero_stage
     assert ds.train_micro_batch_size_per_gpu == cfg.deepspeed.micro_batch
     assert ds.gradient_accumulation_steps == cfg.deepspeed.grad_accum

@@ -20,6 +20,11 @@ def as_states(x) -> list[str]:
     return [str(s) for s in x]
 
 
+def conversation(x) -> list[dict]:
+    """The `messages` column (list<struct<role, content>>) as chat messages."""
+    return [{"role": m["role"], "content": m["content"]} for m in x]
+
+
 def pick_state(row_id: str, epoch: int, seed: int, n_states: int) -> int:
     """Index of the worse state y(t) trained on for this row in this epoch (states[-1] is the target)."""
     return random.Random(f"{seed}:{row_id}:{epoch}").randrange(n_states - 1)
@@ -41,7 +46,7 @@ def row_example(row: dict, epoch: int, tokenizer, stop_id: int, pad_id: int, *, 
     if kind not in EXAMPLE_KINDS:
         raise ValueError(f"unknown example kind {kind!r}; choose one of {', '.join(EXAMPLE_KINDS)}")
     states = as_states(row["states"])
-    msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]  # list<struct>
+    msgs = conversation(row["messages"])
     if kind == "mixed":
         kind = "trajectories" if random.Random(f"{seed}:{row['id']}:{epoch}:kind").random() < 0.5 else "states"
     trs = good_trajectories(row.get("trajectories")) if kind == "trajectories" else []
