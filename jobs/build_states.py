@@ -40,7 +40,7 @@ from pipeline.training.states import (ROW_SCHEMA, STATES_SCHEMA, TARGETS, DROP_R
                                       filter_answers, merge_flat, normalize_record, ranked_row, split_of)
 
 SPLITS = ("train", "dev", "heldout")
-TASK_CPUS = 0.25  # per filter / rank task: they share the CPUs `data.preflight` keeps free next to the actor pools
+TASK_CPUS = 0.25  # per filter / rank task, so that they fit in the CPUs `data.preflight` keeps free next to the pools
 
 
 # ---- config schema ---------------------------------------------------------------------------------------
@@ -293,7 +293,17 @@ RANKED_SCHEMA = pa.schema(list(STATES_SCHEMA) + [pa.field("error", pa.string()),
                                                  pa.field("answers_in", pa.int64())])
 
 
+def task_options(pools: dict[str, PoolCfg]) -> dict:
+    """Ray options of the filter and rank tasks: `TASK_CPUS` each, and no more at once than the whole CPUs the
+    actor pools leave (a task's worker process loads the tokenizer once; more processes than cores thrash)."""
+    import ray
+
+    free = ray.cluster_resources().get("CPU", 1.0) - sum(p.num_cpus * p.concurrency for p in pools.values())
+    return {"num_cpus": TASK_CPUS, "compute": ray.data.TaskPoolStrategy(size=max(1, int(free)))}
+
+
 def input_error(row_id: str, reason: str) -> dict:
+    """The error row of a record that cannot be read (`data.read_rows` names it by file and line)."""
     return error_row(row_id, "input", reason)
 
 
@@ -545,16 +555,16 @@ def main(argv: list[str] | None = None) -> dict:
     data.check_unique_ids(rows, "set input.id_field to a unique field, or input.layout=flat for one row per answer")
     print(f"[build_states] {rows.num_rows} prompts read from {len(files)} file(s)", flush=True)
 
-    ds, threads = data.blocks(rows, cfg.ray.rows_per_block), cfg.ray.torch_threads
+    ds, threads, tasks = data.blocks(rows, cfg.ray.rows_per_block), cfg.ray.torch_threads, task_options(pools)
     for b in cfg.bases:
         ds = data.map_stage(ds, DraftStage, b, base=b, seed=cfg.seed, threads=threads)
-    ds = ds.map_batches(filter_rows, batch_format="pyarrow", num_cpus=TASK_CPUS, fn_kwargs=dict(
+    ds = ds.map_batches(filter_rows, batch_format="pyarrow", **tasks, fn_kwargs=dict(
         filters=cfg.filters, column=cfg.score.kind == "column", target=cfg.rank.target))
     if cfg.score.kind == "reward_model":
         ds = data.map_stage(ds, RewardStage, cfg.score.reward_model, rm=cfg.score.reward_model, threads=threads)
     elif cfg.score.kind == "judge":
         ds = data.map_stage(ds, JudgeStage, cfg.score.judge, judge=cfg.score.judge)
-    ds = ds.map_batches(rank_rows, batch_format="pyarrow", num_cpus=TASK_CPUS,
+    ds = ds.map_batches(rank_rows, batch_format="pyarrow", **tasks,
                         fn_kwargs=dict(rank=cfg.rank, split=cfg.split, seed=cfg.seed))
     if cfg.trajectory.enabled:
         ds = data.map_stage(ds, TrajectoryStage, cfg.trajectory, traj=cfg.trajectory, seed=cfg.seed, threads=threads)

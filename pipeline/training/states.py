@@ -138,8 +138,8 @@ def error_row(row_id, kind: str, reason: str) -> dict:
 
 def merge_flat(rows: list[dict]) -> dict:
     """Rows of one prompt id (flat layout) -> one row with all their answers, ordered by (generator, text)
-    so the result does not depend on the order a shuffle delivered them in. The rows must agree on the
-    prompt and the reference; error rows never reach here (their ids are their position in the input)."""
+    so the result does not depend on the order the rows arrive in. The rows must agree on the prompt and
+    the reference. An error row is a group of its own (its id is its position in the input)."""
     rows = sorted(rows, key=lambda r: ([(m["role"], m["content"]) for m in r["messages"]], r["reference"] or ""))
     first = dict(rows[0])
     for r in rows[1:]:
