@@ -108,7 +108,8 @@ class RewardModelCfg(StageCfg):
 class JudgeCfg(EndpointCfg, PoolCfg):
     """An LLM judge at an OpenAI-compatible endpoint that rates each answer 1-10."""
     model: Optional[str] = Field(None, description="the judge's model name at the endpoint")
-    max_tokens: int = Field(512, ge=1, description='the verdict\'s length cap (it explains, then writes "Rating: [[N]]")')
+    max_tokens: int = Field(512, ge=1, description='the verdict\'s length cap (it explains, then writes '
+                                                    '"Rating: [[N]]")')
     template: Optional[str] = Field(None, description="prompt with {question} and {answer}; null = the built-in "
                                                       "1-10 rating prompt")
     num_cpus: float = Field(0.25, ge=0, description="per actor (it mostly waits for the endpoint)")
