@@ -65,6 +65,11 @@ stop_head() {
     kill -TERM "$head_pid" 2>/dev/null || true
   fi
   [ -z "$head_pid" ] || wait "$head_pid" 2>/dev/null || true
+  # `ray start` records the head in /tmp/ray/ray_current_cluster and only `ray stop` removes it; left behind,
+  # every later `ray.init()` on this machine would try to join this (gone) head instead of starting its own.
+  if [ "$(cat /tmp/ray/ray_current_cluster 2>/dev/null)" = "127.0.0.1:$RAY_PORT" ]; then
+    rm -f /tmp/ray/ray_current_cluster
+  fi
 }
 trap 'stop_head; rm -rf "$log_dir"' EXIT
 export RAY_ADDRESS="http://127.0.0.1:$DASHBOARD_PORT"   # where `ray job ...` sends its requests (the job API)
