@@ -25,8 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.decoding.drafting import SamplingParams
-from pipeline.decoding.jacobi import RefineSettings
+from pipeline.decoding.settings import RefineSettings, SamplingParams
 from pipeline.records import FORMATS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -318,7 +317,10 @@ def describe(schema, prefix: str = "") -> str:
         t = f.annotation
         sub = next((a for a in (t, *getattr(t, "__args__", ())) if isinstance(a, type)
                     and (issubclass(a, BaseModel) or is_dataclass(a))), None)
-        if sub is not None and not (t is not sub and getattr(t, "__origin__", None) is list):
+        if sub is not None and getattr(t, "__origin__", None) is list:  # a list of sections: one entry's keys
+            lines.append(f"{prefix}{name} = {f.get_default(call_default_factory=True)!r}    # a list of entries:")
+            lines.append(describe(sub, f"{prefix}{name}.N."))
+        elif sub is not None:
             lines.append(describe(sub, f"{prefix}{name}."))
         else:
             default = f.get_default(call_default_factory=True)

@@ -3,24 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
 
 import torch
 
+from pipeline.decoding.settings import SamplingParams
 from pipeline.models import LoadedModel
 from pipeline.prompts import chat_prompt_ids
-
-
-@dataclass
-class SamplingParams:
-    """How a base model samples its drafts (jobs nest this type as `base.sampling`)."""
-
-    __pydantic_config__ = {"extra": "forbid"}  # read by the configs that nest it: unknown keys are errors
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.9
-    do_sample: bool = True  # False = greedy drafts
-    seed: int = 0  # with the row id and turn: a rerun draws the same samples
 
 
 @torch.inference_mode()
