@@ -31,6 +31,11 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def context_window(self) -> int | None:
+        """The most positions (prompt + answer) the model takes, from its config; None if it does not say."""
+        return getattr(self.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+
 
 def cache_root() -> Path:
     root = os.environ.get("DIFFPO_CACHE") or os.path.join(

@@ -73,9 +73,24 @@ class Drafter:
         return c.text, c.completion_tokens, c.seconds
 
     def answer(self, conversations: list[list[dict]], seed_key: str = "") -> list[tuple[str, int, float] | Exception]:
-        """(text, new tokens, seconds) per conversation. An endpoint gets parallel requests, one per
-        conversation, and a request that fails is returned as its exception (the others still count); a local
-        model answers all of them in one batched `generate` seeded by `seed_key` (see `generate_answers`)."""
+        """(text, new tokens, seconds) per conversation, or the exception that says why it has none (the others
+        still count). An endpoint gets parallel requests, one per conversation; a local model answers every
+        conversation that fits its context window (`too_long`) in one batched `generate` seeded by `seed_key`
+        (see `generate_answers`)."""
         if self.remote:
             return list(self._pool.map(self._request, conversations))
-        return generate_answers(self.lm, conversations, self.params, seed_key=seed_key)
+        problems = [self.too_long(c) for c in conversations]
+        fit = [c for c, p in zip(conversations, problems) if p is None]
+        answers = iter(generate_answers(self.lm, fit, self.params, seed_key=seed_key) if fit else ())
+        return [p if p is not None else next(answers) for p in problems]
+
+    def too_long(self, conversation: list[dict]) -> ValueError | None:
+        """Why the local model cannot answer this conversation (prompt + max_new_tokens past its context
+        window), or None. Checked before `generate`: an over-long prompt would otherwise hold the model for as
+        long as attention over it takes, or run it out of memory."""
+        n, cap, window = len(chat_prompt_ids(self.lm.tokenizer, conversation)), self.params.max_new_tokens, \
+            self.lm.context_window
+        if window and n + cap > window:
+            return ValueError(f"prompt of {n} tokens + max_new_tokens {cap} exceeds the base model's context window "
+                              f"of {window} tokens")
+        return None

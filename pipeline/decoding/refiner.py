@@ -43,7 +43,7 @@ class Refiner:
         self.mode, self.in_context, self.template, self.prompt_lookup = mode, in_context, template, prompt_lookup
         tok = lm.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else lm.stop_ids[0]
-        self.context_window = getattr(lm.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        self.context_window = lm.context_window
         self._engine = FastEngine(lm.model, self.s, lm.stop_ids, self.pad_id) if mode == "fast" else None
 
     # ---- encoding --------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def test_job_handles_formats_bad_rows_and_exports(tmp_path, tiny_dirs, ray_local
     assert "no prompt field" in reasons["6"]
     assert "UTF-8" in reasons["in.jsonl:7"]
     assert "not valid JSON" in reasons["in.jsonl:8"]
-    assert "context window" in reasons["9"]
+    assert "context window" in reasons["9"] and reasons["9"].startswith("draft stage"), "caught before drafting"
     row2 = ok.set_index("id").loc["2"]
     assert row2["draft"] == "Red and blue." and row2["draft_s"] == 0.0, "given drafts are used, not regenerated"
     mt = ok.set_index("id").loc["81"]
