@@ -30,7 +30,7 @@ from pydantic import Field
 from jobs.common.config import ConfigError, ModelCfg, Section, expand, load_config, resolve_path, to_yaml
 from jobs.common.data import DEMO_PROMPTS
 from jobs.common.runtime import run_job
-from pipeline.decoding.jacobi import RefineSettings
+from pipeline.decoding.settings import RefineSettings
 from pipeline.vectors.search import SCORES, PromptRowsError, Scorer, answer_all, load_prompts, refine_all
 
 
