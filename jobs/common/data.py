@@ -215,12 +215,13 @@ class RowStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        good = [r for r in rows if not r.get("error")]
+        todo = [not r.get("error") for r in rows]  # decided before `process`, which may mark rows it fails
+        good = [r for r, t in zip(rows, todo) if t]
         try:
             done = iter(self._run(good)) if good else iter(())
         except Exception as e:  # noqa: BLE001 - a batch of one that raises
             done = iter([self.passthrough(dict(good[0], error=f"{self.name}: {type(e).__name__}: {e}"[:1000]))])
-        out = [next(done) if not r.get("error") else self.passthrough(r) for r in rows]
+        out = [next(done) if t else self.passthrough(r) for r, t in zip(rows, todo)]
         return pa.Table.from_pylist(out, schema=self.schema)
 
 
