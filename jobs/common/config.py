@@ -246,6 +246,9 @@ def _checks(node, prefix: str = "") -> list[str]:
     elif isinstance(node, list):
         for i, x in enumerate(node):
             problems += _checks(x, f"{prefix}{i}.")
+    elif isinstance(node, dict):
+        for k, x in node.items():
+            problems += _checks(x, f"{prefix}{k}.")
     return problems
 
 
@@ -317,9 +320,11 @@ def describe(schema, prefix: str = "") -> str:
         t = f.annotation
         sub = next((a for a in (t, *getattr(t, "__args__", ())) if isinstance(a, type)
                     and (issubclass(a, BaseModel) or is_dataclass(a))), None)
-        if sub is not None and getattr(t, "__origin__", None) is list:  # a list of sections: one entry's keys
-            lines.append(f"{prefix}{name} = {f.get_default(call_default_factory=True)!r}    # a list of entries:")
-            lines.append(describe(sub, f"{prefix}{name}.N."))
+        origin = getattr(t, "__origin__", None)
+        if sub is not None and origin in (list, dict):  # a list or a map of sections: one entry's keys
+            kind, key = ("list", "N") if origin is list else ("map", "<name>")
+            lines.append(f"{prefix}{name} = {f.get_default(call_default_factory=True)!r}    # a {kind} of entries:")
+            lines.append(describe(sub, f"{prefix}{name}.{key}."))
         elif sub is not None:
             lines.append(describe(sub, f"{prefix}{name}."))
         else:
