@@ -157,8 +157,14 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+# End-of-turn markers of common chat templates: Gemma, Llama 3, ChatML, Phi-3.
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>")
+
+
 def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
-    """End-of-turn and EOS ids from the tokenizer and the generation config (nothing per family)."""
+    """End-of-turn and EOS ids: the tokenizer's EOS, the generation config's, and every marker of
+    `END_OF_TURN_TOKENS` that the chat template writes and the vocabulary holds as one token (Gemma's
+    `<end_of_turn>` is not its EOS, and a fine-tuned aligner's generation config may not list it)."""
     ids: list[int] = []
 
     def add(x):
@@ -171,6 +177,12 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     add(tokenizer.eos_token_id)
     if generation_config is not None:
         add(generation_config.eos_token_id)
+    template = getattr(tokenizer, "chat_template", None) or ""
+    template = " ".join(template.values()) if isinstance(template, dict) else template
+    vocab = tokenizer.get_vocab() if template else {}
+    for marker in END_OF_TURN_TOKENS:
+        if marker in template and marker in vocab:
+            add(vocab[marker])
     if not ids:
         raise ValueError("the tokenizer and generation config define no EOS token; cannot tell where answers end")
     return ids

@@ -5,8 +5,14 @@ Two layouts:
   aligner's context ends at the assistant header; the draft tokens follow and seed the Jacobi state.
 * **in_context** (Aligner-style correction): one user turn built from a correction template holding the
   question and the draft; the draft also seeds the Jacobi state, so it shapes the answer and the speed.
+
+Templates without a system role (Gemma's raises "System role not supported") get a leading system message
+merged into the first user turn, the way Gemma-3's own template does it: system text, a blank line, user text.
+A BOS token comes from the template alone (transformers tokenizes the rendered chat without adding specials).
 """
 from __future__ import annotations
+
+from jinja2 import TemplateError
 
 DEFAULT_CORRECTION_TEMPLATE = (
     "Here is a question and a draft answer. Rewrite the draft into a better answer: keep what is correct "
@@ -38,15 +44,37 @@ def check_messages(messages) -> None:
 
 
 def chat_prompt_ids(tokenizer, messages) -> list[int]:
-    """Token ids of the conversation up to and including the assistant header."""
+    """Token ids of the conversation up to and including the assistant header.
+
+    A conversation the chat template refuses is a ValueError with the template's reason; a leading system
+    message it refuses is merged into the first user turn first (`merge_system`)."""
     if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-        if hasattr(out, "keys"):  # some versions return a BatchEncoding
-            out = out["input_ids"]
-        return list(out)
+        try:
+            return _template_ids(tokenizer, messages)
+        except TemplateError as e:
+            refused = e
+        if messages[0]["role"] == "system" and len(messages) > 1 and messages[1]["role"] == "user":
+            try:
+                return _template_ids(tokenizer, merge_system(messages))
+            except TemplateError as e:
+                refused = e
+        raise ValueError(f"the aligner's chat template refuses this conversation: {refused}") from None
     text = "".join(f"{_PLAIN_ROLES[m['role']]}: {m['content']}\n" for m in messages) + "Assistant:"
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     return list(ids)
+
+
+def _template_ids(tokenizer, messages) -> list[int]:
+    out = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    if hasattr(out, "keys"):  # some versions return a BatchEncoding
+        out = out["input_ids"]
+    return list(out)
+
+
+def merge_system(messages) -> list[dict]:
+    """The conversation with its leading system message moved to the head of the first user turn."""
+    system, first, *rest = messages
+    return [{"role": "user", "content": f"{system['content']}\n\n{first['content']}"}, *rest]
 
 
 def answer_ids(tokenizer, text: str) -> list[int]:

@@ -22,6 +22,14 @@ What it does differently from the reference loop, and why the output cannot chan
   leaves the batch (its cache rows are dropped).
 
 A block that spends `max_iter` passes is accepted as is (as in the reference), and flagged.
+
+Attention: full causal attention in every layer works for any decoder (the model builds its own causal mask
+from the cache's 2-D validity mask). Sliding-window attention is supported for the families whose forward
+pass is known and tested here (`attention_plan`): Gemma-2 and Gemma-3 text models (sliding layers between full
+ones; the forward takes one mask per layer type) and Mistral (one window for every layer). For them the
+engine builds 4-D masks from token positions (`SlotCache.layer_mask`), since the cache's slots are not
+positions; the model's own forward does the rest (Gemma-2's eager attention with its logit soft-capping
+included). Anything else with a window, chunked or non-causal attention is refused with the reason.
 """
 from __future__ import annotations
 
@@ -62,12 +70,68 @@ def _ngram_index(draft: list[int], max_n: int) -> dict:
     return idx
 
 
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How the engine masks a model's attention.
+
+    `window` None: every layer attends to the whole prefix, and the model builds its causal masks from the
+    cache's 2-D validity mask. Otherwise the sliding layers see `window` positions (the query and the
+    window-1 before it) and the engine passes 4-D masks: one per layer type in `keyed` (a forward that takes
+    {"full_attention": mask, "sliding_attention": mask}), or, with `keyed` empty, one mask for every layer.
+    """
+
+    window: int | None = None
+    keyed: tuple[str, ...] = ()
+
+
+# Families whose forward takes one mask per layer type and applies `sliding_window` to the "sliding_attention"
+# layers only (transformers' Gemma2Model / Gemma3TextModel).
+_KEYED_FAMILIES = ("gemma2", "gemma3_text")
+# Families that apply `sliding_window`, when set, to every layer and ignore `layer_types` (MistralModel).
+_ONE_WINDOW_FAMILIES = ("mistral",)
+# Attention implementations that take the engine's explicit 4-D masks (eager: additive floats, sdpa: booleans).
+_MASKED_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def attention_plan(config) -> AttentionPlan | str:
+    """The masks the fast engine gives a model with this (transformers) config, or why it cannot run it."""
+    text = config.get_text_config(decoder=True)
+    if not getattr(text, "is_causal", True) or getattr(text, "use_bidirectional_attention", False):
+        return "the fast engine needs causal attention; this model attends bidirectionally"
+    layer_types = list(getattr(text, "layer_types", None) or [])
+    window = getattr(text, "sliding_window", None)
+    family = config.model_type
+    if family in _ONE_WINDOW_FAMILIES:
+        plan = AttentionPlan(window=window)
+    elif family in _KEYED_FAMILIES:
+        other = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+        if other:
+            return f"the fast engine masks full and sliding attention layers; this {family} model also has {other}"
+        sliding = "sliding_attention" in layer_types
+        if sliding and window is None:
+            return f"this {family} model has sliding_attention layers but no sliding_window"
+        plan = AttentionPlan(window=window, keyed=tuple(sorted(set(layer_types)))) if sliding else AttentionPlan()
+    else:
+        if any(t != "full_attention" for t in layer_types):
+            return (f"the fast engine needs full causal attention in every layer, or a sliding window in a family it "
+                    f"supports ({', '.join(_KEYED_FAMILIES + _ONE_WINDOW_FAMILIES)}); this {family} model has "
+                    f"{sorted(set(layer_types))}")
+        if window is not None or getattr(text, "attention_chunk_size", None) is not None:
+            return (f"the fast engine runs sliding-window attention only for "
+                    f"{', '.join(_KEYED_FAMILIES + _ONE_WINDOW_FAMILIES)}; this {family} model sets "
+                    f"sliding_window={window}, attention_chunk_size={getattr(text, 'attention_chunk_size', None)}")
+        plan = AttentionPlan()
+    impl = getattr(config, "_attn_implementation", None)  # None on a bare config: the model decides at load
+    if plan.window is not None and impl not in (None,) + _MASKED_IMPLEMENTATIONS:
+        return (f"the fast engine masks sliding-window attention for {' and '.join(_MASKED_IMPLEMENTATIONS)} "
+                f"attention only; this model uses {impl}")
+    return plan
+
+
 def unsupported_attention(config) -> str | None:
     """Why the fast engine cannot run a model with this (transformers) config, or None if it can."""
-    layer_types = getattr(config.get_text_config(decoder=True), "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
-        return f"the fast engine needs full causal attention in every layer; this model has {sorted(set(layer_types))}"
-    return None
+    plan = attention_plan(config)
+    return plan if isinstance(plan, str) else None
 
 
 class FastEngine:
@@ -79,9 +143,10 @@ class FastEngine:
         self.stop_ids, self.pad_id = set(stop_ids), pad_id
         self.num_layers = model.config.get_text_config(decoder=True).num_hidden_layers
         self.device = next(model.parameters()).device
-        problem = unsupported_attention(model.config)
-        if problem:
-            raise NotImplementedError(f"{problem}. Use mode=reference or mode=ar for it.")
+        plan = attention_plan(model.config)
+        if isinstance(plan, str):
+            raise NotImplementedError(f"{plan}. Use mode=reference or mode=ar for it.")
+        self.attention = plan
 
     # ---- row bookkeeping -------------------------------------------------------------------------
     def _draft_at(self, row: _Row, p: int) -> int:
@@ -160,28 +225,39 @@ class FastEngine:
             self._step(rows, cache, results, t0, trace)
         return results
 
-    def _forward(self, ids: list[list[int]], cache: SlotCache, lengths: list[int]):
+    def _forward(self, ids: list[list[int]], cache: SlotCache, lengths: list[int], **kw):
+        """One pass: row b's tokens ids[b] (lengths[b] of them, right-padded) continue its committed ones."""
         width = max(lengths)
         dev = self.device
         input_ids = torch.tensor([x + [self.pad_id] * (width - len(x)) for x in ids], device=dev)
         start = torch.tensor(cache.lengths, device=dev)[:, None]
         pos = start + torch.arange(width, device=dev)[None, :]
-        mask = cache.attention_mask(lengths, width, dev)
-        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos,
-                          past_key_values=cache, use_cache=True)
+        return self.model(input_ids=input_ids, attention_mask=self._mask(cache, lengths, width), position_ids=pos,
+                          past_key_values=cache, use_cache=True, **kw)
+
+    def _mask(self, cache: SlotCache, lengths: list[int], width: int):
+        """The attention mask of a pass over `width` new tokens per row, the first lengths[b] real ones."""
+        plan, dev = self.attention, self.device
+        if plan.window is None:
+            return cache.attention_mask(lengths, width, dev)
+
+        def as_model_mask(window):
+            mask = cache.layer_mask(width, window, dev)
+            if self.model.config._attn_implementation == "eager":  # additive, as transformers' eager_mask
+                return torch.where(mask, torch.zeros((), dtype=self.model.dtype, device=dev),
+                                   torch.finfo(self.model.dtype).min)
+            return mask
+
+        if not plan.keyed:
+            return as_model_mask(plan.window)
+        return {t: as_model_mask(plan.window if t == "sliding_attention" else None) for t in plan.keyed}
 
     def _prefill(self, rows: list[_Row], cache: SlotCache) -> None:
         """Run the fixed prefix (all but its last token) once; its keys/values stay for the whole row."""
         cache.lengths = [0] * len(rows)
         ids = [r.seq[:r.m] for r in rows]
         lengths = [len(x) for x in ids]
-        width = max(lengths)
-        input_ids = torch.tensor([x + [self.pad_id] * (width - len(x)) for x in ids], device=self.device)
-        mask = (torch.arange(width, device=self.device)[None, :] <
-                torch.tensor(lengths, device=self.device)[:, None]).long()
-        pos = torch.arange(width, device=self.device)[None, :].expand(len(rows), -1)
-        self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1)
+        self._forward(ids, cache, lengths, logits_to_keep=1)
         cache.after_prefill(lengths)
         for r, n in zip(rows, lengths):
             r.computed += n

@@ -10,8 +10,11 @@ tokens of a pass become final, so we keep preallocated buffers instead:
 - `commit(counts)` moves the first counts[b] new entries of row b to [lengths[b], lengths[b]+counts[b])
   — a few tokens per row, not the whole cache — and drops the rest.
 
-The model sees an ordinary cache of length T (positions come from `position_ids`, validity from the
-2-D attention mask), so any decoder whose layers use full causal attention works unchanged.
+The model sees an ordinary cache of length T, positions come from `position_ids`. A slot is not a position
+here (row b's new tokens sit at T, its positions continue at lengths[b]), so the masks say which keys each
+query sees: for full causal attention a 2-D validity mask is enough (`attention_mask`: the model turns it
+into its causal mask), but a sliding window is counted in positions, so those layers get explicit 4-D masks
+built from positions (`layer_mask`).
 """
 from __future__ import annotations
 
@@ -57,7 +60,8 @@ class _SlotLayer(CacheLayerMixin):
 
 
 class SlotCache(Cache):
-    """Cache for `num_layers` full-attention layers with `capacity` slots per row."""
+    """Cache for `num_layers` attention layers with `capacity` slots per row. Every layer keeps every committed
+    token, sliding-window layers too: their masks, not the cache, hide what lies outside the window."""
 
     def __init__(self, num_layers: int, capacity: int):
         self.capacity = capacity
@@ -100,3 +104,23 @@ class SlotCache(Cache):
         q = torch.tensor(query_lengths, device=device)[:, None]
         valid = (ar < lens) | ((ar >= self.T) & (ar < self.T + q))
         return valid.long()
+
+    def layer_mask(self, width: int, window: int | None, device) -> torch.Tensor:
+        """4-D boolean mask [B, 1, width, T+width] of a pass over `width` new tokens per row (True: may attend).
+
+        Row b's committed slot s holds position s and its new slot T+j position lengths[b]+j. A query sees the
+        row's committed slots and the new slots up to itself (causal); with a sliding `window` only the keys at
+        positions k with q - k < window, as transformers' `sliding_window_overlay` has it: the query itself
+        and the window-1 positions before it. Right-padding queries (past a row's real tokens) follow the same
+        rule, so no query row is ever fully masked, and causality keeps every real query away from them.
+        """
+        t = self.T
+        lens = torch.tensor(self.lengths, device=device)[:, None, None]
+        q_pos = lens + torch.arange(width, device=device)[None, :, None]  # [B, width, 1]
+        slot = torch.arange(t + width, device=device)[None, None, :]  # [1, 1, T+width]
+        new = slot >= t
+        k_pos = torch.where(new, lens + slot - t, slot)  # [B, 1, T+width]
+        mask = torch.where(new, k_pos <= q_pos, slot < lens)
+        if window is not None:
+            mask &= q_pos - k_pos < window
+        return mask[:, None]

@@ -1,65 +1,23 @@
-"""Exactness of the Jacobi engines on tiny random models of three architectures.
+"""Exactness of the Jacobi engines on tiny random models of three full-attention architectures (the
+sliding-window families are in test_sliding_window.py).
 
-Every comparison goes through `assert_same_tokens`: if two outputs differ, it re-computes the logits at
-the first differing position and tells a genuine bug apart from a floating-point near-tie (two logits
-closer than NEAR_TIE). A near-tie is reported as an explicit xfail with the position and the margin,
-never silently accepted as equal.
+Every comparison goes through `exactness.assert_same_tokens`: a mismatch whose top-2 logit margin is a
+floating-point near-tie is reported as an explicit xfail with the position and the margin, never silently
+accepted as equal.
 """
 import math
-import random
 
 import pytest
-import torch
 
 from pipeline.decoding.engine import FastEngine
 from pipeline.decoding.jacobi import RefineItem, RefineSettings, reference_refine
+from tests.pipeline.decoding.exactness import PAD, STOP, V, assert_same_tokens, greedy, random_items
 from tests.tiny import ARCHS, tiny_model
-
-V = 262  # the tiny tokenizer's size
-STOP, PAD = [1], 0
-NEAR_TIE = 1e-4
 
 
 @pytest.fixture(scope="module", params=ARCHS)
 def model(request):
     return tiny_model(request.param, V, seed=3)
-
-
-def random_items(n, seed=0, max_prompt=24, max_draft=70):
-    rng = random.Random(seed)
-    items = []
-    for _ in range(n):
-        p = [rng.randrange(6, V) for _ in range(rng.randint(2, max_prompt))]
-        d = [rng.randrange(6, V) for _ in range(rng.randint(0, max_draft))]
-        items.append(RefineItem(p, d, reserved=min(len(d), rng.randint(0, 6))))
-    return items
-
-
-@torch.inference_mode()
-def greedy(model, item, max_new):
-    ctx = item.prompt_ids + item.draft_ids[:item.reserved]
-    ids = torch.tensor([ctx])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new - item.reserved,
-                         do_sample=False, eos_token_id=STOP, pad_token_id=PAD)[0, len(ctx):].tolist()
-    if STOP[0] in out:
-        out = out[:out.index(STOP[0])]
-    return item.draft_ids[:item.reserved] + out
-
-
-@torch.inference_mode()
-def assert_same_tokens(model, item, got, want, what):
-    if got == want:
-        return
-    k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-    ctx = torch.tensor([item.prompt_ids + want[:k]])
-    logits = model(input_ids=ctx).logits[0, -1]
-    top2 = logits.topk(2).values
-    margin = float(top2[0] - top2[1])
-    if margin < NEAR_TIE:
-        pytest.xfail(f"{what}: floating-point near-tie flipped an argmax at answer position {k} "
-                     f"(top-2 logit margin {margin:.2e} < {NEAR_TIE}); outputs diverge from there")
-    raise AssertionError(f"{what}: outputs differ at answer position {k} with a clear top-2 margin {margin:.3f} "
-                         f"(not a near-tie): got {got[k:k + 8]} want {want[k:k + 8]}")
 
 
 SETTINGS = {
@@ -143,13 +101,3 @@ def test_settings_validation_names_the_problem():
         RefineSettings(block_size=0).validate()
     with pytest.raises(ValueError, match="window"):
         RefineSettings(window=0).validate()
-
-
-def test_sliding_window_models_are_refused_by_the_fast_engine_but_run_in_the_reference_loop():
-    gemma = tiny_model("gemma2", V, seed=3)
-    with pytest.raises(NotImplementedError, match="full causal attention.*sliding_attention"):
-        FastEngine(gemma, RefineSettings(), STOP, PAD)
-    item = random_items(1, seed=5, max_draft=10)[0]
-    res = reference_refine(gemma, item, RefineSettings(max_new_tokens=12, block_size=4), STOP, PAD)
-    assert res.converged
-    assert_same_tokens(gemma, item, res.token_ids, greedy(gemma, item, 12), "gemma2 reference loop vs greedy")
