@@ -100,3 +100,39 @@ def tiny_rm(tmp_path_factory):
     LlamaForSequenceClassification(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+def moved_copy(base_dir, out_dir, seed: int, scale: float = 0.5, frozen=("embed", "wte", "wpe")):
+    """The base's weights plus seeded noise on every tensor except `frozen` ones, saved as a checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny import tiny_tokenizer
+
+    m = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if not any(f in n for f in frozen):
+                p.add_(torch.randn(p.shape, generator=g) * scale * p.std().clamp(min=1e-3))
+    m.save_pretrained(out_dir)
+    tiny_tokenizer().save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def vector_ckpts(tmp_path_factory):
+    """Tiny llama / gpt2 bases, two moved copies of each and the two vectors between them."""
+    from pipeline.vectors.extract import extract_vector
+    from tests.tiny import save_tiny
+
+    root = tmp_path_factory.mktemp("vec")
+    out = {}
+    for arch in ("llama", "gpt2"):  # gpt2 ties its input and output embeddings
+        base = save_tiny(arch, root / f"{arch}-base")
+        out[arch] = {"base": base, "a1": moved_copy(base, root / f"{arch}-a1", 1),
+                     "a2": moved_copy(base, root / f"{arch}-a2", 2)}
+        out[arch]["v1"] = root / f"{arch}-v1"
+        out[arch]["v2"] = root / f"{arch}-v2"
+        extract_vector(str(base), str(out[arch]["a1"]), out[arch]["v1"], "one", log=lambda *_: None)
+        extract_vector(str(base), str(out[arch]["a2"]), out[arch]["v2"], "two", log=lambda *_: None)
+    return out

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.conftest import TEST_API_KEY, TEST_API_KEY_ENV, free_port, run_serve_app
-from tests.test_vectors import moved_copy
+from tests.conftest import moved_copy
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 MAX_NEW = 24

@@ -38,6 +38,7 @@ def _args(tmp_path, tiny, **kw):
     return [f"{k}={v}" for k, v in base.items()]
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_train_checkpoint_resume_and_export(tmp_path, tiny_dirs, ray_local):
     from jobs.train_aligner import main
@@ -68,6 +69,7 @@ def test_train_checkpoint_resume_and_export(tmp_path, tiny_dirs, ray_local):
     assert out[0].passes >= 1
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_lora_trains_only_adapters_and_exports_a_merged_model(tmp_path, tiny_dirs, ray_local):
     """lora.r > 0: only the adapters train; the export is a plain model of the starting architecture whose
@@ -142,6 +144,7 @@ def test_a_bad_config_lists_every_problem_in_one_error(tmp_path):
     assert all(any(p.startswith(s) for p in e.value.problems) for s in starts), e.value.problems
 
 
+@pytest.mark.integration
 def test_trajectory_examples_need_the_trajectories_column(tmp_path, tiny_dirs, ray_local):
     from jobs.train_aligner import main
 
