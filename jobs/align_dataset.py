@@ -23,7 +23,8 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.common import data
-from jobs.common.config import AlignerCfg, DataRayCfg, DraftCfg, InputCfg, Section, expand, load_config
+from jobs.common.config import AlignerCfg, DataRayCfg, DraftCfg, Section, expand, load_config
+from jobs.common.data import InputCfg
 from jobs.common.runtime import run_job
 from jobs.common.stages import DraftStage, load_aligner, make_refiner, refine_turns
 from pipeline.records import META, MESSAGE, ROW_SCHEMA, error_row, normalize

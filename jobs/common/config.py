@@ -26,7 +26,6 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.decoding.settings import RefineSettings, SamplingParams
-from pipeline.records import FORMATS
 
 REPO = Path(__file__).resolve().parents[2]
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
@@ -169,26 +168,6 @@ class AlignerCfg(StageCfg):
     def knob_vectors(self) -> dict[str, str]:
         """The vectors the knobs use, paths expanded."""
         return {n: expand(p) for n, p in self.vectors.items() if n in self.knobs}
-
-
-class InputCfg(Section):
-    """Prompts to read: JSONL / JSON / Parquet files (.gz too) or a folder of them."""
-    path: str = Field("demo", description='a file or a folder of them; "demo" = the bundled demo prompts')
-    format: Literal[FORMATS] = Field("auto", description="auto decides per record")
-    id_field: Optional[str] = Field(None, description='null: "id" or "question_id", else the line number / index')
-    drafts_path: Optional[str] = Field(None, description="drafts joined by id (FastChat answers, JSONL id+draft) "
-                                                         "or by instruction text (AlpacaEval outputs JSON)")
-    limit: Optional[int] = Field(None, ge=1, description="only the first N rows")
-
-    def check(self) -> list[str]:
-        from jobs.common.data import input_files
-
-        problems = []
-        if not input_files(self.path):
-            problems.append(f"path: no .jsonl/.json/.parquet input (.gz too) found at {self.path!r}")
-        if self.drafts_path and not resolve_path(self.drafts_path).exists():
-            problems.append(f"drafts_path: file not found: {self.drafts_path}")
-        return problems
 
 
 class RayCfg(Section):

@@ -19,13 +19,16 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.common.config import REPO, ConfigError, PoolCfg, resolve_path, to_yaml
+from pydantic import Field
+
+from jobs.common.config import REPO, ConfigError, PoolCfg, Section, resolve_path, to_yaml
+from pipeline.records import FORMATS
 
 DEMO_PROMPTS = REPO / "pipeline" / "data" / "demo_prompts.jsonl"
 INPUT_EXTS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
@@ -84,6 +87,24 @@ def input_files(path: str, demo: Path = DEMO_PROMPTS) -> list[str]:
     if p.is_dir():
         return sorted(str(f) for f in p.rglob("*") if f.is_file() and f.name.endswith(INPUT_EXTS))
     return [str(p)] if p.is_file() else []
+
+
+class InputCfg(Section):
+    """Prompts to read: JSONL / JSON / Parquet files (.gz too) or a folder of them."""
+    path: str = Field("demo", description='a file or a folder of them; "demo" = the bundled demo prompts')
+    format: Literal[FORMATS] = Field("auto", description="auto decides per record")
+    id_field: Optional[str] = Field(None, description='null: "id" or "question_id", else the line number / index')
+    drafts_path: Optional[str] = Field(None, description="drafts joined by id (FastChat answers, JSONL id+draft) "
+                                                         "or by instruction text (AlpacaEval outputs JSON)")
+    limit: Optional[int] = Field(None, ge=1, description="only the first N rows")
+
+    def check(self) -> list[str]:
+        problems = []
+        if not input_files(self.path):
+            problems.append(f"path: no .jsonl/.json/.parquet input (.gz too) found at {self.path!r}")
+        if self.drafts_path and not resolve_path(self.drafts_path).exists():
+            problems.append(f"drafts_path: file not found: {self.drafts_path}")
+        return problems
 
 
 def _parse_files(batch: pa.Table, normalize: Callable, error_row: Callable, schema: pa.Schema) -> pa.Table:
