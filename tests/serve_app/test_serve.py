@@ -325,9 +325,9 @@ def test_batch_job_drafts_through_the_openai_endpoint(server, tmp_path, monkeypa
                            for i, p in enumerate(["Say hi.", "Name a fruit.", "Count to two."])))
     out = tmp_path / "out"
     s = main([f"input.path={src}", f"output.path={out}", "base.kind=openai", f"base.base_url={server['url']}/v1",
-              "base.model=tiny", f"base.api_key_env={TEST_API_KEY_ENV}", "base.do_sample=false",
-              "base.max_new_tokens=12", "base.num_cpus=0.1", f"aligner.model={server['tiny']}",
-              "aligner.max_new_tokens=16", "aligner.num_cpus=0.2", "ray.progress_bars=false"])
+              "base.model=tiny", f"base.api_key_env={TEST_API_KEY_ENV}", "base.sampling.do_sample=false",
+              "base.sampling.max_new_tokens=12", "base.num_cpus=0.1", f"aligner.model={server['tiny']}",
+              "aligner.refine.max_new_tokens=16", "aligner.num_cpus=0.2", "ray.progress_bars=false"])
     assert s["rows_out"] == 3 and s["error_rows"] == 0, s
     df = pd.read_parquet(out / "aligned.parquet").sort_values("id")
     c = client(server)
