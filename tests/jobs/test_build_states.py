@@ -320,56 +320,6 @@ def test_conf_file_loads_and_validates(tmp_path):
     assert cfg.score.kind == "column" and cfg.rank.target == "best" and cfg.split.heldout_mod == 4
 
 
-def test_jacobi_trajectories_run_from_the_answer_to_the_aligner_fixed_point(tiny_dirs):
-    from pipeline.decoding.jacobi import reference_refine
-    from pipeline.models import load_model
-    from pipeline.decoding.refiner import Refiner, RefineRequest
-    from pipeline.training.trajectories import jacobi_trajectories, trajectory_settings
-    from pipeline.decoding.jacobi import RefineSettings
-
-    lm = load_model(str(tiny_dirs["llama"]))
-    msgs = [{"role": "user", "content": "Say something."}]
-    settings = trajectory_settings(block_size=6, max_iter=50, max_new_tokens=12)
-    ref = Refiner(lm, settings, mode="fast")
-    reqs = [RefineRequest(msgs, "abcdefghijkl", key="1"), RefineRequest(msgs, "zyx", key="2")]
-    tr, tr2 = jacobi_trajectories(ref, reqs, max_states=100)
-    greedy = Refiner(lm, RefineSettings(max_new_tokens=12), mode="ar").refine([RefineRequest(msgs, "x")])[0].text
-    assert tr["converged"] and tr["fixed_point"] == greedy == tr["states"][-1], "a greedy Jacobi fixed point"
-    assert tr2["fixed_point"] == greedy, "any draft converges to the same fixed point"
-    assert tr["states"][0] == "abcdef", "state 0 is the answer's first block"
-    assert len(tr["states"]) >= 3 and all(a != b for a, b in zip(tr["state_ids"], tr["state_ids"][1:]))
-    assert tr["fixed_point_ids"] == tr["state_ids"][-1]
-
-    class Recording:  # the published loop's forward inputs are its states
-        def __init__(self, model):
-            self.model, self.inputs = model, []
-
-        def parameters(self):
-            return self.model.parameters()
-
-        def __call__(self, input_ids, **kw):
-            self.inputs.append(input_ids[0].tolist())
-            return self.model(input_ids=input_ids, **kw)
-
-    item = ref.encode(reqs[0])
-    rec = Recording(lm.model)
-    res = reference_refine(rec, item, settings, lm.stop_ids, ref.pad_id)
-    stops = set(lm.stop_ids)
-    expected = [x[len(item.prompt_ids):] for x in rec.inputs]
-    expected = [s[:next((k for k, t in enumerate(s) if t in stops), len(s))] for s in expected] + [res.token_ids]
-    expected = [s for k, s in enumerate(expected) if k == 0 or s != expected[k - 1]]
-    it = iter(expected)  # the published loop's states in order, less the passes that only confirm a block
-    assert all(any(x == y for y in it) for x in tr["state_ids"]), "a subsequence of the published loop's states"
-    assert tr["state_ids"][0] == expected[0] and tr["state_ids"][-1] == expected[-1]
-    assert tr["passes"] < res.passes
-
-    short = jacobi_trajectories(ref, reqs[:1], max_states=3)[0]
-    assert len(short["states"]) == 3 and short["states"][0] == "abcdef" and short["states"][-1] == greedy
-    long_prompt = [{"role": "user", "content": "word " * 5000}]
-    bad = jacobi_trajectories(ref, [RefineRequest(long_prompt, "abc")], max_states=3)[0]
-    assert "error" in bad and "context window" in bad["error"]
-
-
 def test_trajectory_stage_refuses_an_aligner_the_fast_engine_cannot_run_before_starting(tmp_path, tiny_dirs):
     from jobs.build_states import BuildStatesConfig
     from pipeline.models import load_model
