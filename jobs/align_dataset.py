@@ -72,11 +72,12 @@ class RefineStage(data.RowStage):
 
         torch.set_num_threads(threads)
         self.refiner = make_refiner(load_aligner(aligner), aligner)
+        self.row_timeout_s = aligner.row_timeout_s
         self.mode = aligner.mode + ("+in_context" if aligner.in_context else "")
 
     def process(self, rows: list[dict]) -> list[dict]:
         t0 = time.perf_counter()
-        results = refine_turns(self.refiner, rows)
+        results = refine_turns(self.refiner, rows, self.row_timeout_s)
         per_turn = (time.perf_counter() - t0) / max(1, sum(len(x) for x in results if isinstance(x, list)))
         return [self.output(r, res, per_turn) for r, res in zip(rows, results)]
 

@@ -102,7 +102,8 @@ class RewardModelCfg(StageCfg):
     model: Optional[str] = Field(None, description="HF folder or hub id of an AutoModelForSequenceClassification "
                                                    "(e.g. an ArmoRM-style reward model)")
     label_index: int = Field(0, ge=0, description="which output logit is the reward (0 for num_labels=1 models)")
-    max_length: int = Field(4096, ge=8, description="longer (prompt + answer) sequences are truncated on the right")
+    max_length: int = Field(4096, ge=8, description="longer (prompt + answer) sequences are not scored: the "
+                                                     "answer is dropped as score_error with its length")
 
 
 class JudgeCfg(EndpointCfg, PoolCfg):
@@ -338,12 +339,14 @@ class DraftStage(Stage):
 
         torch.set_num_threads(threads)
         self.drafter, self.n, self.generator = make_drafter(base, seed), base.num_answers, base.generator()
+        self.row_timeout_s = base.row_timeout_s
 
     def process(self, rows: list[dict]) -> list[dict]:
         gens = [self.generator] if self.n == 1 else [f"{self.generator}#{k}" for k in range(self.n)]
         for r in rows:
             try:
-                outs = self.drafter.answer([r["messages"]] * self.n, seed_key=f"{self.generator}:{r['id']}")
+                outs = self.drafter.answer([r["messages"]] * self.n, seed_key=f"{self.generator}:{r['id']}",
+                                           max_time=self.time_budget(1))
             except Exception as e:  # noqa: BLE001 - one failing prompt must not sink the batch
                 outs = [e] * self.n
             for g, o in zip(gens, outs):
@@ -376,8 +379,9 @@ def filter_rows(batch: pa.Table, filters: FiltersCfg, column: bool, target: str)
 
 
 class RewardStage(Stage):
-    """Scores every kept answer with a HF reward model (all answers of a prompt in one forward pass); the
-    answers of a prompt it fails on are dropped as `score_error`."""
+    """Scores every kept answer with a HF reward model (all answers of a prompt in one forward pass); an
+    answer longer than the reward model takes (`RewardModel.too_long`: its length and the limit), and the
+    answers of a prompt it fails on, are dropped as `score_error`."""
 
     name = "reward stage"
     schema = ROW_SCHEMA
@@ -394,6 +398,10 @@ class RewardStage(Stage):
     def process(self, rows: list[dict]) -> list[dict]:
         for r in rows:
             todo = [a for a in r["answers"] if not a["drop"]]
+            for a, why in zip(todo, self.rm.too_long(r["messages"], [a["text"] for a in todo])):
+                if why:
+                    a["drop"], a["detail"] = "score_error", f"{self.name}: {why}"[:500]
+            todo = [a for a in todo if not a["drop"]]
             try:
                 for a, s in zip(todo, self.rm.score(r["messages"], [a["text"] for a in todo])):
                     a["score"] = s
@@ -465,7 +473,7 @@ class TrajectoryStage(Stage):
         r = traj.refine
         settings = trajectory_settings(r.block_size, r.max_iter, r.max_new_tokens, r.reserve_tokens, seed)
         self.refiner = Refiner(lm, settings, mode="fast", in_context=traj.in_context)
-        self.traj, self.seed = traj, seed
+        self.traj, self.seed, self.row_timeout_s = traj, seed, traj.row_timeout_s
 
     def starts(self, row_id: str, n_worse: int) -> list[int]:
         k = self.traj.from_states
@@ -483,7 +491,8 @@ class TrajectoryStage(Stage):
                 for t in self.starts(r["id"], len(r["states"]) - 1):
                     reqs.append(RefineRequest(r["messages"], r["states"][t], key=f"{r['id']}#{t}"))
                     owner.append((n, t))
-        for (n, t), tr in zip(owner, jacobi_trajectories(self.refiner, reqs, self.traj.max_states)):
+        trajectories = jacobi_trajectories(self.refiner, reqs, self.traj.max_states, self.time_budget(len(rows)))
+        for (n, t), tr in zip(owner, trajectories):
             rows[n]["trajectories"].append({"from": t, **tr})
         return rows
 

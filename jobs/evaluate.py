@@ -83,7 +83,8 @@ class BestOfNCfg(Section):
 
 class OfflineJudgeCfg(Section):
     enabled: bool = True
-    max_tokens: int = Field(256, ge=1)
+    max_tokens: int = Field(256, ge=1, description="answers and references are embedded from their first max_tokens "
+                                                   "tokens (truncation is this judge's design)")
 
 
 class LLMJudgeCfg(EndpointCfg):
@@ -111,7 +112,8 @@ class RewardJudgeCfg(ModelCfg):
     enabled: bool = False
     model: Optional[str] = Field(None, description="a Hugging Face sequence-classification model")
     label_index: int = 0
-    max_length: int = Field(2048, ge=8)
+    max_length: int = Field(2048, ge=8, description="a longer conversation + answer gets no rm_score, and a judge "
+                                                    "note with its length (never truncated)")
 
     def check(self) -> list[str]:
         if not self.enabled:
@@ -222,7 +224,9 @@ def make_judges(j: JudgesCfg, only: str | None = None) -> dict:
 
 
 class BestOfNStage(data.RowStage):
-    """N sampled base answers per turn; the selection judge keeps the best (per turn, in order)."""
+    """N sampled base answers per turn; the selection judge keeps the best (per turn, in order). A turn whose
+    conversation does not fit the base model's context window (`Drafter.too_long`), or whose N answers are cut
+    off by the row's time budget (`row_timeout_s`), makes the row an error row with the reason."""
 
     name = "best_of_n stage"
     schema = BON_SCHEMA
@@ -230,11 +234,13 @@ class BestOfNStage(data.RowStage):
     def __init__(self, base: DraftCfg, bon: BestOfNCfg, judges: JudgesCfg, threads: int):
         import torch
 
+        from pipeline.decoding.drafting import Drafter
         from pipeline.models import load_model
 
         torch.set_num_threads(threads)
-        self.lm = load_model(base.model, dtype=base.dtype, device=base.device, trust_remote_code=base.trust_remote_code)
-        self.params, self.n, self.kind = base.sampling, bon.n, bon.judge
+        lm = load_model(base.model, dtype=base.dtype, device=base.device, trust_remote_code=base.trust_remote_code)
+        self.drafter, self.n, self.kind = Drafter(base.sampling, lm=lm), bon.n, bon.judge
+        self.row_timeout_s = base.row_timeout_s
         self.judge = make_judges(judges, only=self.kind)[self.kind]
 
     def _pick(self, conv: list[dict], cands: list[str], ref: str) -> int:
@@ -248,17 +254,21 @@ class BestOfNStage(data.RowStage):
         return max(range(len(cands)), key=lambda i: vals[i])
 
     def process(self, rows: list[dict]) -> list[dict]:
-        from pipeline.decoding.drafting import generate_answers
         from pipeline.records import conversation
 
         for r in rows:
             t0, picked, refs = time.perf_counter(), [], r["references"]
             for k in range(len(r["turns"])):
                 conv = conversation(r, k, picked)
-                cands = [a for a, _, _ in generate_answers(self.lm, [conv] * self.n, self.params,
-                                                           seed_key=f"{r['id']}#{k}")]
+                outs = self.drafter.answer([conv] * self.n, seed_key=f"{r['id']}#{k}", max_time=self.time_budget(1))
+                bad = next((o for o in outs if isinstance(o, Exception)), None)
+                if bad is not None:
+                    r["error"] = f"{self.name}: turn {k + 1}: {type(bad).__name__}: {bad}"[:1000]
+                    break
+                cands = [a for a, _, _ in outs]
                 picked.append(cands[self._pick(conv, cands, refs[k] if k < len(refs) else "")])
-            r["bon_turns"], r["bon_s"] = picked, time.perf_counter() - t0
+            else:
+                r["bon_turns"], r["bon_s"] = picked, time.perf_counter() - t0
         return rows
 
 
@@ -276,6 +286,7 @@ class MethodStage(data.RowStage):
         need = [m for m in methods if m in ALIGNER_METHODS]
         lm = load_aligner(aligner) if need else None
         self.refiners = {m: make_refiner(lm, aligner, *ALIGNER_METHODS[m]) for m in need}
+        self.row_timeout_s = aligner.row_timeout_s
 
     def __call__(self, batch: pa.Table) -> pa.Table:  # one input row -> one output row per method
         rows = batch.to_pylist()
@@ -299,12 +310,13 @@ class MethodStage(data.RowStage):
     def _refined(self, m: str, rows: list[dict]) -> list:
         """Per row, its results with method m, or the reason it failed (a failing row fails alone)."""
         try:
-            return [res if isinstance(res, list) else f"{m}: {res}" for res in refine_turns(self.refiners[m], rows)]
+            return [res if isinstance(res, list) else f"{m}: {res}"
+                    for res in refine_turns(self.refiners[m], rows, self.row_timeout_s)]
         except Exception:  # noqa: BLE001 - isolate the row that breaks the batch
             out = []
             for r in rows:
                 try:
-                    res = refine_turns(self.refiners[m], [r])[0]
+                    res = refine_turns(self.refiners[m], [r], self.row_timeout_s)[0]
                     out.append(res if isinstance(res, list) else f"{m}: {res}")
                 except Exception as e:  # noqa: BLE001
                     out.append(f"{m}: {type(e).__name__}: {e}"[:1000])

@@ -85,6 +85,10 @@ class PoolCfg(Section):
     num_cpus: float = Field(0.5, ge=0, description="per actor; fractions let several actors share a machine")
     num_gpus: float = Field(0.0, ge=0, description="per actor")
     concurrency: int = Field(1, ge=1, description="actors in the pool")
+    row_timeout_s: Optional[float] = Field(
+        600.0, gt=0, description="model stages: seconds of model time per row; a batch of n rows gets n times "
+                                 "this, and the rows still running when it is spent become error rows (null = "
+                                 "no budget)")
 
     def check(self) -> list[str]:
         if self.num_cpus <= 0 and self.num_gpus <= 0:

@@ -204,15 +204,37 @@ def blocks(rows: pa.Table, rows_per_block: int):
     return ray.data.from_arrow([rows.slice(i, n) for i in range(0, rows.num_rows, n)] or [rows])
 
 
+def time_budget(row_timeout_s: Optional[float], n: int) -> Optional[float]:
+    """Seconds a model call over `n` rows may take (`row_timeout_s` per row), or None for no limit."""
+    return None if row_timeout_s is None else row_timeout_s * max(1, n)
+
+
+def timeout_reason(row_timeout_s: float, n: int) -> str:
+    """Why a row of a model call over `n` rows has no result: the call's time budget ran out first."""
+    return (f"cut off by the time budget of {time_budget(row_timeout_s, n):g} s "
+            f"(row_timeout_s {row_timeout_s:g} x {n} row(s) in the call)")
+
+
 class RowStage:
     """A Ray Data stage over rows. Subclasses set `name` (for error messages) and `schema` (the output
     columns) and implement `process(rows)` for the rows without an error, returning them (same order) with
     their new columns. Rows that arrive with an error pass through; if `process` raises on a batch, each row
     is retried alone and the ones that still raise become error rows, so one bad row never sinks its batch.
-    `passthrough(row)` gives an error row its output columns (default: as it is)."""
+    `passthrough(row)` gives an error row its output columns (default: as it is).
+
+    A model stage sets `row_timeout_s` (its pool's `row_timeout_s`) and bounds each model call over n rows
+    by `time_budget(n)` seconds, the libraries' own stopping (`generate(max_time=...)`, the Jacobi engines'
+    `max_time`); the rows a call cut off become error rows with `timeout_error(n)`."""
 
     name = "stage"
     schema: pa.Schema
+    row_timeout_s: Optional[float] = None
+
+    def time_budget(self, n: int) -> Optional[float]:
+        return time_budget(self.row_timeout_s, n)
+
+    def timeout_error(self, n: int) -> str:
+        return f"{self.name}: {timeout_reason(self.row_timeout_s, n)}"
 
     def process(self, rows: list[dict]) -> list[dict]:
         raise NotImplementedError

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from jobs.common.config import AlignerCfg, DraftCfg
-from jobs.common.data import RowStage
+from jobs.common.data import RowStage, time_budget, timeout_reason
 
 
 def make_drafter(base: DraftCfg, seed: int | None = None):
@@ -42,9 +42,10 @@ def make_refiner(lm, a: AlignerCfg, mode: str | None = None, in_context: bool | 
                    template=a.template or DEFAULT_CORRECTION_TEMPLATE, prompt_lookup=a.prompt_lookup)
 
 
-def refine_turns(refiner, rows: list[dict]) -> list[list | str]:
-    """Every turn of every row refined in one engine call: per row, its results (one per turn) or the reason
-    it could not be refined (e.g. longer than the aligner's context window)."""
+def refine_turns(refiner, rows: list[dict], row_timeout_s: float | None = None) -> list[list | str]:
+    """Every turn of every row refined in one engine call, bounded by `row_timeout_s` x len(rows) seconds
+    (None: no limit): per row, its results (one per turn) or the reason it could not be refined (longer than
+    the aligner's context window; cut off by the time budget)."""
     from pipeline.decoding.refiner import RefineRequest
     from pipeline.records import conversation
 
@@ -59,8 +60,10 @@ def refine_turns(refiner, rows: list[dict]) -> list[list | str]:
             out[i] = f"{e}"
             continue
         jobs += [(i, it) for it in items]
-    for (i, _), res in zip(jobs, refiner.refine_items([it for _, it in jobs])):
-        out[i].append(res)
+    results = refiner.refine_items([it for _, it in jobs], max_time=time_budget(row_timeout_s, len(rows)))
+    for (i, _), res in zip(jobs, results):
+        if isinstance(out[i], list):
+            out[i] = timeout_reason(row_timeout_s, len(rows)) if res.stop == "timeout" else out[i] + [res]
     return out
 
 
@@ -74,7 +77,7 @@ class DraftStage(RowStage):
         import torch
 
         torch.set_num_threads(threads)
-        self.drafter, self.schema = make_drafter(base), schema
+        self.drafter, self.schema, self.row_timeout_s = make_drafter(base), schema, base.row_timeout_s
 
     def process(self, rows: list[dict]) -> list[dict]:
         from pipeline.records import conversation
@@ -86,7 +89,8 @@ class DraftStage(RowStage):
         turn = 0
         while todo:
             convs = [conversation(r, turn, answers[id(r)]) for r in todo]
-            outs = self.drafter.answer(convs, seed_key=",".join(r["id"] for r in todo) + f"#{turn}")
+            outs = self.drafter.answer(convs, seed_key=",".join(r["id"] for r in todo) + f"#{turn}",
+                                       max_time=self.time_budget(len(todo)))
             for r, o in zip(todo, outs):
                 if isinstance(o, Exception):
                     r["error"] = f"{self.name}: {type(o).__name__}: {o}"[:1000]

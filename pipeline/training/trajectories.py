@@ -33,7 +33,7 @@ def trajectory_settings(block_size: int, max_iter: int, max_new_tokens: int, res
                           reserve_tokens=reserve_tokens, seed=seed, window=None, adaptive_window=False, reseed=False)
 
 
-def jacobi_trajectories(refiner, requests: list, max_states: int = 8) -> list[dict]:
+def jacobi_trajectories(refiner, requests: list, max_states: int = 8, max_time: float | None = None) -> list[dict]:
     """Run the aligner's Jacobi loop from each request's draft and return the states it passes through.
 
     `refiner` is a `pipeline.decoding.refiner.Refiner` in fast mode with `trajectory_settings(...)`, so the whole
@@ -44,7 +44,8 @@ def jacobi_trajectories(refiner, requests: list, max_states: int = 8) -> list[di
     as in CLLM's Jacobi trajectories. Consecutive equal states are merged and at most `max_states` are
     kept, evenly spaced, the first and the last always. Returns per request {"states", "state_ids",
     "fixed_point", "fixed_point_ids", "stop" ("eos" | "max_new_tokens"), "passes", "converged"}, or
-    {"error": reason} for a request that cannot be refined.
+    {"error": reason} for a request that cannot be refined or that the batch's time budget `max_time`
+    (seconds, None = no limit; see `Refiner.refine_items`) cut off.
     """
     lm = refiner.lm
     out: list[dict] = [{} for _ in requests]
@@ -56,9 +57,12 @@ def jacobi_trajectories(refiner, requests: list, max_states: int = 8) -> list[di
         except ValueError as e:  # e.g. longer than the aligner's context window
             out[i] = {"error": str(e)[:300]}
     trace: list[list] = [[] for _ in items]
-    results = refiner.refine_items(items, trace=trace)
+    results = refiner.refine_items(items, trace=trace, max_time=max_time)
     stops = set(lm.stop_ids)
     for i, res, tr in zip(where, results, trace):
+        if res.stop == "timeout":
+            out[i] = {"error": f"cut off by the time budget of {max_time:g} s for {len(items)} trajectories"}
+            continue
         ids = [s[:next((k for k, t in enumerate(s) if t in stops), len(s))] for s in tr] + [list(res.token_ids)]
         merged = [s for k, s in enumerate(ids) if k == 0 or s != ids[k - 1]]
         kept = _evenly(merged, max_states)

@@ -1,0 +1,156 @@
+"""Hostile rows through the batch jobs (tiny HF models, whose context window is 4096 tokens): prompts past the
+window (alone or inside a multi-turn history), a draft that pushes the aligner past it, malformed lines, files
+that start with a UTF-8 byte-order mark. Each job finishes; every row comes out, or as an error row that names
+its stage and the reason."""
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+BOM = b"\xef\xbb\xbf"
+HUGE = "word " * 5000  # ~5000 tokens with the byte-level tokenizer: past the 4096-token window
+
+
+def write_lines(path: Path, lines: list, prefix: bytes = b"") -> Path:
+    with open(path, "wb") as f:
+        f.write(prefix)
+        for x in lines:
+            f.write((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n")
+    return path
+
+
+HOSTILE = [
+    {"id": 1, "prompt": "Say hi."},
+    {"id": 2, "prompt": HUGE},  # over the base model's window, no draft: refused before generate
+    {"id": 3, "messages": [{"role": "user", "content": HUGE}, {"role": "assistant", "content": "Sure."},
+                           {"role": "user", "content": "And then?"}]},  # over the window inside the history
+    {"id": 4, "prompt": "Summarize this.", "draft": HUGE},  # the draft pushes the in-context aligner past it
+    {"id": 5, "prompt": ""},  # empty
+    {"id": 6, "text": "no prompt field"},  # missing prompt
+    b'{"id": 7, "prompt": "caf\xe9 latte"}',  # Latin-1 byte: not UTF-8
+    b'{"id": 8, "prompt": ',  # broken JSON
+    {"id": 9, "prompt": "Count to three.", "draft": "One, two, three."},
+]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(400)
+def test_align_dataset_turns_hostile_rows_into_error_rows(tmp_path, tiny_dirs, ray_local):
+    from jobs.align_dataset import main
+
+    m = tiny_dirs["llama"]
+    src = tmp_path / "in"
+    src.mkdir()
+    write_lines(src / "hostile.jsonl", HOSTILE, prefix=BOM)
+    (src / "bom.json").write_bytes(BOM + json.dumps([{"id": "b1", "instruction": "Name a color.",
+                                                      "output": "Blue."}]).encode())
+    out = tmp_path / "out"
+    s = main([f"input.path={src}", f"output.path={out}", f"base.model={m}", f"aligner.model={m}",
+              "aligner.in_context=true", "base.sampling.max_new_tokens=12", "aligner.refine.max_new_tokens=16",
+              "aligner.refine.block_size=8", "base.batch_size=4", "aligner.batch_size=4", "ray.progress_bars=false"])
+    ok = pd.read_parquet(out / "aligned.parquet")
+    errors = {e["id"]: e["error"] for e in map(json.loads, open(out / "errors.jsonl"))}
+    assert s["rows_in"] == len(HOSTILE) + 1 == len(ok) + len(errors), "rows in = rows out + error rows"
+    assert set(ok["id"]) == {"1", "9", "b1"}, "the BOM files parse; good rows go on"
+    for i in ("2", "3"):
+        assert errors[i].startswith("draft stage: ValueError: prompt of ") and \
+            "exceeds the base model's context window of 4096 tokens" in errors[i]
+    assert errors["4"].startswith("refine stage: prompt of ") and \
+        "exceeds the aligner's context window of 4096 tokens" in errors["4"]
+    assert "empty prompt" in errors["5"] and "no prompt field" in errors["6"]
+    assert "UTF-8" in errors["hostile.jsonl:7"] and "hostile.jsonl:8" in errors
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(400)
+def test_align_dataset_cuts_rows_off_at_the_time_budget(tmp_path, tiny_dirs, ray_local):
+    from jobs.align_dataset import main
+
+    m = tiny_dirs["llama"]
+    src = write_lines(tmp_path / "in.jsonl", [{"id": 1, "prompt": "Say hi."},
+                                              {"id": 2, "prompt": "Count to three.", "draft": "One, two."}])
+    out = tmp_path / "out"
+    s = main([f"input.path={src}", f"output.path={out}", f"base.model={m}", f"aligner.model={m}",
+              "base.row_timeout_s=1e-9", "aligner.row_timeout_s=1e-9", "base.sampling.max_new_tokens=40",
+              "aligner.refine.max_new_tokens=40", "aligner.refine.reserve_tokens=0", "ray.progress_bars=false"])
+    errors = {e["id"]: e["error"] for e in map(json.loads, open(out / "errors.jsonl"))}
+    assert s["rows_in"] == 2 == len(errors)
+    assert errors["1"].startswith("draft stage: TimeoutError: generation cut off by the time budget of ")
+    assert errors["2"].startswith("refine stage: cut off by the time budget of ") and "row_timeout_s 1e-09" in errors["2"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_evaluate_turns_hostile_rows_into_error_rows(tmp_path, tiny_dirs, tiny_rm, ray_local):
+    from jobs.evaluate import main
+
+    m = str(tiny_dirs["llama"])
+    rows = [
+        {"id": 0, "instruction": "Name two colors.", "reference_output": "Red and blue."},
+        {"id": 1, "instruction": HUGE, "reference_output": "x"},  # over the base model's window
+        {"id": 2, "messages": [{"role": "user", "content": HUGE}, {"role": "assistant", "content": "Sure."},
+                               {"role": "user", "content": "And then?"}], "reference_output": "y"},
+        {"id": 3, "instruction": "Summarize.", "output": HUGE, "reference_output": "A summary."},  # a huge draft
+        {"id": 4, "instruction": "", "reference_output": "z"},  # empty
+        b'{"id": 5, "instruction": ',  # broken JSON
+    ]
+    src = write_lines(tmp_path / "bench.jsonl", rows, prefix=BOM)
+    out = tmp_path / "out"
+    methods = ["draft", "refine", "in_context", "best_of_n"]
+    s = main([f"benchmark.path={src}", "benchmark.name=hostile", f"output.path={out}", f"base.model={m}",
+              f"aligner.model={m}", f"methods=[{','.join(methods)}]", "judges.reward.enabled=true",
+              f"judges.reward.model={tiny_rm}", "judges.reward.max_length=2048", "base.sampling.max_new_tokens=8",
+              "aligner.refine.max_new_tokens=8", "aligner.refine.block_size=4", "best_of_n.n=2", "stats.n_boot=20",
+              "base.num_cpus=0.25", "aligner.num_cpus=0.25", "judges.num_cpus=0.25", "ray.progress_bars=false"])
+    df = pd.read_parquet(out / "results.parquet")
+    errors = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
+    assert s["rows_in"] == len(rows) and len(df) + len(errors) == len(rows) * len(methods), \
+        "every prompt comes out once per method, as a result or an error row"
+    by = {(e["id"], e["method"]): e["error"] for e in errors}
+    for i in ("1", "2"):
+        assert by[(i, "refine")].startswith("draft stage: ValueError: prompt of ") and \
+            "exceeds the base model's context window of 4096 tokens" in by[(i, "refine")]
+    assert by[("3", "in_context")].startswith("in_context: prompt of ") and "aligner's context window" in \
+        by[("3", "in_context")], "the huge draft pushes only the in-context aligner past its window"
+    assert "empty prompt" in by[("4", "draft")] and any(i.endswith(":6") for i, _ in by)
+    ok = {(r["id"], r["method"]): r for r in df.to_dict("records")}
+    assert {i for i, _ in ok} == {"0", "3"}
+    long_draft = ok[("3", "draft")]
+    assert pd.isna(long_draft["rm_score"]) and any(
+        "reward: error: ValueError: the reward model's input" in n and "limit of 2048 tokens" in n
+        for n in long_draft["judge_notes"]), "the reward judge names the length and the limit, never truncates"
+    assert not pd.isna(ok[("0", "draft")]["rm_score"])
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_build_states_turns_hostile_rows_into_error_rows(tmp_path, tiny_dirs, tiny_rm, ray_local):
+    from jobs.build_states import main
+
+    m = str(tiny_dirs["llama"])
+    rows = [
+        {"id": 1, "instruction": "Q1", "reference_output": "R1"},
+        {"id": 2, "instruction": HUGE, "reference_output": "R2"},  # over the base model's window
+        {"id": 3, "instruction": "word " * 20, "reference_output": "R3"},  # past the reward model's 64 tokens
+        {"id": 4, "instruction": "", "reference_output": "R4"},  # empty
+        b'{"id": 5, "instruction": ',  # broken JSON
+    ]
+    src = write_lines(tmp_path / "in.jsonl", rows, prefix=BOM)
+    out = tmp_path / "o"
+    s = main([f"input.path={src}", f"output.path={out}", "input.answers_field=null", "score.kind=reward_model",
+              f"score.reward_model.model={tiny_rm}", "score.reward_model.max_length=64", "rank.target=reference",
+              "filters.max_tokens=null", "split.heldout_mod=null", "split.dev_fraction=0",
+              f"bases=[{{model: {m}, num_answers: 2, sampling: {{max_new_tokens: 8}}, num_cpus: 0.25}}]",
+              "score.reward_model.num_cpus=0.25", "trajectory.enabled=true", f"trajectory.model={m}",
+              "trajectory.refine.max_new_tokens=8", "trajectory.num_cpus=0.25", "ray.progress_bars=false",
+              "show_samples=0"])
+    assert s["rows_in"] == len(rows) == s["rows_out"] + s["error_rows"]
+    errors = {e["id"]: e for e in map(json.loads, open(out / "errors.jsonl"))}
+    assert set(errors) == {"2", "3", "4", "in.jsonl:5"} and all(e["error"] for e in errors.values())
+    assert s["answers_dropped"]["draft_error"] == 2 and "2 draft_error" in errors["2"]["error"], \
+        "the base refuses the over-long prompt: its answers are dropped with the reason"
+    assert s["answers_dropped"]["score_error"] == 2 and "2 score_error" in errors["3"]["error"], \
+        "the reward model refuses what it would truncate (its length and limit: tests/pipeline/scoring)"
+    assert "empty" in errors["4"]["error"]
+    assert s["rows_out"] == 1 and s["trajectories"]["errors"] == 0
