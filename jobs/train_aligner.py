@@ -32,7 +32,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field
 
-from jobs.common.config import (ConfigError, RayCfg, Section, expand, load_config, resolve_path,
+from jobs.common.config import (ConfigError, RayCfg, Section, expand, load_config, missing_local_model, resolve_path,
                                 to_yaml)
 from jobs.common.runtime import init_ray, run_job
 from pipeline.training.consistency import Example, collate, losses, make_example
@@ -74,7 +74,7 @@ class StartModelCfg(Section):
         from pipeline.prompts import check_template
 
         problems = []
-        if self.path.startswith((".", "/", "~")) and not Path(expand(self.path)).exists():
+        if missing_local_model(self.path):
             problems.append(f"path: not found: {self.path}")
         if self.template is not None:
             try:

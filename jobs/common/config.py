@@ -73,10 +73,7 @@ class ModelCfg(Section):
     trust_remote_code: bool = False
 
     def check(self) -> list[str]:
-        spec = str(self.model)
-        if spec.startswith((".", "/", "~")) and not Path(expand(spec)).exists():
-            return [f"model: not found: {spec}"]
-        return []
+        return [f"model: not found: {self.model}"] if missing_local_model(self.model) else []
 
 
 class PoolCfg(Section):
@@ -188,6 +185,12 @@ class DataRayCfg(RayCfg):
 # ---- loading ----------------------------------------------------------------------------------------------
 def expand(path: str) -> str:
     return os.path.expanduser(os.path.expandvars(path))
+
+
+def missing_local_model(spec) -> bool:
+    """A model spec that names a local path (./x, /x, ~/x) which does not exist (hub ids and "default" never do)."""
+    spec = str(spec)
+    return spec.startswith((".", "/", "~")) and not Path(expand(spec)).exists()
 
 
 def resolve_path(path: str) -> Path:
