@@ -1,7 +1,7 @@
 """Align a whole dataset with Ray Data: read -> (draft with the base model) -> refine with the aligner -> write.
 
     python -m jobs.align_dataset                                   # embedded default: demo prompts, SmolLM2
-    python -m jobs.align_dataset input.path=prompts.jsonl aligner.mode=reference
+    python -m jobs.align_dataset input.path=prompts.jsonl aligner.engine=reference base.engine=hf
     python -m jobs.align_dataset --help                            # every key, its default and what it does
     ray job submit --working-dir . -- python -m jobs.align_dataset ray.address=auto input.path=/data/x.parquet
 
@@ -22,7 +22,7 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobs.common import data
+from jobs.common import data, vllm_stages
 from jobs.common.config import AlignerCfg, DataRayCfg, DraftCfg, Section, expand, load_config
 from jobs.common.data import InputCfg
 from jobs.common.runtime import run_job
@@ -61,8 +61,12 @@ OUTPUT_SCHEMA = pa.schema([
     ("draft_s", pa.float64()), ("refine_s", pa.float64()), ("error", pa.string())])
 
 
+def mode_name(a: AlignerCfg) -> str:
+    return a.engine + ("+in_context" if a.in_context else "")
+
+
 class RefineStage(data.RowStage):
-    """Refines every turn's draft with the aligner (all turns of the batch in one engine call)."""
+    """Refines every turn's draft with the aligner on a Hugging Face engine (all turns of the batch in one call)."""
 
     name = "refine stage"
     schema = OUTPUT_SCHEMA
@@ -73,7 +77,7 @@ class RefineStage(data.RowStage):
         torch.set_num_threads(threads)
         self.refiner = make_refiner(load_aligner(aligner), aligner)
         self.row_timeout_s = aligner.row_timeout_s
-        self.mode = aligner.mode + ("+in_context" if aligner.in_context else "")
+        self.mode = mode_name(aligner)
 
     def process(self, rows: list[dict]) -> list[dict]:
         t0 = time.perf_counter()
@@ -96,6 +100,22 @@ class RefineStage(data.RowStage):
                 "tokens_computed": sum(x.tokens_computed for x in res),
                 "converged": bool(res) and all(x.converged for x in res), "stop": ",".join(x.stop for x in res),
                 "draft_s": r.get("draft_s") or 0.0, "refine_s": per_turn_s * len(res), "error": r.get("error")}
+
+
+class VllmOutputStage(RefineStage):
+    """The output rows of the aligner's vLLM stage (`vllm_stages.refine`): its per-turn results, as RefineStage
+    writes them (passes = decoding steps; a greedy continuation is its own fixed point, so converged)."""
+
+    def __init__(self, aligner: AlignerCfg):
+        self.mode = mode_name(aligner)
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        from pipeline.decoding.jacobi import RefineResult
+
+        results = [[RefineResult(x["token_ids"], passes=x["passes"],
+                                 tokens_computed=x["tokens_computed"], stop=x["stop"], wall_s=x["wall_s"],
+                                 reserved=x["reserved"], text=x["text"]) for x in r["refined"] or []] for r in rows]
+        return [self.output(r, res, 0.0) | {"refine_s": sum(x.wall_s for x in res)} for r, res in zip(rows, results)]
 
 
 # ---- finalize --------------------------------------------------------------------------------------------
@@ -122,7 +142,7 @@ def finalize(cfg: AlignDatasetConfig, out: Path, parts: Path, rows_in: int, star
         "tokens_per_pass": round(sum(r["new_tokens"] for r in ok) / max(1, passes), 3) if n else 0.0,
         "converged_fraction": round(sum(r["converged"] for r in ok) / n, 4) if n else 0.0,
         "mean_refine_s": mean("refine_s"), "mean_draft_s": mean("draft_s"),
-        "mode": cfg.aligner.mode + ("+in_context" if cfg.aligner.in_context else ""),
+        "mode": mode_name(cfg.aligner),
         "output": str(path), "errors": str(out / "errors.jsonl"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -153,12 +173,20 @@ def main(argv: list[str] | None = None) -> dict:
     if todo.num_rows:
         needs_drafts = any(d is None and not e for d, e in zip(todo.column("drafts").to_pylist(),
                                                                todo.column("error").to_pylist()))
-        data.preflight({"base": cfg.base, "aligner": cfg.aligner} if needs_drafts else {"aligner": cfg.aligner})
+        turns = vllm_stages.max_turns(todo)
+        data.preflight({"base": cfg.base, "aligner": cfg.aligner} if needs_drafts else {"aligner": cfg.aligner}, turns)
         ds = data.blocks(todo.append_column("draft_s", pa.array([0.0] * todo.num_rows)), cfg.output.rows_per_file)
-        if needs_drafts:
+        if needs_drafts and cfg.base.engine == "vllm":
+            ds = vllm_stages.draft(ds, cfg.base, turns, DRAFTED_SCHEMA)
+        elif needs_drafts:
             ds = data.map_stage(ds, DraftStage, cfg.base, base=cfg.base, schema=DRAFTED_SCHEMA,
                                 threads=cfg.ray.torch_threads)
-        ds = data.map_stage(ds, RefineStage, cfg.aligner, aligner=cfg.aligner, threads=cfg.ray.torch_threads)
+        if cfg.aligner.engine == "vllm":
+            ds = vllm_stages.refine(ds, cfg.aligner, turns, DRAFTED_SCHEMA)
+            ds = ds.map_batches(lambda b: VllmOutputStage(cfg.aligner)(b), batch_format="pyarrow",
+                                num_cpus=vllm_stages.REQUEST_CPUS)
+        else:
+            ds = data.map_stage(ds, RefineStage, cfg.aligner, aligner=cfg.aligner, threads=cfg.ray.torch_threads)
         data.write_parts(ds, parts)
 
     summary, ok = finalize(cfg, out, parts, rows.num_rows, started, todo.num_rows)

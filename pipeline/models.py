@@ -36,6 +36,13 @@ class LoadedModel:
         """The most positions (prompt + answer) the model takes, from its config; None if it does not say."""
         return getattr(self.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
 
+    @property
+    def text(self):
+        """Its tokenizer side (`continuation.ModelText`)."""
+        from pipeline.decoding.continuation import ModelText
+
+        return ModelText(self.tokenizer, self.stop_ids, self.context_window)
+
 
 def cache_root() -> Path:
     root = os.environ.get("DIFFPO_CACHE") or os.path.join(
@@ -218,3 +225,24 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     path, gguf = resolve_model_path(spec)
     kw = {"gguf_file": gguf} if gguf else {}
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
+
+
+def load_model_text(spec: str, trust_remote_code: bool = False):
+    """The tokenizer side of a model spec (`continuation.ModelText`: tokenizer, stop ids, context window) without
+    its weights: what an engine in another process (vLLM) needs the prompts and answers encoded with."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from pipeline.decoding.continuation import ModelText
+
+    path, gguf = resolve_model_path(spec)
+    kw = {"gguf_file": gguf} if gguf else {}
+    tok = load_tokenizer(spec, trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
+    try:
+        gen = GenerationConfig.from_pretrained(path, **kw)
+    except OSError:  # no generation_config.json: the one transformers derives from the model config, as models do
+        gen = GenerationConfig.from_model_config(cfg)
+    window = getattr(cfg.get_text_config(decoder=True), "max_position_embeddings", None)
+    return ModelText(tok, stop_token_ids(tok, gen), window)

@@ -19,7 +19,7 @@ import os
 import sys
 from dataclasses import is_dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -43,6 +43,10 @@ RENAMED_IN = {
     "bases": {"max_new_tokens": "bases.sampling.max_new_tokens"},
     "trajectory": {"max_new_tokens": "trajectory.refine.max_new_tokens"},
 }
+# keys that moved when the engine choice became one `engine` key per model stage
+RENAMED_IN["base"]["kind"] = "base.engine"
+RENAMED_IN["bases"]["kind"] = "bases.engine"
+RENAMED_IN["aligner"]["mode"] = "aligner.engine"
 
 
 class ConfigError(ValueError):
@@ -115,15 +119,51 @@ class EndpointCfg(Section):
                               timeout_s=self.timeout_s, max_retries=self.max_retries)
 
 
-class DraftCfg(EndpointCfg, StageCfg):
-    """A base model that drafts answers (`pipeline.decoding.drafting.Drafter`): in the actors or at an endpoint."""
-    kind: Literal["hf", "openai"] = Field("hf", description="hf: `model` runs in the job's actors | openai: "
-                                                            "`model` is the name at an OpenAI-compatible endpoint")
+class VllmCfg(Section):
+    """A vLLM engine (engine=vllm), run by Ray Data LLM (`ray.data.llm`): one engine per actor of the pool
+    (`concurrency` engines, `batch_size` rows per call), each on a placement group of tp x pp bundles."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    bundles: Optional[list[dict[str, float]]] = Field(
+        None, description="placement group of one engine, one resource dict per worker; null = tp x pp bundles "
+                          "of {CPU: num_cpus, GPU: num_gpus} (CPU-only bundles when num_gpus is 0)")
+    strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    accelerator_type: Optional[str] = Field(None, description="e.g. A100, H100 (Ray's accelerator_type label)")
+    max_model_len: Optional[int] = Field(None, ge=1, description="null = the model's context window")
+    enforce_eager: Optional[bool] = Field(None, description="null = true on CPU bundles, vLLM's default on GPUs")
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="CPU engines: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+    max_concurrent_batches: int = Field(8, ge=1, description="batches in flight per engine (continuous batching)")
+    speculative_config: Optional[dict[str, Any]] = Field(
+        None, description='passed to vLLM, e.g. {method: ngram, num_speculative_tokens: 8}; greedy output unchanged')
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="any other vLLM engine argument "
+                                                                            "(they override the keys above)")
+
+
+class EngineCfg(StageCfg):
+    """A model stage that can run on vLLM: the `vllm` section applies when its engine is vllm."""
+    vllm: VllmCfg = Field(default_factory=VllmCfg)
+
+    def check(self) -> list[str]:
+        problems = StageCfg.check(self)
+        if self.engine == "vllm":
+            if str(self.model).endswith(".gguf"):
+                problems.append("model: engine=vllm needs a Hugging Face model folder (or hub id), not a .gguf file")
+            if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+                problems.append(f"device: engine=vllm places engines by vllm.bundles, not device={self.device!r}")
+        return problems
+
+
+class DraftCfg(EndpointCfg, EngineCfg):
+    """A base model that drafts answers: on vLLM engines (Ray Data LLM), in the job's actors with Hugging Face
+    `generate` (`pipeline.decoding.drafting.Drafter`), or at an OpenAI-compatible endpoint."""
+    engine: Literal["vllm", "hf", "openai"] = Field(
+        "vllm", description="vllm: vLLM engines run `model` | hf: transformers `generate` in the job's actors | "
+                            "openai: `model` is the name at an OpenAI-compatible endpoint")
     sampling: SamplingParams = Field(default_factory=SamplingParams)
 
     def check(self) -> list[str]:
-        problems = StageCfg.check(self) if self.kind == "hf" else PoolCfg.check(self)
-        if self.kind == "openai":
+        problems = EngineCfg.check(self) if self.engine != "openai" else PoolCfg.check(self)
+        if self.engine == "openai":
             problems += self.endpoint(self.model).validate()
         s = self.sampling
         if s.max_new_tokens < 1:
@@ -133,10 +173,12 @@ class DraftCfg(EndpointCfg, StageCfg):
         return problems
 
 
-class AlignerCfg(StageCfg):
-    """The DiffPO aligner: engine mode, prompt, Jacobi settings and alignment-vector knobs."""
-    mode: Literal["fast", "reference", "ar"] = Field(
-        "fast", description="fast (batched KV-cached Jacobi) | reference (published loop) | ar (greedy generate)")
+class AlignerCfg(EngineCfg):
+    """The DiffPO aligner: engine, prompt, Jacobi settings and alignment-vector knobs. Every engine computes
+    the same answer token for token (greedy): prompt + r reserved draft tokens, continued greedily."""
+    engine: Literal["vllm", "fast", "reference", "ar"] = Field(
+        "vllm", description="vllm (greedy continuation on vLLM engines, Ray Data LLM) | fast (batched KV-cached "
+                            "Jacobi, HF) | reference (the published Jacobi loop, HF) | ar (greedy HF generate)")
     in_context: bool = Field(False, description="the aligner's prompt also shows the draft (correction template)")
     template: Optional[str] = Field(None, description="correction template with {question} and {draft}; null = built-in")
     prompt_lookup: int = Field(0, ge=0, description="ar mode: > 0 uses transformers' prompt-lookup speculation")
@@ -148,7 +190,7 @@ class AlignerCfg(StageCfg):
     def check(self) -> list[str]:
         from pipeline.prompts import check_template
 
-        problems = StageCfg.check(self)
+        problems = EngineCfg.check(self)
         if self.template is not None:
             try:
                 check_template(self.template)

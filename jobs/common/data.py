@@ -55,24 +55,44 @@ def start_data_job(name: str, cfg, out: Path):
     return ctx
 
 
-def preflight(pools: dict[str, PoolCfg]) -> None:
-    """Refuse actor pools the cluster cannot hold: Ray Data would otherwise wait forever, silently, for a CPU
-    to run its read/write tasks, or for GPUs that do not exist. `pools`: config key -> pool section."""
+def pool_demand(pool: PoolCfg, turns: int = 1) -> dict[str, float]:
+    """The resources a stage's pool holds at once: `concurrency` actors of num_cpus/num_gpus, or, for a stage on
+    vLLM (`engine=vllm`), its engines' placement groups (one engine pool per conversation turn)."""
+    if getattr(pool, "engine", None) == "vllm":
+        from jobs.common.vllm_stages import demand
+
+        return demand(pool, turns)
+    return {"CPU": pool.num_cpus * pool.concurrency, "GPU": pool.num_gpus * pool.concurrency}
+
+
+def preflight(pools: dict[str, PoolCfg], turns: int = 1) -> None:
+    """Refuse stages the cluster cannot hold: Ray Data would otherwise wait forever, silently, for a CPU to run
+    its read/write tasks, for GPUs that do not exist, or for an accelerator type no node has. `pools`: config key
+    -> pool section; `turns`: the most turns of any row (a vLLM stage runs one engine pool per turn)."""
     import ray
 
-    res = ray.cluster_resources()
-    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
-    want_cpu = sum(p.num_cpus * p.concurrency for p in pools.values())
-    want_gpu = sum(p.num_gpus * p.concurrency for p in pools.values())
+    have = ray.cluster_resources()
+    asks = {k: pool_demand(p, turns) for k, p in pools.items()}
+    want: dict[str, float] = {}
+    for a in asks.values():
+        for r, x in a.items():
+            want[r] = want.get(r, 0.0) + x
+    detail = lambda r: " + ".join(f"{k} {a[r]:g}" for k, a in asks.items() if a.get(r))  # noqa: E731
+    first = next(iter(pools))
     problems = []
-    if want_cpu + HEADROOM_CPUS > cpus:
-        detail = " + ".join(f"{k} {p.num_cpus:g} x {p.concurrency}" for k, p in pools.items())
-        problems.append(f"the actor pools ask for {want_cpu:g} CPUs ({detail}) but the cluster has {cpus:g}, and "
-                        f"{HEADROOM_CPUS:g} must stay free for reading and writing. Lower num_cpus (fractions "
-                        f"work, e.g. {next(iter(pools))}.num_cpus=0.5) or concurrency.")
-    if want_gpu > gpus:
-        problems.append(f"the actor pools ask for {want_gpu:g} GPUs but the cluster has {gpus:g}; set num_gpus=0 "
-                        "on CPU-only clusters")
+    cpus, gpus = have.get("CPU", 0.0), have.get("GPU", 0.0)
+    if want.get("CPU", 0.0) + HEADROOM_CPUS > cpus:
+        problems.append(f"the stages ask for {want.get('CPU', 0.0):g} CPUs ({detail('CPU')}) but the cluster has "
+                        f"{cpus:g}, and {HEADROOM_CPUS:g} must stay free for reading and writing. Lower num_cpus "
+                        f"(fractions work, e.g. {first}.num_cpus=0.5) or concurrency.")
+    if want.get("GPU", 0.0) > gpus:
+        problems.append(f"the stages ask for {want['GPU']:g} GPUs ({detail('GPU')}) but the cluster has {gpus:g}; "
+                        "set num_gpus=0 (and no GPU in vllm.bundles) on CPU-only clusters")
+    for r, x in want.items():
+        if r not in ("CPU", "GPU") and have.get(r, 0.0) < x:
+            what = f"accelerator type {r.split(':', 1)[1]}" if r.startswith("accelerator_type:") else f"resource {r}"
+            problems.append(f"the stages ask for the {what} ({', '.join(k for k, a in asks.items() if r in a)}) "
+                            f"but no node of the cluster has it")
     if problems:
         raise ConfigError(problems)
 

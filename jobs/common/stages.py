@@ -14,7 +14,7 @@ def make_drafter(base: DraftCfg, seed: int | None = None):
     from pipeline.decoding.drafting import Drafter
 
     params = base.sampling if seed is None else replace(base.sampling, seed=seed)
-    if base.kind == "openai":
+    if base.engine == "openai":
         return Drafter(params, endpoint=base.endpoint(base.model), parallel_requests=base.parallel_requests)
     from pipeline.models import load_model
 
@@ -35,10 +35,11 @@ def load_aligner(a: AlignerCfg):
 
 
 def make_refiner(lm, a: AlignerCfg, mode: str | None = None, in_context: bool | None = None):
+    """The in-process refiner (a Hugging Face engine: `mode`, else the section's engine) of an aligner section."""
     from pipeline.decoding.refiner import Refiner
     from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE
 
-    return Refiner(lm, a.refine, mode=mode or a.mode, in_context=a.in_context if in_context is None else in_context,
+    return Refiner(lm, a.refine, mode=mode or a.engine, in_context=a.in_context if in_context is None else in_context,
                    template=a.template or DEFAULT_CORRECTION_TEMPLATE, prompt_lookup=a.prompt_lookup)
 
 

@@ -11,24 +11,17 @@ correction request that also shows the draft (see `prompts.py`); the draft still
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-
 import torch
 
+from pipeline.decoding.continuation import AlignerPrompts, RefineRequest, continuation, finish
 from pipeline.decoding.engine import FastEngine
-from pipeline.decoding.jacobi import RefineItem, RefineResult, RefineSettings, first_stop, reference_refine, reserve_count
+from pipeline.decoding.jacobi import RefineItem, RefineResult, RefineSettings, reference_refine
 from pipeline.models import LoadedModel
-from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE, answer_ids, chat_prompt_ids, check_messages, check_template, in_context_messages
+from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE
+
+__all__ = ["MODES", "RefineRequest", "Refiner"]
 
 MODES = ("fast", "reference", "ar")
-
-
-@dataclass
-class RefineRequest:
-    messages: list[dict]  # the conversation, ending with the user's turn
-    draft: str  # the base model's answer to that turn
-    key: str = ""  # row id: seeds the number of reserved draft tokens
-    max_new_tokens: int | None = None  # answer cap for this request (at most the settings' cap)
 
 
 class Refiner:
@@ -36,35 +29,17 @@ class Refiner:
                  in_context: bool = False, template: str = DEFAULT_CORRECTION_TEMPLATE, prompt_lookup: int = 0):
         if mode not in MODES:
             raise ValueError(f"unknown refine mode {mode!r}; choose one of {', '.join(MODES)}")
-        self.lm, self.s = lm, settings or RefineSettings()
-        self.s.validate()
-        if in_context:
-            check_template(template)
+        self.lm = lm
+        self.prompts = AlignerPrompts(lm.text, settings, in_context, template)
+        self.s = self.prompts.s
         self.mode, self.in_context, self.template, self.prompt_lookup = mode, in_context, template, prompt_lookup
-        tok = lm.tokenizer
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else lm.stop_ids[0]
+        self.pad_id = lm.text.pad_id
         self.context_window = lm.context_window
         self._engine = FastEngine(lm.model, self.s, lm.stop_ids, self.pad_id) if mode == "fast" else None
 
-    # ---- encoding --------------------------------------------------------------------------------
     def encode(self, req: RefineRequest) -> RefineItem:
-        """Tokenize one request; ValueError with the reason if it cannot be refined."""
-        check_messages(req.messages)
-        if not isinstance(req.draft, str):
-            raise ValueError("draft must be a string")
-        tok = self.lm.tokenizer
-        msgs = in_context_messages(req.messages, req.draft, self.template) if self.in_context else req.messages
-        prompt = chat_prompt_ids(tok, msgs)
-        draft = answer_ids(tok, req.draft)
-        if req.max_new_tokens is not None and req.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1 (got {req.max_new_tokens})")
-        item = RefineItem(prompt_ids=prompt, draft_ids=draft, max_new_tokens=req.max_new_tokens)
-        cap = item.cap(self.s)
-        if self.context_window and len(prompt) + cap > self.context_window:
-            raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens {cap} exceeds "
-                             f"the aligner's context window of {self.context_window} tokens")
-        item.reserved = min(reserve_count(req.key, self.s.seed, self.s.reserve_tokens, len(draft)), cap)
-        return item
+        """Tokenize one request; ValueError with the reason if it cannot be refined (`AlignerPrompts.encode`)."""
+        return self.prompts.encode(req)
 
     # ---- refinement ------------------------------------------------------------------------------
     def refine(self, reqs: list[RefineRequest], max_time: float | None = None) -> list[RefineResult]:
@@ -105,12 +80,11 @@ class Refiner:
         `generate` stops when it is spent, and a row it cut (no stop token, under its cap) says "timeout"."""
         t0 = time.perf_counter()
         dev = self.lm.device
-        ctx = [list(it.prompt_ids) + list(it.draft_ids[:it.reserved]) for it in items]
+        ctx, budgets = zip(*(continuation(it, self.s) for it in items))
         width = max(map(len, ctx))
         ids = torch.tensor([[self.pad_id] * (width - len(c)) + c for c in ctx], device=dev)
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in ctx], device=dev)
-        budget = max(1, max(it.cap(self.s) - it.reserved for it in items))
-        kw = dict(max_new_tokens=budget, do_sample=False, eos_token_id=self.lm.stop_ids, pad_token_id=self.pad_id,
+        kw = dict(max_new_tokens=max(budgets), do_sample=False, eos_token_id=self.lm.stop_ids, pad_token_id=self.pad_id,
                   temperature=None, top_p=None, top_k=None)
         if self.prompt_lookup:
             kw["prompt_lookup_num_tokens"] = self.prompt_lookup
@@ -118,16 +92,4 @@ class Refiner:
             kw["max_time"] = max_time
         out = self.lm.model.generate(input_ids=ids, attention_mask=mask, **kw)[:, width:].tolist()
         wall = time.perf_counter() - t0
-        results = []
-        for it, gen in zip(items, out):
-            room = it.cap(self.s) - it.reserved
-            gen = gen[:room]
-            hit = first_stop(gen, set(self.lm.stop_ids))
-            steps = len(gen) if hit is None else hit + 1
-            answer = list(it.draft_ids[:it.reserved]) + gen[:hit]
-            cut = max_time is not None and hit is None and len(gen) < room  # generate stopped by max_time
-            stop = "timeout" if cut else "eos" if hit is not None else "max_new_tokens"
-            results.append(RefineResult(answer, passes=steps, tokens_computed=len(it.prompt_ids) + it.reserved + steps,
-                                        converged=True, stop=stop,
-                                        wall_s=wall, reserved=it.reserved))
-        return results
+        return [finish(it, gen, self.lm.stop_ids, self.s, wall, timed_out=max_time is not None) for it, gen in zip(items, out)]

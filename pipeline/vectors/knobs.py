@@ -212,3 +212,50 @@ def load_knobbed(lm, vectors: dict[str, str], cache_size: int = 2, bounds=None, 
     src = lm.source if Path(lm.source).is_dir() else None
     return KnobbedModel(lm.model, vectors, cache_size=cache_size, bounds=bounds, base_source=src,
                         check_base=check_base)
+
+
+def _fingerprint(folder: Path) -> list:
+    """What identifies a folder's content cheaply: every file's name, size and modification time."""
+    return sorted((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
+                  for f in folder.rglob("*") if f.is_file())
+
+
+def merged_folder(base: str, vectors: dict[str, str], knobs: dict[str, float], root: str | Path | None = None) -> Path:
+    """θ_base + Σ λ·AV written once as a model folder (weights in float32, the base's tokenizer), for engines that
+    load weights from disk (vLLM). Cached under `root` (default: the user cache, ``$DIFFPO_CACHE/merged``) by a
+    hash of the base folder's and the vectors' files and the knob values, so the same setting is merged once;
+    a lock keeps two processes from writing it at the same time. On a cluster, `root` must be storage every node
+    reads (set DIFFPO_CACHE)."""
+    import hashlib
+
+    from filelock import FileLock
+
+    from pipeline.models import cache_root, load_model
+
+    base_dir = Path(base)
+    key = json.dumps({"base": [str(base_dir.resolve()), _fingerprint(base_dir)],
+                      "vectors": {n: _fingerprint(Path(p)) for n, p in sorted(vectors.items())},
+                      "knobs": sorted((n, float(x)) for n, x in knobs.items())}, default=str)
+    out = Path(root or cache_root() / "merged") / hashlib.sha256(key.encode()).hexdigest()[:16]
+    done = out / ".complete"
+    if done.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock", timeout=3600):
+        if done.exists():
+            return out
+        print(f"[knobs] writing {base_dir.name} + {dict(knobs)} to {out} (once)", flush=True)
+        import shutil
+
+        tmp = out.with_name(out.name + ".tmp")
+        for stale in (tmp, out):  # left by a run killed while writing
+            shutil.rmtree(stale, ignore_errors=True)
+        lm = load_model(str(base_dir), device="cpu", dtype="float32")
+        load_knobbed(lm, vectors, cache_size=0).apply(dict(knobs))
+        lm.model.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        (tmp / "diffpo_knobs.json").write_text(json.dumps({"base": str(base_dir), "vectors": vectors,
+                                                           "knobs": dict(knobs)}, indent=1))
+        tmp.rename(out)
+        done.write_text(time.strftime("%Y-%m-%d %H:%M:%S"))
+    return out

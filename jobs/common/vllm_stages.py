@@ -1,0 +1,285 @@
+"""Model stages on vLLM engines through Ray Data LLM (`ray.data.llm.build_processor`): drafting with the base
+model and refining with the aligner, for the batch jobs.
+
+Each stage is, per conversation turn, three steps over the dataset:
+
+    requests (CPU tasks: our tokenizer builds the token ids)  ->  vLLM processor  ->  collect (CPU tasks)
+
+* The aligner's request is DiffPO's exact output as one greedy continuation (`pipeline.decoding.continuation`):
+  its chat prompt (or the correction prompt with the draft in context) + the row's `r` reserved draft tokens,
+  greedy, at most cap - r new tokens, stopping at the same stop ids; the answer is those `r` tokens + what vLLM
+  generated. That is token for token what the Jacobi engines converge to.
+* The base model's request is its chat prompt with the configured sampling, seeded per row and turn, so a
+  rerun draws the same drafts and batching never changes them. Turn k+1 of a conversation holds the drafted
+  answer of turn k, so turns run one after the other: one processor (one engine pool) per turn.
+* Rows never get lost: a row that arrives with an error, or has no turn k, sends a one-token placeholder
+  request and passes through; a row whose prompt does not fit the context window, or that the engine
+  refuses, becomes an error row with the reason (`should_continue_on_error`).
+
+The per-row time budget (`row_timeout_s`) belongs to the Hugging Face engines; a vLLM request is bounded by its
+token cap, and continuous batching keeps one long row from holding the others.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+
+import pyarrow as pa
+
+from jobs.common.config import AlignerCfg, DraftCfg, EngineCfg
+
+REQUEST_CPUS = 0.25  # per request / collect task: tokenizing is light, and must fit in the preflight headroom
+# what one turn of the aligner yields per row (the Jacobi statistics stay with the Jacobi engines)
+RESULT = pa.struct([("token_ids", pa.list_(pa.int64())), ("text", pa.string()), ("reserved", pa.int64()),
+                    ("passes", pa.int64()), ("tokens_computed", pa.int64()), ("stop", pa.string()),
+                    ("wall_s", pa.float64())])
+SAMPLING = pa.struct([("max_tokens", pa.int64()), ("temperature", pa.float64()), ("top_p", pa.float64()),
+                      ("seed", pa.int64()), ("stop_token_ids", pa.list_(pa.int64())), ("detokenize", pa.bool_())])
+REQUEST_COLUMNS = [pa.field("tokenized_prompt", pa.list_(pa.int64())), pa.field("sampling_params", SAMPLING),
+                   pa.field("_reserved", pa.int64()), pa.field("_cap", pa.int64()), pa.field("_skip", pa.bool_())]
+
+
+# ---- engine resources and model folders ---------------------------------------------------------------------
+def bundles(sec: EngineCfg) -> list[dict[str, float]]:
+    """The placement group of one engine: `vllm.bundles`, or tp x pp bundles of the pool's num_cpus/num_gpus."""
+    v = sec.vllm
+    if v.bundles:
+        return [dict(b) for b in v.bundles]
+    one = {"CPU": sec.num_cpus, **({"GPU": sec.num_gpus} if sec.num_gpus else {})}
+    return [dict(one) for _ in range(v.tensor_parallel_size * v.pipeline_parallel_size)]
+
+
+def demand(sec: EngineCfg, engines_per_actor: int = 1) -> dict[str, float]:
+    """Everything a vLLM stage holds at once: `concurrency` engines (x `engines_per_actor`, one per turn),
+    each with its placement group (accelerator types as Ray's `accelerator_type:X` resources)."""
+    total: dict[str, float] = {}
+    for b in bundles(sec):
+        for k, x in b.items():
+            total[k] = total.get(k, 0.0) + x * sec.concurrency * engines_per_actor
+    if sec.vllm.accelerator_type:
+        total[f"accelerator_type:{sec.vllm.accelerator_type}"] = 0.001
+    return total
+
+
+def model_folder(sec: EngineCfg) -> str:
+    """The folder (or hub id) vLLM loads: the model itself, the embedded default's converted folder, or, for an
+    aligner with alignment-vector knobs, the merged weights written once (`vectors.knobs.merged_folder`)."""
+    from pipeline.models import resolve_model_path
+
+    path, _ = resolve_model_path(sec.model)
+    if isinstance(sec, AlignerCfg) and sec.knobs:
+        from pipeline.vectors.knobs import merged_folder
+
+        return str(merged_folder(path, sec.knob_vectors(), dict(sec.knobs)))
+    return path
+
+
+@functools.lru_cache(maxsize=4)
+def _text(spec: str, trust_remote_code: bool):
+    from pipeline.models import load_model_text
+
+    return load_model_text(spec, trust_remote_code)
+
+
+def processor(sec: EngineCfg, model: str, stage: str):
+    """A Ray Data LLM processor running `model` on vLLM engines as the section says (token ids in, token ids out:
+    our own tokenizer builds the prompts, so every engine sees the same ids)."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    v = sec.vllm
+    on_gpu = any(b.get("GPU") for b in bundles(sec))
+    dtype = {"auto": "auto" if on_gpu else "float32", "fp32": "float32", "bf16": "bfloat16",
+             "fp16": "float16"}.get(sec.dtype, sec.dtype)
+    kw = dict(dtype=dtype, tensor_parallel_size=v.tensor_parallel_size, pipeline_parallel_size=v.pipeline_parallel_size,
+              trust_remote_code=sec.trust_remote_code, enforce_eager=not on_gpu if v.enforce_eager is None else v.enforce_eager)
+    if v.max_model_len:
+        kw["max_model_len"] = v.max_model_len
+    if v.speculative_config:
+        kw["speculative_config"] = dict(v.speculative_config)
+    kw.update(v.engine_kwargs)
+    env = {"VLLM_CPU_KVCACHE_SPACE": f"{v.cpu_kv_cache_gib:g}"} if not on_gpu else {}
+    cfg = vLLMEngineProcessorConfig(
+        model_source=model, engine_kwargs=kw, batch_size=sec.batch_size, concurrency=sec.concurrency,
+        max_concurrent_batches=v.max_concurrent_batches, accelerator_type=v.accelerator_type,
+        placement_group_config={"bundles": bundles(sec), "strategy": v.strategy},
+        runtime_env={"env_vars": env} if env else None, should_continue_on_error=True,
+        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
+    print(f"[vllm] {stage}: {sec.concurrency} engine(s) of {model}, bundles {bundles(sec)}, engine args {kw}", flush=True)
+    return build_processor(cfg)
+
+
+def _map(ds, fn, **kwargs):
+    return ds.map_batches(fn, batch_format="pyarrow", num_cpus=REQUEST_CPUS, fn_kwargs=kwargs)
+
+
+def _without_engine_columns(table: pa.Table, schema: pa.Schema) -> list[dict]:
+    return table.select([c for c in table.column_names if c in schema.names or c in
+                         ("generated_tokens", "time_taken_llm", "__inference_error__", "_reserved", "_cap", "_skip",
+                          "prompt_token_ids")]).to_pylist()
+
+
+def _placeholder(stop_id: int) -> dict:
+    return {"tokenized_prompt": [stop_id], "_reserved": 0, "_cap": 1, "_skip": True,
+            "sampling_params": {"max_tokens": 1, "temperature": 0.0, "top_p": 1.0, "seed": None,
+                                "stop_token_ids": [], "detokenize": False}}
+
+
+def _window(sec: EngineCfg, text) -> int | None:
+    windows = [w for w in (text.context_window, sec.vllm.max_model_len) if w]
+    return min(windows) if windows else None
+
+
+def _error(stage: str, why: str) -> str:
+    return f"{stage}: {why}"[:1000]
+
+
+# ---- the base model drafts ------------------------------------------------------------------------------------
+def draft_seed(seed: int, key: str) -> int:
+    """The sampling seed of one row's turn: from the configured seed and the row key, never from the batch."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:4], "little")
+
+
+def _draft_requests(batch: pa.Table, base: DraftCfg, turn: int, schema: pa.Schema) -> pa.Table:
+    from pipeline.prompts import chat_prompt_ids
+    from pipeline.records import conversation
+
+    text = _text(base.model, base.trust_remote_code)
+    s, window = base.sampling, _window(base, text)
+    out = []
+    for r in batch.to_pylist():
+        answers = r.get("_answers") or []
+        if r.get("error") or r["drafts"] is not None or turn >= len(r["turns"]):
+            out.append({**r, **_placeholder(text.stop_ids[0])})
+            continue
+        try:
+            ids = chat_prompt_ids(text.tokenizer, conversation(r, turn, answers))
+        except ValueError as e:
+            out.append({**r, **_placeholder(text.stop_ids[0]), "error": _error("draft stage", e)})
+            continue
+        if window and len(ids) + s.max_new_tokens > window:
+            why = (f"prompt of {len(ids)} tokens + max_new_tokens {s.max_new_tokens} exceeds the base model's "
+                   f"context window of {window} tokens")
+            out.append({**r, **_placeholder(text.stop_ids[0]), "error": _error("draft stage", why)})
+            continue
+        params = {"max_tokens": s.max_new_tokens, "temperature": s.temperature if s.do_sample else 0.0,
+                  "top_p": s.top_p if s.do_sample else 1.0, "seed": draft_seed(s.seed, f"{r['id']}#{turn}"),
+                  "stop_token_ids": list(text.stop_ids), "detokenize": False}
+        out.append({**r, "tokenized_prompt": ids, "sampling_params": params, "_reserved": 0,
+                    "_cap": s.max_new_tokens, "_skip": False})
+    return pa.Table.from_pylist(out, schema=pa.schema(list(schema) + REQUEST_COLUMNS))
+
+
+def _collect_drafts(batch: pa.Table, base: DraftCfg, turn: int, schema: pa.Schema, last: bool) -> pa.Table:
+    from pipeline.decoding.jacobi import first_stop
+
+    text = _text(base.model, base.trust_remote_code)
+    out = []
+    for r in _without_engine_columns(batch, schema):
+        if not r["_skip"]:
+            if r.get("__inference_error__"):
+                r["error"] = _error("draft stage", f"vLLM: {r['__inference_error__']}")
+            else:
+                gen = list(r["generated_tokens"] or [])
+                cut = first_stop(gen, set(text.stop_ids))
+                r["_answers"] = (r.get("_answers") or []) + [
+                    text.tokenizer.decode(gen[:cut], skip_special_tokens=True).strip()]
+                r["draft_s"] = (r.get("draft_s") or 0.0) + max(0.0, r["time_taken_llm"] or 0.0)
+        if last and r["drafts"] is None and not r.get("error"):
+            r["drafts"] = r.get("_answers") or []
+        out.append(r)
+    return pa.Table.from_pylist(out, schema=schema)
+
+
+def draft(ds, base: DraftCfg, turns: int, schema: pa.Schema):
+    """Drafts for the rows without drafts (`drafts` is null), turn by turn, on vLLM engines. `schema`: the rows'
+    schema (it must hold `draft_s`); the rows come out with the same schema and `drafts` filled in."""
+    work = schema.append(pa.field("_answers", pa.list_(pa.string())))
+    ds = _map(ds, _add_column, name="_answers", type=pa.list_(pa.string()))
+    model = model_folder(base)
+    for turn in range(turns):
+        ds = _map(ds, _draft_requests, base=base, turn=turn, schema=work)
+        ds = processor(base, model, f"draft turn {turn}")(ds)
+        ds = _map(ds, _collect_drafts, base=base, turn=turn, schema=work, last=turn == turns - 1)
+    return _map(ds, _select, schema=schema)
+
+
+# ---- the aligner refines --------------------------------------------------------------------------------------
+def _refine_requests(batch: pa.Table, aligner: AlignerCfg, turn: int, schema: pa.Schema) -> pa.Table:
+    from pipeline.decoding.continuation import AlignerPrompts, RefineRequest, continuation
+    from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE
+    from pipeline.records import conversation
+
+    text = _text(aligner.model, aligner.trust_remote_code)
+    prompts = AlignerPrompts(text, aligner.refine, aligner.in_context, aligner.template or DEFAULT_CORRECTION_TEMPLATE,
+                             context_window=aligner.vllm.max_model_len)
+    out = []
+    for r in batch.to_pylist():
+        if r.get("error") or turn >= len(r["turns"]):
+            out.append({**r, **_placeholder(text.stop_ids[0])})
+            continue
+        key = str(r["id"]) if turn == 0 else f"{r['id']}#{turn}"  # as the HF engines key turns
+        try:
+            item = prompts.encode(RefineRequest(conversation(r, turn, r["drafts"]), r["drafts"][turn], key=key))
+        except ValueError as e:
+            out.append({**r, **_placeholder(text.stop_ids[0]), "error": _error("refine stage", e)})
+            continue
+        ids, budget = continuation(item, aligner.refine)
+        params = {"max_tokens": budget, "temperature": 0.0, "top_p": 1.0, "seed": None,
+                  "stop_token_ids": list(text.stop_ids), "detokenize": False}
+        out.append({**r, "tokenized_prompt": ids, "sampling_params": params, "_reserved": item.reserved,
+                    "_cap": item.cap(aligner.refine), "_skip": False})
+    return pa.Table.from_pylist(out, schema=pa.schema(list(schema) + REQUEST_COLUMNS))
+
+
+def _collect_refined(batch: pa.Table, aligner: AlignerCfg, schema: pa.Schema) -> pa.Table:
+    from pipeline.decoding.continuation import finish
+    from pipeline.decoding.jacobi import RefineItem
+
+    text = _text(aligner.model, aligner.trust_remote_code)
+    out = []
+    for r in _without_engine_columns(batch, schema):
+        if not r["_skip"]:
+            if r.get("__inference_error__"):
+                r["error"] = _error("refine stage", f"vLLM: {r['__inference_error__']}")
+            else:
+                ids, k = list(r["prompt_token_ids"]), r["_reserved"]
+                item = RefineItem(prompt_ids=ids[:len(ids) - k], draft_ids=ids[len(ids) - k:], reserved=k,
+                                  max_new_tokens=r["_cap"])
+                res = finish(item, r["generated_tokens"] or [], text.stop_ids, aligner.refine,
+                             wall_s=max(0.0, r["time_taken_llm"] or 0.0))
+                r["refined"] = (r.get("refined") or []) + [{
+                    "token_ids": res.token_ids, "text": text.tokenizer.decode(res.token_ids, skip_special_tokens=True).strip(),
+                    "reserved": res.reserved, "passes": res.passes, "tokens_computed": res.tokens_computed,
+                    "stop": res.stop, "wall_s": res.wall_s}]
+        out.append(r)
+    return pa.Table.from_pylist(out, schema=schema)
+
+
+def refine(ds, aligner: AlignerCfg, turns: int, schema: pa.Schema):
+    """Every turn's draft refined by the aligner on vLLM engines. Rows come out with `schema` plus `refined`: one
+    `RESULT` per turn (token ids, text, stop reason, engine seconds)."""
+    work = schema.append(pa.field("refined", pa.list_(RESULT)))
+    ds = _map(ds, _add_column, name="refined", type=pa.list_(RESULT))
+    model = model_folder(aligner)
+    for turn in range(turns):
+        ds = _map(ds, _refine_requests, aligner=aligner, turn=turn, schema=work)
+        ds = processor(aligner, model, f"refine turn {turn}")(ds)
+        ds = _map(ds, _collect_refined, aligner=aligner, schema=work)
+    return ds
+
+
+# ---- helpers --------------------------------------------------------------------------------------------------
+def _add_column(batch: pa.Table, name: str, type: pa.DataType) -> pa.Table:
+    return batch.append_column(pa.field(name, type), pa.nulls(batch.num_rows, type))
+
+
+def _select(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+    return batch.select(schema.names).cast(schema)
+
+
+def max_turns(rows: pa.Table) -> int:
+    """The most turns of any row (at least 1): how many engine rounds a stage runs."""
+    import pyarrow.compute as pc
+
+    n = pc.max(pc.list_value_length(rows.column("turns"))).as_py() if rows.num_rows else 0
+    return max(1, n or 0)
