@@ -103,18 +103,14 @@ class RefineStage(data.RowStage):
 
 
 class VllmOutputStage(RefineStage):
-    """The output rows of the aligner's vLLM stage (`vllm_stages.refine`): its per-turn results, as RefineStage
-    writes them (passes = decoding steps; a greedy continuation is its own fixed point, so converged)."""
+    """The output rows of the aligner's vLLM stage (`vllm_stages.refine`): its per-turn results, written as
+    RefineStage writes the HF engines' (refine_s = the engine's seconds on the row)."""
 
     def __init__(self, aligner: AlignerCfg):
         self.mode = mode_name(aligner)
 
     def process(self, rows: list[dict]) -> list[dict]:
-        from pipeline.decoding.jacobi import RefineResult
-
-        results = [[RefineResult(x["token_ids"], passes=x["passes"],
-                                 tokens_computed=x["tokens_computed"], stop=x["stop"], wall_s=x["wall_s"],
-                                 reserved=x["reserved"], text=x["text"]) for x in r["refined"] or []] for r in rows]
+        results = [vllm_stages.as_results(r["refined"]) for r in rows]
         return [self.output(r, res, 0.0) | {"refine_s": sum(x.wall_s for x in res)} for r, res in zip(rows, results)]
 
 

@@ -87,9 +87,16 @@ class BaseCfg(DraftCfg):
     generator name and the row id, so reruns draw the same answers."""
     name: Optional[str] = Field(None, description="generator name in the output; null = the model's folder name")
     num_answers: int = Field(1, ge=1, description='answers per prompt (generators "name#0", "name#1", ... when > 1)')
+    engine: Literal["vllm", "hf", "openai"] = Field(
+        "hf", description="hf: transformers generate in the job's actors | openai: an OpenAI-compatible endpoint "
+                          "(vllm: not for bases yet: Ray Data LLM returns one sample per request)")
 
     def check(self) -> list[str]:
         problems = DraftCfg.check(self)
+        if self.engine == "vllm":
+            problems.append("engine: vllm does not draft the bases' answers yet (num_answers samples per prompt; Ray "
+                            "Data LLM returns one sample per request); use engine=hf, or serve the base with vLLM "
+                            "and use engine=openai")
         if self.sampling.seed != 0:
             problems.append("sampling.seed: the bases sample with the job's seed (set seed=...)")
         return problems

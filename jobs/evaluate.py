@@ -14,10 +14,10 @@ drafts -> the configured judges -> per-row Parquet parts. Then the driver writes
   report.html + figures/*.png, and exports/fastchat/<method>.jsonl, exports/alpaca_eval/<method>.json
 A killed run, rerun with the same output path, skips the prompts already written.
 
-Methods: draft (the base answer as is), refine (fast Jacobi engine), refine_reference (the published
-algorithm), in_context (the draft is also shown in the aligner's prompt), aligner_ar (the aligner's greedy
-generate, same answer as refine, for the latency comparison), best_of_n (N base samples, the best by
-`best_of_n.judge`).
+Methods: draft (the base answer as is), refine (DiffPO on `aligner.engine`: vLLM or the fast Jacobi engine),
+refine_reference (the published Jacobi loop), in_context (refine with the draft also shown in the aligner's
+prompt), aligner_ar (the aligner's greedy HF generate: the same answer as refine, for the latency comparison),
+best_of_n (N base samples drawn with HF generate, the best by `best_of_n.judge`).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from typing import Literal, Optional
 import pyarrow as pa
 from pydantic import Field
 
-from jobs.common import data
+from jobs.common import data, vllm_stages
 from jobs.common.config import (REPO, AlignerCfg, DataRayCfg, DraftCfg, EndpointCfg, ModelCfg, Section,
                                 expand, load_config, resolve_path)
 from jobs.common.runtime import run_job
@@ -38,8 +38,9 @@ from jobs.common.stages import DraftStage, load_aligner, make_refiner, refine_tu
 from pipeline.records import FORMATS, META, MESSAGE, ROW_SCHEMA, error_row, normalize
 
 METHODS = ("draft", "refine", "refine_reference", "in_context", "aligner_ar", "best_of_n")
-ALIGNER_METHODS = {"refine": ("fast", False), "refine_reference": ("reference", False),
-                   "in_context": ("fast", True), "aligner_ar": ("ar", False)}
+# method -> (engine, draft in context); None = the aligner section's engine
+ALIGNER_METHODS = {"refine": (None, False), "refine_reference": ("reference", False),
+                   "in_context": (None, True), "aligner_ar": ("ar", False)}
 DEMO_EVAL = REPO / "pipeline" / "data" / "demo_eval.jsonl"  # the demo prompts with hand-written reference answers
 Method = Literal[METHODS]
 
@@ -162,8 +163,9 @@ class EvaluateConfig(Section):
             if not getattr(self.judges, self.best_of_n.judge).enabled:
                 problems.append(f"best_of_n.judge={self.best_of_n.judge} needs "
                                 f"judges.{self.best_of_n.judge}.enabled=true")
-            if self.base.kind != "hf":
-                problems.append("best_of_n: needs base.kind=hf (samples are drawn in the job)")
+            if self.base.engine == "openai":
+                problems.append("best_of_n: needs a local base model (base.engine vllm or hf; the samples are drawn "
+                                "with HF generate in the job)")
             if not self.base.sampling.do_sample:
                 problems.append("best_of_n: needs base.sampling.do_sample=true (N greedy samples are all the same)")
         return problems
@@ -283,7 +285,8 @@ class MethodStage(data.RowStage):
 
         torch.set_num_threads(threads)
         self.methods, self.benchmark = methods, benchmark
-        need = [m for m in methods if m in ALIGNER_METHODS]
+        self.on_vllm = set(vllm_methods(aligner, methods))  # refined before this stage (their results are columns)
+        need = [m for m in methods if m in ALIGNER_METHODS and m not in self.on_vllm]
         lm = load_aligner(aligner) if need else None
         self.refiners = {m: make_refiner(lm, aligner, *ALIGNER_METHODS[m]) for m in need}
         self.row_timeout_s = aligner.row_timeout_s
@@ -309,6 +312,9 @@ class MethodStage(data.RowStage):
 
     def _refined(self, m: str, rows: list[dict]) -> list:
         """Per row, its results with method m, or the reason it failed (a failing row fails alone)."""
+        if m in self.on_vllm:
+            return [f"{m}: {r[f'vllm_{m}_error']}" if r.get(f"vllm_{m}_error") else
+                    vllm_stages.as_results(r[f"vllm_{m}"]) for r in rows]
         try:
             return [res if isinstance(res, list) else f"{m}: {res}"
                     for res in refine_turns(self.refiners[m], rows, self.row_timeout_s)]
@@ -403,6 +409,12 @@ NOTES = {
 }
 
 
+def vllm_methods(aligner: AlignerCfg, methods: list[str]) -> list[str]:
+    """The methods that run on vLLM engines (`vllm_stages.refine`, one pass each): refine and in_context when the
+    aligner's engine is vllm."""
+    return [m for m in methods if aligner.engine == "vllm" and m in ALIGNER_METHODS and ALIGNER_METHODS[m][0] is None]
+
+
 def done_ids(parts: Path, methods: list[str]) -> set[str]:
     """Prompts whose rows for every method are already written (a prompt cut off halfway is redone)."""
     t = data.read_parts(parts, ["id", "method"])
@@ -488,16 +500,28 @@ def main(argv: list[str] | None = None) -> dict:
         threads = cfg.ray.torch_threads
         pools = {"base": cfg.base} if drafted else {}
         if "best_of_n" in cfg.methods:
-            pools["best_of_n"] = cfg.base.model_copy(update={"concurrency": 1})
-        pools |= {"aligner": cfg.aligner,
+            pools["best_of_n"] = cfg.base.model_copy(update={"concurrency": 1, "engine": "hf"})  # an HF actor
+        pools |= {"aligner": cfg.aligner.model_copy(update={"engine": "fast"}),  # the method stage: an actor
                   "judges": data.PoolCfg(batch_size=cfg.judges.batch_size, num_cpus=cfg.judges.num_cpus)}
-        data.preflight(pools)
+        on_vllm = vllm_methods(cfg.aligner, list(cfg.methods))
+        for m in on_vllm:  # and one vLLM engine pool per method on vLLM
+            pools[f"aligner ({m})"] = cfg.aligner
+        turns = vllm_stages.max_turns(todo)
+        data.preflight(pools, turns)
         ds = data.blocks(todo.append_column("draft_s", pa.array([0.0] * todo.num_rows)), cfg.output.rows_per_file)
-        if drafted:
-            ds = data.map_stage(ds, DraftStage, cfg.base, base=cfg.base, schema=INPUT_SCHEMA, threads=threads)
+        schema = INPUT_SCHEMA
+        if drafted and cfg.base.engine == "vllm":
+            ds = vllm_stages.draft(ds, cfg.base, turns, schema)
+        elif drafted:
+            ds = data.map_stage(ds, DraftStage, cfg.base, base=cfg.base, schema=schema, threads=threads)
         if "best_of_n" in cfg.methods:
             ds = data.map_stage(ds, BestOfNStage, pools["best_of_n"], base=cfg.base, bon=cfg.best_of_n,
                                 judges=cfg.judges, threads=threads)
+            schema = BON_SCHEMA
+        for m in on_vllm:  # refine / in_context on vLLM engines: their results become columns MethodStage reads
+            a = cfg.aligner.model_copy(update={"in_context": ALIGNER_METHODS[m][1]})
+            ds = vllm_stages.refine(ds, a, turns, schema, column=f"vllm_{m}", fail_row=False)
+            schema = vllm_stages.refined_schema(schema, f"vllm_{m}", fail_row=False)
         ds = data.map_stage(ds, MethodStage, cfg.aligner, aligner=cfg.aligner, methods=list(cfg.methods),
                             benchmark=b.name, threads=threads)
         ds = data.map_stage(ds, JudgeStage, pools["judges"], judges=cfg.judges, threads=threads)

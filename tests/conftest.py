@@ -61,6 +61,15 @@ def tiny_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def vllm_tiny(tmp_path_factory):
+    """A tiny random Llama folder vLLM's CPU kernels accept (head size 64), with the byte-level chat tokenizer."""
+    from tests.tiny import save_tiny
+
+    return save_tiny("llama", tmp_path_factory.mktemp("vllm-tiny") / "llama", seed=7, hidden=128,
+                     num_attention_heads=2, num_key_value_heads=1)
+
+
+@pytest.fixture(scope="session")
 def default_lm():
     """The real embedded default model (SmolLM2-135M-Instruct, converted from GGUF once)."""
     from pipeline.models import load_model

@@ -105,7 +105,8 @@ def processor(sec: EngineCfg, model: str, stage: str):
         runtime_env={"env_vars": env} if env else None, should_continue_on_error=True,
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
     print(f"[vllm] {stage}: {sec.concurrency} engine(s) of {model}, bundles {bundles(sec)}, engine args {kw}", flush=True)
-    return build_processor(cfg)
+    light = {"num_cpus": REQUEST_CPUS}  # the processor's own row maps: Ray Data's default (1 CPU) would not fit
+    return build_processor(cfg, preprocess_map_kwargs=light, postprocess_map_kwargs=light)
 
 
 def _map(ds, fn, **kwargs):
@@ -194,7 +195,7 @@ def draft(ds, base: DraftCfg, turns: int, schema: pa.Schema):
     """Drafts for the rows without drafts (`drafts` is null), turn by turn, on vLLM engines. `schema`: the rows'
     schema (it must hold `draft_s`); the rows come out with the same schema and `drafts` filled in."""
     work = schema.append(pa.field("_answers", pa.list_(pa.string())))
-    ds = _map(ds, _add_column, name="_answers", type=pa.list_(pa.string()))
+    ds = _map(ds, _add_columns, fields=[work.field("_answers")])
     model = model_folder(base)
     for turn in range(turns):
         ds = _map(ds, _draft_requests, base=base, turn=turn, schema=work)
@@ -204,7 +205,7 @@ def draft(ds, base: DraftCfg, turns: int, schema: pa.Schema):
 
 
 # ---- the aligner refines --------------------------------------------------------------------------------------
-def _refine_requests(batch: pa.Table, aligner: AlignerCfg, turn: int, schema: pa.Schema) -> pa.Table:
+def _refine_requests(batch: pa.Table, aligner: AlignerCfg, turn: int, schema: pa.Schema, failed: str) -> pa.Table:
     from pipeline.decoding.continuation import AlignerPrompts, RefineRequest, continuation
     from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE
     from pipeline.records import conversation
@@ -214,14 +215,14 @@ def _refine_requests(batch: pa.Table, aligner: AlignerCfg, turn: int, schema: pa
                              context_window=aligner.vllm.max_model_len)
     out = []
     for r in batch.to_pylist():
-        if r.get("error") or turn >= len(r["turns"]):
+        if r.get("error") or r.get(failed) or turn >= len(r["turns"]):
             out.append({**r, **_placeholder(text.stop_ids[0])})
             continue
         key = str(r["id"]) if turn == 0 else f"{r['id']}#{turn}"  # as the HF engines key turns
         try:
             item = prompts.encode(RefineRequest(conversation(r, turn, r["drafts"]), r["drafts"][turn], key=key))
         except ValueError as e:
-            out.append({**r, **_placeholder(text.stop_ids[0]), "error": _error("refine stage", e)})
+            out.append({**r, **_placeholder(text.stop_ids[0]), failed: _error("refine stage", e)})
             continue
         ids, budget = continuation(item, aligner.refine)
         params = {"max_tokens": budget, "temperature": 0.0, "top_p": 1.0, "seed": None,
@@ -231,7 +232,7 @@ def _refine_requests(batch: pa.Table, aligner: AlignerCfg, turn: int, schema: pa
     return pa.Table.from_pylist(out, schema=pa.schema(list(schema) + REQUEST_COLUMNS))
 
 
-def _collect_refined(batch: pa.Table, aligner: AlignerCfg, schema: pa.Schema) -> pa.Table:
+def _collect_refined(batch: pa.Table, aligner: AlignerCfg, schema: pa.Schema, column: str, failed: str) -> pa.Table:
     from pipeline.decoding.continuation import finish
     from pipeline.decoding.jacobi import RefineItem
 
@@ -240,14 +241,14 @@ def _collect_refined(batch: pa.Table, aligner: AlignerCfg, schema: pa.Schema) ->
     for r in _without_engine_columns(batch, schema):
         if not r["_skip"]:
             if r.get("__inference_error__"):
-                r["error"] = _error("refine stage", f"vLLM: {r['__inference_error__']}")
+                r[failed] = _error("refine stage", f"vLLM: {r['__inference_error__']}")
             else:
                 ids, k = list(r["prompt_token_ids"]), r["_reserved"]
                 item = RefineItem(prompt_ids=ids[:len(ids) - k], draft_ids=ids[len(ids) - k:], reserved=k,
                                   max_new_tokens=r["_cap"])
                 res = finish(item, r["generated_tokens"] or [], text.stop_ids, aligner.refine,
                              wall_s=max(0.0, r["time_taken_llm"] or 0.0))
-                r["refined"] = (r.get("refined") or []) + [{
+                r[column] = (r.get(column) or []) + [{
                     "token_ids": res.token_ids, "text": text.tokenizer.decode(res.token_ids, skip_special_tokens=True).strip(),
                     "reserved": res.reserved, "passes": res.passes, "tokens_computed": res.tokens_computed,
                     "stop": res.stop, "wall_s": res.wall_s}]
@@ -255,22 +256,41 @@ def _collect_refined(batch: pa.Table, aligner: AlignerCfg, schema: pa.Schema) ->
     return pa.Table.from_pylist(out, schema=schema)
 
 
-def refine(ds, aligner: AlignerCfg, turns: int, schema: pa.Schema):
-    """Every turn's draft refined by the aligner on vLLM engines. Rows come out with `schema` plus `refined`: one
-    `RESULT` per turn (token ids, text, stop reason, engine seconds)."""
-    work = schema.append(pa.field("refined", pa.list_(RESULT)))
-    ds = _map(ds, _add_column, name="refined", type=pa.list_(RESULT))
+def refine(ds, aligner: AlignerCfg, turns: int, schema: pa.Schema, column: str = "refined", fail_row: bool = True):
+    """Every turn's draft refined by the aligner on vLLM engines. Rows come out with `schema` plus `column`: one
+    `RESULT` per turn (token ids, text, stop reason, engine seconds). A row the aligner cannot refine gets the
+    reason in `error` (`fail_row`), or else in `<column>_error`, so that other answers of the row still count
+    (evaluate's methods); the result schema is `refined_schema(schema, column, fail_row)`."""
+    failed = "error" if fail_row else f"{column}_error"
+    work = refined_schema(schema, column, fail_row)
+    ds = _map(ds, _add_columns, fields=[f for f in work if f.name not in schema.names])
     model = model_folder(aligner)
     for turn in range(turns):
-        ds = _map(ds, _refine_requests, aligner=aligner, turn=turn, schema=work)
-        ds = processor(aligner, model, f"refine turn {turn}")(ds)
-        ds = _map(ds, _collect_refined, aligner=aligner, schema=work)
+        ds = _map(ds, _refine_requests, aligner=aligner, turn=turn, schema=work, failed=failed)
+        ds = processor(aligner, model, f"refine turn {turn}" + ("" if fail_row else f" ({column})"))(ds)
+        ds = _map(ds, _collect_refined, aligner=aligner, schema=work, column=column, failed=failed)
     return ds
 
 
+def as_results(refined: list[dict] | None) -> list:
+    """A row's `RESULT`s as `RefineResult`s (passes = decoding steps; a greedy continuation is its own fixed point,
+    so converged), for the code that writes the HF engines' results."""
+    from pipeline.decoding.jacobi import RefineResult
+
+    return [RefineResult(x["token_ids"], passes=x["passes"], tokens_computed=x["tokens_computed"], stop=x["stop"],
+                         wall_s=x["wall_s"], reserved=x["reserved"], text=x["text"]) for x in refined or []]
+
+
+def refined_schema(schema: pa.Schema, column: str = "refined", fail_row: bool = True) -> pa.Schema:
+    out = schema.append(pa.field(column, pa.list_(RESULT)))
+    return out if fail_row else out.append(pa.field(f"{column}_error", pa.string()))
+
+
 # ---- helpers --------------------------------------------------------------------------------------------------
-def _add_column(batch: pa.Table, name: str, type: pa.DataType) -> pa.Table:
-    return batch.append_column(pa.field(name, type), pa.nulls(batch.num_rows, type))
+def _add_columns(batch: pa.Table, fields: list[pa.Field]) -> pa.Table:
+    for f in fields:
+        batch = batch.append_column(f, pa.nulls(batch.num_rows, f.type))
+    return batch
 
 
 def _select(batch: pa.Table, schema: pa.Schema) -> pa.Table:

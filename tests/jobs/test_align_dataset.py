@@ -13,7 +13,10 @@ import pytest
 from jobs.common.config import REPO, ConfigError, load_config
 
 TINY = ["base.sampling.max_new_tokens=12", "aligner.refine.max_new_tokens=16", "aligner.refine.block_size=8", "ray.progress_bars=false",
-        "show_samples=1"]
+        "show_samples=1", "base.engine=hf", "aligner.engine=fast"]
+# both stages on vLLM engines; a quarter CPU each, so that one engine per turn of a 2-turn row fits a 2-CPU Ray
+VLLM = ["base.engine=vllm", "aligner.engine=vllm", "base.num_cpus=0.25", "aligner.num_cpus=0.25",
+        "ray.progress_bars=false", "show_samples=0"]
 
 
 def write_jsonl(path: Path, lines: list) -> Path:
@@ -79,7 +82,7 @@ def test_killed_job_resumes_without_losing_or_duplicating_rows(tmp_path, tiny_di
     out = tmp_path / "out"
     args = [f"input.path={src}", f"output.path={out}", f"base.model={m}", f"aligner.model={m}",
             "output.rows_per_file=2", "base.batch_size=2", "aligner.batch_size=2", "base.sampling.max_new_tokens=150",
-            "aligner.refine.max_new_tokens=150", "ray.progress_bars=false"]
+            "aligner.refine.max_new_tokens=150", "ray.progress_bars=false", "base.engine=hf", "aligner.engine=fast"]
     addr = ray_local.get_runtime_context().gcs_address
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "jobs.align_dataset", f"ray.address={addr}", *args], cwd=REPO,
@@ -113,14 +116,114 @@ def test_config_errors_are_clear(tmp_path, ray_local):
         load_config(AlignDatasetConfig, "conf/align_dataset.yaml", ["aligner.block_size=8"])
     with pytest.raises(ConfigError) as e:
         load_config(AlignDatasetConfig, "conf/align_dataset.yaml",
-                    ["aligner.mode=magic", "base.batch_size=0", "output.format=csv"])
+                    ["aligner.engine=magic", "base.batch_size=0", "output.format=csv"])
     msg = str(e.value)
-    assert "aligner.mode" in msg and "base.batch_size" in msg and "output.format" in msg, "all problems at once"
+    assert "aligner.engine" in msg and "base.batch_size" in msg and "output.format" in msg, "all problems at once"
     with pytest.raises(ConfigError) as e:
         load_config(AlignDatasetConfig, "conf/align_dataset.yaml",
                     ["input.path=/does/not/exist.jsonl", "aligner.refine.window=0", "aligner.knobs.x=1"])
     msg = str(e.value)
     assert "input.path" in msg and "aligner.refine" in msg and "aligner.knobs.x" in msg, "cross-key checks at once"
+    with pytest.raises(ConfigError, match="aligner.mode: this key was renamed; use aligner.engine"):
+        load_config(AlignDatasetConfig, "conf/align_dataset.yaml", ["aligner.mode=fast"])
+    with pytest.raises(ConfigError, match="base.kind: this key was renamed; use base.engine"):
+        load_config(AlignDatasetConfig, "conf/align_dataset.yaml", ["base.kind=hf"])
     cfg = load_config(AlignDatasetConfig, "conf/align_dataset.yaml", ["aligner.num_cpus=1", "aligner.concurrency=2"])
     with pytest.raises(ConfigError, match="fractions"):
         preflight({"base": cfg.base, "aligner": cfg.aligner})
+
+
+@pytest.mark.integration
+def test_vllm_stages_that_the_cluster_cannot_hold_fail_fast_with_the_reason(ray_local):
+    """vLLM placement groups are counted before anything starts: GPUs, CPUs (one engine pool per turn) and
+    accelerator types the cluster lacks are refused with the reason, never a silent wait."""
+    from jobs.align_dataset import AlignDatasetConfig
+    from jobs.common.data import preflight
+
+    def cfg(*args):
+        c = load_config(AlignDatasetConfig, "conf/align_dataset.yaml", list(args))
+        return {"base": c.base, "aligner": c.aligner}
+
+    preflight(cfg())  # the shipped default (a CPU bundle of 0.5 per engine) fits this 2-CPU Ray
+    with pytest.raises(ConfigError, match=r"ask for 4 GPUs \(aligner 4\) but the cluster has 0"):
+        preflight(cfg("aligner.num_gpus=1", "aligner.vllm.tensor_parallel_size=4"))
+    with pytest.raises(ConfigError, match=r"ask for 2 CPUs \(base 1 \+ aligner 1\)"):
+        preflight(cfg(), turns=2)  # a 2-turn conversation: one engine pool per turn and stage
+    with pytest.raises(ConfigError, match="accelerator type H100"):
+        preflight(cfg("aligner.vllm.accelerator_type=H100"))
+    with pytest.raises(ConfigError, match=r"ask for 3 CPUs"):
+        preflight(cfg("base.engine=hf", "aligner.vllm.bundles=[{CPU: 1}, {CPU: 1}]", "aligner.concurrency=1",
+                      "base.num_cpus=1"))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_vllm_job_formats_bad_rows_exports_kill_and_resume(tmp_path, vllm_tiny, ray_local):
+    """Both stages on vLLM engines (Ray Data LLM): every input row comes out once, as an aligned row or an error
+    row with its reason, across a kill and a rerun; multi-turn drafting; exports; and the aligned answers are
+    the ones the fast Jacobi engine computes from the same drafts, token for token."""
+    from pipeline.decoding.refiner import Refiner, RefineRequest
+    from pipeline.decoding.settings import RefineSettings
+    from pipeline.models import load_model
+    from pipeline.records import conversation
+
+    lines = [
+        {"id": 1, "prompt": "Say hi."},
+        {"id": 2, "prompt": "List two colors.", "draft": "Red and blue."},
+        {"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now make it sadder."]},  # MT-bench
+        {"id": 5, "prompt": ""},  # empty
+        b'{"id": 7, "prompt": "caf\xe9 latte"}',  # Latin-1 byte: not UTF-8
+        b'{"id": 8, "prompt": ',  # broken JSON
+        {"id": 9, "prompt": "x" * 5000},  # over the model's 4096-token context window
+    ] + [{"id": 100 + i, "prompt": f"Question number {i}?"} for i in range(24)]
+    src = write_jsonl(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out"
+    common = [f"input.path={src}", f"output.path={out}", f"base.model={vllm_tiny}", f"aligner.model={vllm_tiny}",
+              "base.sampling.max_new_tokens=40", "aligner.refine.max_new_tokens=48", "output.rows_per_file=2",
+              "output.fastchat_answers=true", "output.alpaca_eval_outputs=true", *VLLM]
+    # first run: one row per engine call, one call at a time (slow enough to be killed half-way)
+    slow = ["base.batch_size=1", "aligner.batch_size=1", "base.vllm.max_concurrent_batches=1",
+            "aligner.vllm.max_concurrent_batches=1"]
+    addr = ray_local.get_runtime_context().gcs_address
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.align_dataset", f"ray.address={addr}", *common, *slow],
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    parts = out / "_parts"
+    deadline = time.time() + 400
+    while time.time() < deadline and len(list(parts.glob("*.parquet"))) < 1:
+        assert proc.poll() is None, "the job ended before it could be killed; make it slower"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(parts.glob("*.parquet")), "the job wrote no part before the kill"
+
+    s = run_job(common)  # the rerun, at full speed
+    ok = pd.read_parquet(out / "aligned.parquet")
+    errors = [json.loads(x) for x in open(out / "errors.jsonl")]
+    assert s["rows_in"] == len(lines) == len(ok) + len(errors), "rows in = rows out + error rows"
+    assert sorted(list(ok["id"]) + [e["id"] for e in errors]) == sorted(
+        ["1", "2", "81", "5", "in.jsonl:5", "in.jsonl:6", "9"] + [str(100 + i) for i in range(24)]), "each row once"
+    assert 0 < s["rows_processed_this_run"] < len(lines), "the rerun skipped what the killed run had written"
+    reasons = {e["id"]: e["error"] for e in errors}
+    assert set(reasons) == {"5", "in.jsonl:5", "in.jsonl:6", "9"}
+    assert "UTF-8" in reasons["in.jsonl:5"] and "not valid JSON" in reasons["in.jsonl:6"]
+    assert "context window" in reasons["9"] and reasons["9"].startswith("draft stage"), "caught before the engine"
+    rows = ok.set_index("id")
+    assert rows.loc["2", "draft"] == "Red and blue." and rows.loc["2", "draft_s"] == 0.0, "given drafts are kept"
+    assert len(rows.loc["81", "draft_turns"]) == 2 and len(rows.loc["81", "aligned_turns"]) == 2, "two turns"
+    assert (ok["mode"] == "vllm").all() and (ok["new_tokens"] > 0).all() and (ok["refine_s"] > 0).all()
+    assert s["mode"] == "vllm" and s["converged_fraction"] == 1.0
+    fc = [json.loads(x) for x in open(out / "fastchat_answers.jsonl")]
+    assert {r["question_id"] for r in fc} >= {81, 1}
+    assert {r["instruction"] for r in json.loads((out / "alpaca_eval_outputs.json").read_text())} >= {"Say hi."}
+
+    # the same drafts through the fast Jacobi engine: the same aligned answers, token for token
+    lm = load_model(str(vllm_tiny), dtype="float32")
+    fast = Refiner(lm, RefineSettings(max_new_tokens=48), mode="fast")
+    picked = rows.loc[["1", "2", "81", "100", "101"]]
+    for rid, r in picked.iterrows():
+        row = {"turns": list(r["turns"]), "history": list(r["history"])}
+        for k, aligned in enumerate(r["aligned_turns"]):
+            req = RefineRequest(conversation(row, k, list(r["draft_turns"])), r["draft_turns"][k],
+                                key=rid if k == 0 else f"{rid}#{k}")
+            assert fast.refine([req])[0].text == aligned, f"row {rid} turn {k}: vLLM job == fast engine"

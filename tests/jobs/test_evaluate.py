@@ -26,7 +26,8 @@ def _bench(tmp_path: Path) -> Path:
 
 TINY = ["base.sampling.max_new_tokens=10", "aligner.refine.max_new_tokens=12", "aligner.refine.block_size=8", "ray.progress_bars=false",
         "stats.n_boot=50", "best_of_n.n=2", "output.rows_per_file=1", "base.num_cpus=0.25", "aligner.num_cpus=0.25",
-        "judges.num_cpus=0.25", "aligner.batch_size=1", "base.batch_size=1", "judges.batch_size=6"]  # a part per prompt
+        "judges.num_cpus=0.25", "aligner.batch_size=1", "base.batch_size=1", "judges.batch_size=6",  # a part per prompt
+        "base.engine=hf", "aligner.engine=fast"]
 
 
 @pytest.mark.integration

@@ -48,7 +48,8 @@ def test_align_dataset_turns_hostile_rows_into_error_rows(tmp_path, tiny_dirs, r
     out = tmp_path / "out"
     s = main([f"input.path={src}", f"output.path={out}", f"base.model={m}", f"aligner.model={m}",
               "aligner.in_context=true", "base.sampling.max_new_tokens=12", "aligner.refine.max_new_tokens=16",
-              "aligner.refine.block_size=8", "base.batch_size=4", "aligner.batch_size=4", "ray.progress_bars=false"])
+              "aligner.refine.block_size=8", "base.batch_size=4", "aligner.batch_size=4", "ray.progress_bars=false",
+              "base.engine=hf", "aligner.engine=fast"])
     ok = pd.read_parquet(out / "aligned.parquet")
     errors = {e["id"]: e["error"] for e in map(json.loads, open(out / "errors.jsonl"))}
     assert s["rows_in"] == len(HOSTILE) + 1 == len(ok) + len(errors), "rows in = rows out + error rows"
@@ -73,7 +74,8 @@ def test_align_dataset_cuts_rows_off_at_the_time_budget(tmp_path, tiny_dirs, ray
     out = tmp_path / "out"
     s = main([f"input.path={src}", f"output.path={out}", f"base.model={m}", f"aligner.model={m}",
               "base.row_timeout_s=1e-9", "aligner.row_timeout_s=1e-9", "base.sampling.max_new_tokens=40",
-              "aligner.refine.max_new_tokens=40", "aligner.refine.reserve_tokens=0", "ray.progress_bars=false"])
+              "aligner.refine.max_new_tokens=40", "aligner.refine.reserve_tokens=0", "ray.progress_bars=false",
+              "base.engine=hf", "aligner.engine=fast"])
     errors = {e["id"]: e["error"] for e in map(json.loads, open(out / "errors.jsonl"))}
     assert s["rows_in"] == 2 == len(errors)
     assert errors["1"].startswith("draft stage: TimeoutError: generation cut off by the time budget of ")
@@ -102,7 +104,8 @@ def test_evaluate_turns_hostile_rows_into_error_rows(tmp_path, tiny_dirs, tiny_r
               f"aligner.model={m}", f"methods=[{','.join(methods)}]", "judges.reward.enabled=true",
               f"judges.reward.model={tiny_rm}", "judges.reward.max_length=2048", "base.sampling.max_new_tokens=8",
               "aligner.refine.max_new_tokens=8", "aligner.refine.block_size=4", "best_of_n.n=2", "stats.n_boot=20",
-              "base.num_cpus=0.25", "aligner.num_cpus=0.25", "judges.num_cpus=0.25", "ray.progress_bars=false"])
+              "base.num_cpus=0.25", "aligner.num_cpus=0.25", "judges.num_cpus=0.25", "ray.progress_bars=false",
+              "base.engine=hf", "aligner.engine=fast"])
     df = pd.read_parquet(out / "results.parquet")
     errors = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
     assert s["rows_in"] == len(rows) and len(df) + len(errors) == len(rows) * len(methods), \

@@ -165,6 +165,7 @@ def test_batch_job_applies_knobs_from_config(vector_ckpts, tmp_path, ray_local):
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = [f"input.path={src}", f"aligner.model={c['base']}", "aligner.refine.max_new_tokens=16",
               "aligner.refine.block_size=8", "aligner.num_cpus=0.5", "ray.progress_bars=false", "show_samples=0",
+              "aligner.engine=fast",
               f"aligner.vectors.one={c['v1']}", f"aligner.vectors.two={c['v2']}"]
     s = main(common + [f"output.path={tmp_path / 'k'}", "aligner.knobs.one=1.0"])
     assert s["rows_out"] == 3

@@ -314,7 +314,7 @@ def test_killing_the_aligner_replica_under_load(server, expected):
 
 
 def test_batch_job_drafts_through_the_openai_endpoint(server, tmp_path, monkeypatch):
-    """jobs.align_dataset with base.kind=openai: the drafts come over HTTP from the running app."""
+    """jobs.align_dataset with base.engine=openai: the drafts come over HTTP from the running app."""
     import pandas as pd
 
     from jobs.align_dataset import main
@@ -324,7 +324,7 @@ def test_batch_job_drafts_through_the_openai_endpoint(server, tmp_path, monkeypa
     src.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n"
                            for i, p in enumerate(["Say hi.", "Name a fruit.", "Count to two."])))
     out = tmp_path / "out"
-    s = main([f"input.path={src}", f"output.path={out}", "base.kind=openai", f"base.base_url={server['url']}/v1",
+    s = main([f"input.path={src}", f"output.path={out}", "base.engine=openai", "aligner.engine=fast", f"base.base_url={server['url']}/v1",
               "base.model=tiny", f"base.api_key_env={TEST_API_KEY_ENV}", "base.sampling.do_sample=false",
               "base.sampling.max_new_tokens=12", "base.num_cpus=0.1", f"aligner.model={server['tiny']}",
               "aligner.refine.max_new_tokens=16", "aligner.num_cpus=0.2", "ray.progress_bars=false"])
