@@ -132,7 +132,8 @@ class VllmCfg(Section):
     max_model_len: Optional[int] = Field(None, ge=1, description="null = the model's context window")
     enforce_eager: Optional[bool] = Field(None, description="null = true on CPU bundles, vLLM's default on GPUs")
     cpu_kv_cache_gib: float = Field(1.0, gt=0, description="CPU engines: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
-    max_concurrent_batches: int = Field(8, ge=1, description="batches in flight per engine (continuous batching)")
+    max_concurrent_batches: int = Field(32, ge=1, description="batches in flight per engine: batch_size x this rows "
+                                                              "keep the engine's continuous batching fed")
     speculative_config: Optional[dict[str, Any]] = Field(
         None, description='passed to vLLM, e.g. {method: ngram, num_speculative_tokens: 8}; greedy output unchanged')
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="any other vLLM engine argument "

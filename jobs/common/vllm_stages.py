@@ -33,6 +33,8 @@ REQUEST_CPUS = 0.25  # per request / collect task: tokenizing is light, and must
 RESULT = pa.struct([("token_ids", pa.list_(pa.int64())), ("text", pa.string()), ("reserved", pa.int64()),
                     ("passes", pa.int64()), ("tokens_computed", pa.int64()), ("stop", pa.string()),
                     ("wall_s", pa.float64())])
+# every field always set (a null among ints turns the column into floats on its way through Ray Data, and vLLM's
+# engine core then dies on a float seed)
 SAMPLING = pa.struct([("max_tokens", pa.int64()), ("temperature", pa.float64()), ("top_p", pa.float64()),
                       ("seed", pa.int64()), ("stop_token_ids", pa.list_(pa.int64())), ("detokenize", pa.bool_())])
 REQUEST_COLUMNS = [pa.field("tokenized_prompt", pa.list_(pa.int64())), pa.field("sampling_params", SAMPLING),
@@ -121,7 +123,7 @@ def _without_engine_columns(table: pa.Table, schema: pa.Schema) -> list[dict]:
 
 def _placeholder(stop_id: int) -> dict:
     return {"tokenized_prompt": [stop_id], "_reserved": 0, "_cap": 1, "_skip": True,
-            "sampling_params": {"max_tokens": 1, "temperature": 0.0, "top_p": 1.0, "seed": None,
+            "sampling_params": {"max_tokens": 1, "temperature": 0.0, "top_p": 1.0, "seed": 0,
                                 "stop_token_ids": [], "detokenize": False}}
 
 
@@ -225,7 +227,7 @@ def _refine_requests(batch: pa.Table, aligner: AlignerCfg, turn: int, schema: pa
             out.append({**r, **_placeholder(text.stop_ids[0]), failed: _error("refine stage", e)})
             continue
         ids, budget = continuation(item, aligner.refine)
-        params = {"max_tokens": budget, "temperature": 0.0, "top_p": 1.0, "seed": None,
+        params = {"max_tokens": budget, "temperature": 0.0, "top_p": 1.0, "seed": 0,  # greedy: the seed is unused
                   "stop_token_ids": list(text.stop_ids), "detokenize": False}
         out.append({**r, "tokenized_prompt": ids, "sampling_params": params, "_reserved": item.reserved,
                     "_cap": item.cap(aligner.refine), "_skip": False})

@@ -170,19 +170,21 @@ def test_vllm_job_formats_bad_rows_exports_kill_and_resume(tmp_path, vllm_tiny, 
     lines = [
         {"id": 1, "prompt": "Say hi."},
         {"id": 2, "prompt": "List two colors.", "draft": "Red and blue."},
-        {"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now make it sadder."]},  # MT-bench
         {"id": 5, "prompt": ""},  # empty
         b'{"id": 7, "prompt": "caf\xe9 latte"}',  # Latin-1 byte: not UTF-8
         b'{"id": 8, "prompt": ',  # broken JSON
         {"id": 9, "prompt": "x" * 5000},  # over the model's 4096-token context window
-    ] + [{"id": 100 + i, "prompt": f"Question number {i}?"} for i in range(24)]
+    ] + [{"id": 100 + i, "prompt": f"Question number {i}?"} for i in range(24)] + [
+        {"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now make it sadder."]},  # MT-bench
+    ]
     src = write_jsonl(tmp_path / "in.jsonl", lines)
     out = tmp_path / "out"
     common = [f"input.path={src}", f"output.path={out}", f"base.model={vllm_tiny}", f"aligner.model={vllm_tiny}",
               "base.sampling.max_new_tokens=40", "aligner.refine.max_new_tokens=48", "output.rows_per_file=2",
               "output.fastchat_answers=true", "output.alpaca_eval_outputs=true", *VLLM]
-    # first run: one row per engine call, one call at a time (slow enough to be killed half-way)
-    slow = ["base.batch_size=1", "aligner.batch_size=1", "base.vllm.max_concurrent_batches=1",
+    # first run: the single-turn rows (one engine pool per stage), one row per engine call, one call at a time,
+    # slow enough to be killed half-way
+    slow = ["input.limit=20", "base.batch_size=1", "aligner.batch_size=1", "base.vllm.max_concurrent_batches=1",
             "aligner.vllm.max_concurrent_batches=1"]
     addr = ray_local.get_runtime_context().gcs_address
     proc = subprocess.Popen([sys.executable, "-m", "jobs.align_dataset", f"ray.address={addr}", *common, *slow],
@@ -202,11 +204,11 @@ def test_vllm_job_formats_bad_rows_exports_kill_and_resume(tmp_path, vllm_tiny, 
     errors = [json.loads(x) for x in open(out / "errors.jsonl")]
     assert s["rows_in"] == len(lines) == len(ok) + len(errors), "rows in = rows out + error rows"
     assert sorted(list(ok["id"]) + [e["id"] for e in errors]) == sorted(
-        ["1", "2", "81", "5", "in.jsonl:5", "in.jsonl:6", "9"] + [str(100 + i) for i in range(24)]), "each row once"
+        ["1", "2", "81", "5", "in.jsonl:4", "in.jsonl:5", "9"] + [str(100 + i) for i in range(24)]), "each row once"
     assert 0 < s["rows_processed_this_run"] < len(lines), "the rerun skipped what the killed run had written"
     reasons = {e["id"]: e["error"] for e in errors}
-    assert set(reasons) == {"5", "in.jsonl:5", "in.jsonl:6", "9"}
-    assert "UTF-8" in reasons["in.jsonl:5"] and "not valid JSON" in reasons["in.jsonl:6"]
+    assert set(reasons) == {"5", "in.jsonl:4", "in.jsonl:5", "9"}
+    assert "UTF-8" in reasons["in.jsonl:4"] and "not valid JSON" in reasons["in.jsonl:5"]
     assert "context window" in reasons["9"] and reasons["9"].startswith("draft stage"), "caught before the engine"
     rows = ok.set_index("id")
     assert rows.loc["2", "draft"] == "Red and blue." and rows.loc["2", "draft_s"] == 0.0, "given drafts are kept"

@@ -107,3 +107,30 @@ def test_references_file_formats(tmp_path):
     refs = load_references(str(fc))
     assert refs["81"] == ["t1", "t2"] and refs["5"] == ["R5"] and refs["6"] == ["O6"]
     assert load_references(None) == {}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(900)
+def test_evaluate_on_vllm_engines(tmp_path, vllm_tiny, ray_local):
+    """base.engine=vllm and aligner.engine=vllm: the base drafts on vLLM, `refine` and `in_context` run on vLLM
+    engines (one pool each) and agree token for token with `aligner_ar`, the aligner's HF greedy generate."""
+    from jobs.evaluate import main
+
+    m = str(vllm_tiny)
+    out = tmp_path / "out"
+    s = main([f"benchmark.path={_bench(tmp_path)}", "benchmark.name=mini", "benchmark.id_mod=4", f"output.path={out}",
+              f"base.model={m}", f"aligner.model={m}", "methods=[draft,refine,in_context,aligner_ar]",
+              "base.engine=vllm", "aligner.engine=vllm", "base.sampling.max_new_tokens=16",
+              "aligner.refine.max_new_tokens=24", "stats.n_boot=20", "base.num_cpus=0.2", "aligner.num_cpus=0.2",
+              "judges.num_cpus=0.2", "ray.progress_bars=false"])
+    df = pd.read_parquet(out / "results.parquet")
+    errors = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
+    assert s["n_prompts"] == 3 and len(df) == 3 * 4 and {e["id"] for e in errors} == {"8"}
+    by = {(r["id"], r["method"]): r for r in df.to_dict("records")}
+    assert by[("0", "draft")]["answer"] == "Red and blue."  # a draft that came with the input is kept
+    assert len(by[("12", "draft")]["answer_turns"]) == 2 and by[("12", "draft")]["draft_s"] > 0, "drafted on vLLM"
+    for i in ("0", "4", "12"):
+        assert list(by[(i, "refine")]["answer_turns"]) == list(by[(i, "aligner_ar")]["answer_turns"]), \
+            "vLLM == HF greedy"
+        assert len(by[(i, "in_context")]["answer_turns"]) == len(by[(i, "refine")]["answer_turns"])
+    assert (df.loc[df["method"] == "refine", "refine_s"] > 0).all()
