@@ -84,7 +84,8 @@ def preflight(pools: dict[str, PoolCfg], turns: int = 1) -> None:
     if want.get("CPU", 0.0) + HEADROOM_CPUS > cpus:
         problems.append(f"the stages ask for {want.get('CPU', 0.0):g} CPUs ({detail('CPU')}) but the cluster has "
                         f"{cpus:g}, and {HEADROOM_CPUS:g} must stay free for reading and writing. Lower num_cpus "
-                        f"(fractions work, e.g. {first}.num_cpus=0.5) or concurrency.")
+                        f"(fractions work, e.g. {first}.num_cpus={pools[first].num_cpus / 2:g}) or concurrency"
+                        + (" (a vLLM stage runs one engine pool per conversation turn)" if turns > 1 else "") + ".")
     if want.get("GPU", 0.0) > gpus:
         problems.append(f"the stages ask for {want['GPU']:g} GPUs ({detail('GPU')}) but the cluster has {gpus:g}; "
                         "set num_gpus=0 (and no GPU in vllm.bundles) on CPU-only clusters")

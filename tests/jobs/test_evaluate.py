@@ -118,7 +118,13 @@ def test_evaluate_on_vllm_engines(tmp_path, vllm_tiny, ray_local):
 
     m = str(vllm_tiny)
     out = tmp_path / "out"
-    s = main([f"benchmark.path={_bench(tmp_path)}", "benchmark.name=mini", "benchmark.id_mod=4", f"output.path={out}",
+    bench = tmp_path / "bench.jsonl"  # single-turn rows: three engine pools (MT-bench turns: test_align_dataset)
+    bench.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": 0, "instruction": "Name two colors.", "output": "Red and blue.", "reference_output": "Red, blue."},
+        {"id": 4, "instruction": "Say hello politely.", "reference_output": "Hello, nice to meet you."},
+        {"id": 12, "instruction": "What is 1+1?", "reference_output": "2"},
+        {"id": 8, "instruction": "", "reference_output": "x"}]))
+    s = main([f"benchmark.path={bench}", "benchmark.name=mini", f"output.path={out}",
               f"base.model={m}", f"aligner.model={m}", "methods=[draft,refine,in_context,aligner_ar]",
               "base.engine=vllm", "aligner.engine=vllm", "base.sampling.max_new_tokens=16",
               "aligner.refine.max_new_tokens=24", "stats.n_boot=20", "base.num_cpus=0.2", "aligner.num_cpus=0.2",
@@ -128,7 +134,7 @@ def test_evaluate_on_vllm_engines(tmp_path, vllm_tiny, ray_local):
     assert s["n_prompts"] == 3 and len(df) == 3 * 4 and {e["id"] for e in errors} == {"8"}
     by = {(r["id"], r["method"]): r for r in df.to_dict("records")}
     assert by[("0", "draft")]["answer"] == "Red and blue."  # a draft that came with the input is kept
-    assert len(by[("12", "draft")]["answer_turns"]) == 2 and by[("12", "draft")]["draft_s"] > 0, "drafted on vLLM"
+    assert by[("4", "draft")]["answer"] and by[("4", "draft")]["draft_s"] > 0, "drafted on vLLM"
     for i in ("0", "4", "12"):
         assert list(by[(i, "refine")]["answer_turns"]) == list(by[(i, "aligner_ar")]["answer_turns"]), \
             "vLLM == HF greedy"
