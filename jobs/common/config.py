@@ -131,7 +131,7 @@ class VllmCfg(Section):
     accelerator_type: Optional[str] = Field(None, description="e.g. A100, H100 (Ray's accelerator_type label)")
     max_model_len: Optional[int] = Field(None, ge=1, description="null = the model's context window")
     enforce_eager: Optional[bool] = Field(None, description="null = true on CPU bundles, vLLM's default on GPUs")
-    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="CPU engines: KV cache size (VLLM_CPU_KVCACHE_SPACE)")
+    cpu_kv_cache_gib: int = Field(1, ge=1, description="CPU engines: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE)")
     max_concurrent_batches: int = Field(32, ge=1, description="batches in flight per engine: batch_size x this rows "
                                                               "keep the engine's continuous batching fed")
     speculative_config: Optional[dict[str, Any]] = Field(

@@ -99,7 +99,7 @@ def processor(sec: EngineCfg, model: str, stage: str):
     if v.speculative_config:
         kw["speculative_config"] = dict(v.speculative_config)
     kw.update(v.engine_kwargs)
-    env = {"VLLM_CPU_KVCACHE_SPACE": f"{v.cpu_kv_cache_gib:g}"} if not on_gpu else {}
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(v.cpu_kv_cache_gib)} if not on_gpu else {}
     cfg = vLLMEngineProcessorConfig(
         model_source=model, engine_kwargs=kw, batch_size=sec.batch_size, concurrency=sec.concurrency,
         max_concurrent_batches=v.max_concurrent_batches, accelerator_type=v.accelerator_type,

@@ -112,29 +112,33 @@ def test_references_file_formats(tmp_path):
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_evaluate_on_vllm_engines(tmp_path, vllm_tiny, ray_local):
-    """base.engine=vllm and aligner.engine=vllm: the base drafts on vLLM, `refine` and `in_context` run on vLLM
-    engines (one pool each) and agree token for token with `aligner_ar`, the aligner's HF greedy generate."""
+    """aligner.engine=vllm: `refine` and `in_context` run on vLLM engines (one pool each) and agree token for token
+    with `aligner_ar`, the aligner's HF greedy generate. The rows bring their drafts (drafting on vLLM is the
+    stage test_align_dataset runs); a row the aligner cannot take fails in its methods only."""
     from jobs.evaluate import main
 
     m = str(vllm_tiny)
     out = tmp_path / "out"
-    bench = tmp_path / "bench.jsonl"  # single-turn rows: three engine pools (MT-bench turns: test_align_dataset)
+    bench = tmp_path / "bench.jsonl"
     bench.write_text("".join(json.dumps(r) + "\n" for r in [
         {"id": 0, "instruction": "Name two colors.", "output": "Red and blue.", "reference_output": "Red, blue."},
-        {"id": 4, "instruction": "Say hello politely.", "reference_output": "Hello, nice to meet you."},
-        {"id": 12, "instruction": "What is 1+1?", "reference_output": "2"},
-        {"id": 8, "instruction": "", "reference_output": "x"}]))
+        {"id": 4, "instruction": "Say hello politely.", "output": "Hi.", "reference_output": "Hello, nice to meet you."},
+        {"id": 12, "instruction": "What is 1+1?", "output": "Two.", "reference_output": "2"},
+        {"id": 16, "instruction": "Summarize.", "output": "x " * 3000, "reference_output": "y"},  # in_context too long
+        {"id": 8, "instruction": "", "output": "z", "reference_output": "x"}]))
     s = main([f"benchmark.path={bench}", "benchmark.name=mini", f"output.path={out}",
               f"base.model={m}", f"aligner.model={m}", "methods=[draft,refine,in_context,aligner_ar]",
-              "base.engine=vllm", "aligner.engine=vllm", "base.sampling.max_new_tokens=16",
+              "base.engine=hf", "aligner.engine=vllm",
               "aligner.refine.max_new_tokens=24", "stats.n_boot=20", "base.num_cpus=0.2", "aligner.num_cpus=0.2",
               "judges.num_cpus=0.2", "ray.progress_bars=false"])
     df = pd.read_parquet(out / "results.parquet")
     errors = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
-    assert s["n_prompts"] == 3 and len(df) == 3 * 4 and {e["id"] for e in errors} == {"8"}
     by = {(r["id"], r["method"]): r for r in df.to_dict("records")}
-    assert by[("0", "draft")]["answer"] == "Red and blue."  # a draft that came with the input is kept
-    assert by[("4", "draft")]["answer"] and by[("4", "draft")]["draft_s"] > 0, "drafted on vLLM"
+    assert s["n_prompts"] == 4 and len(df) + len(errors) == 5 * 4
+    assert {(e["id"], e["method"]) for e in errors} == {("8", m) for m in ("draft", "refine", "in_context", "aligner_ar")} \
+        | {("16", "in_context")}, "the empty prompt fails everywhere, the over-long correction prompt only in_context"
+    assert "in_context: refine stage: prompt of" in next(e["error"] for e in errors if e["id"] == "16")
+    assert by[("0", "draft")]["answer"] == "Red and blue."  # the drafts that came with the input
     for i in ("0", "4", "12"):
         assert list(by[(i, "refine")]["answer_turns"]) == list(by[(i, "aligner_ar")]["answer_turns"]), \
             "vLLM == HF greedy"
