@@ -14,9 +14,7 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 # pip install, quiet; the pip config on some machines names local wheel folders that may not exist, and
 # pip's "is ignored" notes about them are noise (pipefail keeps pip's own exit status)
-# --no-compile: no byte-compiling of every installed file up front (vLLM and Ray are large); Python compiles
-# what it imports, once
-pipq() { "$VENV/bin/python" -m pip install --disable-pip-version-check --no-compile -q "$@" 2>&1 | { grep -v "is ignored" || true; }; }
+pipq() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 | { grep -v "is ignored" || true; }; }
 echo "[setup] installing into $VENV (first time takes about 4 minutes)" >&2
 # torch first, so nothing later can resolve a different (CUDA) build of it.
 pipq torch==2.13.0

@@ -112,35 +112,37 @@ def test_references_file_formats(tmp_path):
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 def test_evaluate_on_vllm_engines(tmp_path, vllm_tiny, ray_local):
-    """aligner.engine=vllm: `refine` and `in_context` run on vLLM engines (one pool each) and agree token for token
-    with `aligner_ar`, the aligner's HF greedy generate. The rows bring their drafts (drafting on vLLM is the
-    stage test_align_dataset runs); a row the aligner cannot take fails in its methods only."""
+    """aligner.engine=vllm: `in_context` runs on a vLLM engine pool and gives the fast Jacobi engine's answers
+    token for token; a row whose correction prompt is over the window fails in that method only. (The rows bring
+    their drafts, and one method keeps this to one engine pool: drafting on vLLM and `refine` run in
+    test_align_dataset, the exactness of every engine in tests/pipeline/decoding/test_vllm_agreement.py.)"""
     from jobs.evaluate import main
+    from pipeline.decoding.refiner import Refiner, RefineRequest
+    from pipeline.decoding.settings import RefineSettings
+    from pipeline.models import load_model
 
     m = str(vllm_tiny)
     out = tmp_path / "out"
+    rows = [{"id": 0, "instruction": "Name two colors.", "output": "Red and blue.", "reference_output": "Red, blue."},
+            {"id": 4, "instruction": "Say hello politely.", "output": "Hi.", "reference_output": "Hello, nice to meet you."},
+            {"id": 16, "instruction": "Summarize.", "output": "x " * 3000, "reference_output": "y"},  # too long in context
+            {"id": 8, "instruction": "", "output": "z", "reference_output": "x"}]
     bench = tmp_path / "bench.jsonl"
-    bench.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"id": 0, "instruction": "Name two colors.", "output": "Red and blue.", "reference_output": "Red, blue."},
-        {"id": 4, "instruction": "Say hello politely.", "output": "Hi.", "reference_output": "Hello, nice to meet you."},
-        {"id": 12, "instruction": "What is 1+1?", "output": "Two.", "reference_output": "2"},
-        {"id": 16, "instruction": "Summarize.", "output": "x " * 3000, "reference_output": "y"},  # in_context too long
-        {"id": 8, "instruction": "", "output": "z", "reference_output": "x"}]))
-    s = main([f"benchmark.path={bench}", "benchmark.name=mini", f"output.path={out}",
-              f"base.model={m}", f"aligner.model={m}", "methods=[draft,refine,in_context,aligner_ar]",
-              "base.engine=hf", "aligner.engine=vllm",
+    bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = main([f"benchmark.path={bench}", "benchmark.name=mini", f"output.path={out}", f"base.model={m}",
+              f"aligner.model={m}", "methods=[draft,in_context]", "base.engine=hf", "aligner.engine=vllm",
               "aligner.refine.max_new_tokens=24", "stats.n_boot=20", "base.num_cpus=0.2", "aligner.num_cpus=0.2",
               "judges.num_cpus=0.2", "ray.progress_bars=false"])
     df = pd.read_parquet(out / "results.parquet")
     errors = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
     by = {(r["id"], r["method"]): r for r in df.to_dict("records")}
-    assert s["n_prompts"] == 4 and len(df) + len(errors) == 5 * 4
-    assert {(e["id"], e["method"]) for e in errors} == {("8", m) for m in ("draft", "refine", "in_context", "aligner_ar")} \
-        | {("16", "in_context")}, "the empty prompt fails everywhere, the over-long correction prompt only in_context"
+    assert len(df) + len(errors) == 4 * 2
+    assert {(e["id"], e["method"]) for e in errors} == {("8", "draft"), ("8", "in_context"), ("16", "in_context")}, \
+        "the empty prompt fails everywhere, the over-long correction prompt only in in_context"
     assert "in_context: refine stage: prompt of" in next(e["error"] for e in errors if e["id"] == "16")
-    assert by[("0", "draft")]["answer"] == "Red and blue."  # the drafts that came with the input
-    for i in ("0", "4", "12"):
-        assert list(by[(i, "refine")]["answer_turns"]) == list(by[(i, "aligner_ar")]["answer_turns"]), \
-            "vLLM == HF greedy"
-        assert len(by[(i, "in_context")]["answer_turns"]) == len(by[(i, "refine")]["answer_turns"])
-    assert (df.loc[df["method"] == "refine", "refine_s"] > 0).all()
+    assert by[("16", "draft")]["answer"].startswith("x x"), "the row's other method still counts"
+    fast = Refiner(load_model(m, dtype="float32"), RefineSettings(max_new_tokens=24), mode="fast", in_context=True)
+    for r in rows[:2]:
+        want = fast.refine([RefineRequest([{"role": "user", "content": r["instruction"]}], r["output"], key=str(r["id"]))])
+        assert by[(str(r["id"]), "in_context")]["answer"] == want[0].text, "vLLM == fast engine"
+    assert s["n_prompts"] == 3 and (df.loc[df["method"] == "in_context", "refine_s"] > 0).all()
