@@ -127,11 +127,6 @@ def _placeholder(stop_id: int) -> dict:
                                 "stop_token_ids": [], "detokenize": False}}
 
 
-def _window(sec: EngineCfg, text) -> int | None:
-    windows = [w for w in (text.context_window, sec.vllm.max_model_len) if w]
-    return min(windows) if windows else None
-
-
 def _error(stage: str, why: str) -> str:
     return f"{stage}: {why}"[:1000]
 
@@ -147,7 +142,7 @@ def _draft_requests(batch: pa.Table, base: DraftCfg, turn: int, schema: pa.Schem
     from pipeline.records import conversation
 
     text = _text(base.model, base.trust_remote_code)
-    s, window = base.sampling, _window(base, text)
+    s = base.sampling
     out = []
     for r in batch.to_pylist():
         answers = r.get("_answers") or []
@@ -159,9 +154,8 @@ def _draft_requests(batch: pa.Table, base: DraftCfg, turn: int, schema: pa.Schem
         except ValueError as e:
             out.append({**r, **_placeholder(text.stop_ids[0]), "error": _error("draft stage", e)})
             continue
-        if window and len(ids) + s.max_new_tokens > window:
-            why = (f"prompt of {len(ids)} tokens + max_new_tokens {s.max_new_tokens} exceeds the base model's "
-                   f"context window of {window} tokens")
+        why = text.too_long(len(ids), s.max_new_tokens, "the base model's", base.vllm.max_model_len)
+        if why:
             out.append({**r, **_placeholder(text.stop_ids[0]), "error": _error("draft stage", why)})
             continue
         params = {"max_tokens": s.max_new_tokens, "temperature": s.temperature if s.do_sample else 0.0,

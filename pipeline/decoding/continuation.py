@@ -34,6 +34,16 @@ class ModelText:
     stop_ids: list[int]  # end-of-turn / EOS ids
     context_window: int | None  # prompt + answer positions the model takes (None: its config does not say)
 
+    def too_long(self, prompt_len: int, cap: int, who: str, limit: int | None = None) -> str | None:
+        """Why a prompt of `prompt_len` tokens with `cap` new tokens does not fit `who`'s context window (the
+        model's, or `limit` if smaller), or None."""
+        windows = [w for w in (self.context_window, limit) if w]
+        window = min(windows) if windows else None
+        if window and prompt_len + cap > window:
+            return (f"prompt of {prompt_len} tokens + max_new_tokens {cap} exceeds {who} context window of "
+                    f"{window} tokens")
+        return None
+
     @property
     def pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
@@ -58,9 +68,7 @@ class AlignerPrompts:
         self.s.validate()
         if in_context:
             check_template(template)
-        self.in_context, self.template = in_context, template
-        windows = [w for w in (text.context_window, context_window) if w]
-        self.context_window = min(windows) if windows else None
+        self.in_context, self.template, self.limit = in_context, template, context_window
 
     def encode(self, req: RefineRequest) -> RefineItem:
         """Tokenize one request; ValueError with the reason if it cannot be refined."""
@@ -75,9 +83,9 @@ class AlignerPrompts:
             raise ValueError(f"max_new_tokens must be >= 1 (got {req.max_new_tokens})")
         item = RefineItem(prompt_ids=prompt, draft_ids=draft, max_new_tokens=req.max_new_tokens)
         cap = item.cap(self.s)
-        if self.context_window and len(prompt) + cap > self.context_window:
-            raise ValueError(f"prompt of {len(prompt)} tokens + max_new_tokens {cap} exceeds "
-                             f"the aligner's context window of {self.context_window} tokens")
+        why = self.text.too_long(len(prompt), cap, "the aligner's", self.limit)
+        if why:
+            raise ValueError(why)
         item.reserved = min(reserve_count(req.key, self.s.seed, self.s.reserve_tokens, len(draft)), cap)
         return item
 

@@ -98,9 +98,6 @@ class Drafter:
         """Why the local model cannot answer this conversation (prompt + max_new_tokens past its context
         window), or None. Checked before `generate`: an over-long prompt would otherwise hold the model for as
         long as attention over it takes, or run it out of memory."""
-        n, cap, window = len(chat_prompt_ids(self.lm.tokenizer, conversation)), self.params.max_new_tokens, \
-            self.lm.context_window
-        if window and n + cap > window:
-            return ValueError(f"prompt of {n} tokens + max_new_tokens {cap} exceeds the base model's context window "
-                              f"of {window} tokens")
-        return None
+        why = self.lm.text.too_long(len(chat_prompt_ids(self.lm.tokenizer, conversation)), self.params.max_new_tokens,
+                                    "the base model's")
+        return ValueError(why) if why else None
