@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 TOKENIZERS_PARALLELISM=false
-# -rxs lists every skip and xfail with its reason (a floating-point near-tie is reported as an xfail)
-exec .venv/bin/python -m pytest -q -rxs --durations=15 -p no:cacheprovider "$@"
+# -rfExs lists every failure, error, skip and xfail with its reason (a floating-point near-tie is reported as an xfail)
+exec .venv/bin/python -m pytest -q -rfExs --durations=15 -p no:cacheprovider "$@"
