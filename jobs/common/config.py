@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.decoding.settings import RefineSettings, SamplingParams
+from pipeline.decoding.vllm_engine import VllmSettings
 
 REPO = Path(__file__).resolve().parents[2]
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
@@ -119,30 +120,9 @@ class EndpointCfg(Section):
                               timeout_s=self.timeout_s, max_retries=self.max_retries)
 
 
-class VllmCfg(Section):
-    """A vLLM engine (engine=vllm), run by Ray Data LLM (`ray.data.llm`): one engine per actor of the pool
-    (`concurrency` engines, `batch_size` rows per call), each on a placement group of tp x pp bundles."""
-    tensor_parallel_size: int = Field(1, ge=1)
-    pipeline_parallel_size: int = Field(1, ge=1)
-    bundles: Optional[list[dict[str, float]]] = Field(
-        None, description="placement group of one engine, one resource dict per worker; null = tp x pp bundles "
-                          "of {CPU: num_cpus, GPU: num_gpus} (CPU-only bundles when num_gpus is 0)")
-    strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
-    accelerator_type: Optional[str] = Field(None, description="e.g. A100, H100 (Ray's accelerator_type label)")
-    max_model_len: Optional[int] = Field(None, ge=1, description="null = the model's context window")
-    enforce_eager: Optional[bool] = Field(None, description="null = true on CPU bundles, vLLM's default on GPUs")
-    cpu_kv_cache_gib: int = Field(1, ge=1, description="CPU engines: KV cache size in whole GiB (VLLM_CPU_KVCACHE_SPACE)")
-    max_concurrent_batches: int = Field(32, ge=1, description="batches in flight per engine: batch_size x this rows "
-                                                              "keep the engine's continuous batching fed")
-    speculative_config: Optional[dict[str, Any]] = Field(
-        None, description='passed to vLLM, e.g. {method: ngram, num_speculative_tokens: 8}; greedy output unchanged')
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="any other vLLM engine argument "
-                                                                            "(they override the keys above)")
-
-
 class EngineCfg(StageCfg):
     """A model stage that can run on vLLM: the `vllm` section applies when its engine is vllm."""
-    vllm: VllmCfg = Field(default_factory=VllmCfg)
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
 
     def check(self) -> list[str]:
         problems = StageCfg.check(self)

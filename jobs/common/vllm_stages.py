@@ -22,11 +22,11 @@ token cap, and continuous batching keeps one long row from holding the others.
 from __future__ import annotations
 
 import functools
-import hashlib
 
 import pyarrow as pa
 
 from jobs.common.config import AlignerCfg, DraftCfg, EngineCfg
+from pipeline.decoding.vllm_engine import engine_setup
 
 REQUEST_CPUS = 0.25  # per request / collect task: tokenizing is light, and must fit in the preflight headroom
 # what one turn of the aligner yields per row (the Jacobi statistics stay with the Jacobi engines)
@@ -44,11 +44,7 @@ REQUEST_COLUMNS = [pa.field("tokenized_prompt", pa.list_(pa.int64())), pa.field(
 # ---- engine resources and model folders ---------------------------------------------------------------------
 def bundles(sec: EngineCfg) -> list[dict[str, float]]:
     """The placement group of one engine: `vllm.bundles`, or tp x pp bundles of the pool's num_cpus/num_gpus."""
-    v = sec.vllm
-    if v.bundles:
-        return [dict(b) for b in v.bundles]
-    one = {"CPU": sec.num_cpus, **({"GPU": sec.num_gpus} if sec.num_gpus else {})}
-    return [dict(one) for _ in range(v.tensor_parallel_size * v.pipeline_parallel_size)]
+    return sec.vllm.placement(sec.num_cpus, sec.num_gpus)
 
 
 def demand(sec: EngineCfg, engines_per_actor: int = 1) -> dict[str, float]:
@@ -89,24 +85,15 @@ def processor(sec: EngineCfg, model: str, stage: str):
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     v = sec.vllm
-    on_gpu = any(b.get("GPU") for b in bundles(sec))
-    dtype = {"auto": "auto" if on_gpu else "float32", "fp32": "float32", "bf16": "bfloat16",
-             "fp16": "float16"}.get(sec.dtype, sec.dtype)
-    kw = dict(dtype=dtype, tensor_parallel_size=v.tensor_parallel_size, pipeline_parallel_size=v.pipeline_parallel_size,
-              trust_remote_code=sec.trust_remote_code, enforce_eager=not on_gpu if v.enforce_eager is None else v.enforce_eager)
-    if v.max_model_len:
-        kw["max_model_len"] = v.max_model_len
-    if v.speculative_config:
-        kw["speculative_config"] = dict(v.speculative_config)
-    kw.update(v.engine_kwargs)
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(v.cpu_kv_cache_gib)} if not on_gpu else {}
+    e = engine_setup(v, sec.dtype, sec.trust_remote_code, sec.num_cpus, sec.num_gpus)
     cfg = vLLMEngineProcessorConfig(
-        model_source=model, engine_kwargs=kw, batch_size=sec.batch_size, concurrency=sec.concurrency,
+        model_source=model, engine_kwargs=e.engine_kwargs, batch_size=sec.batch_size, concurrency=sec.concurrency,
         max_concurrent_batches=v.max_concurrent_batches, accelerator_type=v.accelerator_type,
-        placement_group_config={"bundles": bundles(sec), "strategy": v.strategy},
-        runtime_env={"env_vars": env} if env else None, should_continue_on_error=True,
+        placement_group_config={"bundles": e.bundles, "strategy": v.strategy},
+        runtime_env={"env_vars": e.env} if e.env else None, should_continue_on_error=True,
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
-    print(f"[vllm] {stage}: {sec.concurrency} engine(s) of {model}, bundles {bundles(sec)}, engine args {kw}", flush=True)
+    print(f"[vllm] {stage}: {sec.concurrency} engine(s) of {model}, bundles {e.bundles}, engine args "
+          f"{e.engine_kwargs}", flush=True)
     light = {"num_cpus": REQUEST_CPUS}  # the processor's own row maps: Ray Data's default (1 CPU) would not fit
     return build_processor(cfg, preprocess_map_kwargs=light, postprocess_map_kwargs=light)
 
@@ -132,12 +119,8 @@ def _error(stage: str, why: str) -> str:
 
 
 # ---- the base model drafts ------------------------------------------------------------------------------------
-def draft_seed(seed: int, key: str) -> int:
-    """The sampling seed of one row's turn: from the configured seed and the row key, never from the batch."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:4], "little")
-
-
 def _draft_requests(batch: pa.Table, base: DraftCfg, turn: int, schema: pa.Schema) -> pa.Table:
+    from pipeline.decoding.drafting import draft_seed
     from pipeline.prompts import chat_prompt_ids
     from pipeline.records import conversation
 
@@ -167,8 +150,6 @@ def _draft_requests(batch: pa.Table, base: DraftCfg, turn: int, schema: pa.Schem
 
 
 def _collect_drafts(batch: pa.Table, base: DraftCfg, turn: int, schema: pa.Schema, last: bool) -> pa.Table:
-    from pipeline.decoding.jacobi import first_stop
-
     text = _text(base.model, base.trust_remote_code)
     out = []
     for r in _without_engine_columns(batch, schema):
@@ -176,10 +157,7 @@ def _collect_drafts(batch: pa.Table, base: DraftCfg, turn: int, schema: pa.Schem
             if r.get("__inference_error__"):
                 r["error"] = _error("draft stage", f"vLLM: {r['__inference_error__']}")
             else:
-                gen = list(r["generated_tokens"] or [])
-                cut = first_stop(gen, set(text.stop_ids))
-                r["_answers"] = (r.get("_answers") or []) + [
-                    text.tokenizer.decode(gen[:cut], skip_special_tokens=True).strip()]
+                r["_answers"] = (r.get("_answers") or []) + [text.answer_text(r["generated_tokens"] or [])]
                 r["draft_s"] = (r.get("draft_s") or 0.0) + max(0.0, r["time_taken_llm"] or 0.0)
         if last and r["drafts"] is None and not r.get("error"):
             r["drafts"] = r.get("_answers") or []
@@ -245,7 +223,7 @@ def _collect_refined(batch: pa.Table, aligner: AlignerCfg, schema: pa.Schema, co
                 res = finish(item, r["generated_tokens"] or [], text.stop_ids, aligner.refine,
                              wall_s=max(0.0, r["time_taken_llm"] or 0.0))
                 r[column] = (r.get(column) or []) + [{
-                    "token_ids": res.token_ids, "text": text.tokenizer.decode(res.token_ids, skip_special_tokens=True).strip(),
+                    "token_ids": res.token_ids, "text": text.answer_text(res.token_ids),
                     "reserved": res.reserved, "passes": res.passes, "tokens_computed": res.tokens_computed,
                     "stop": res.stop, "wall_s": res.wall_s}]
         out.append(r)

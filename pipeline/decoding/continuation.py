@@ -44,6 +44,11 @@ class ModelText:
                     f"{window} tokens")
         return None
 
+    def answer_text(self, ids: list[int]) -> str:
+        """The text of an answer's tokens, up to the first stop token (what every engine reports)."""
+        cut = first_stop(list(ids), set(self.stop_ids))
+        return self.tokenizer.decode(list(ids)[:cut], skip_special_tokens=True).strip()
+
     @property
     def pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id

@@ -11,10 +11,18 @@ from pipeline.models import LoadedModel
 from pipeline.prompts import chat_prompt_ids
 
 
+def draft_seed(seed: int, key: str) -> int:
+    """The sampling seed of a draft: from the configured seed and the row (or conversation) key, never from the
+    batch, so a rerun draws the same samples on every engine that takes a seed."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:4], "little")
+
+
 @torch.inference_mode()
 def generate_answers(lm: LoadedModel, conversations: list[list[dict]], params: SamplingParams,
-                     seed_key: str = "", max_time: float | None = None) -> list[tuple[str, int, float] | TimeoutError]:
-    """Answer each conversation; returns (text, new tokens, seconds) per conversation.
+                     seed_key: str = "", max_time: float | None = None,
+                     with_ids: bool = False) -> list[tuple[str, int, float] | TimeoutError]:
+    """Answer each conversation; returns (text, new tokens, seconds) per conversation, and with `with_ids` the
+    answer's token ids (stop token excluded) as a fourth element.
 
     The RNG is seeded from `params.seed` and `seed_key` (e.g. the batch's row ids), so a rerun over the
     same rows draws the same samples. `max_time` (seconds for the whole batch, None = no limit) is passed to
@@ -31,7 +39,7 @@ def generate_answers(lm: LoadedModel, conversations: list[list[dict]], params: S
     dev = lm.device
     ids = torch.tensor([[pad] * (width - len(c)) + c for c in ctx], device=dev)
     mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in ctx], device=dev)
-    torch.manual_seed(int.from_bytes(hashlib.sha256(f"{params.seed}:{seed_key}".encode()).digest()[:4], "little"))
+    torch.manual_seed(draft_seed(params.seed, seed_key))
     kw = dict(max_new_tokens=params.max_new_tokens, eos_token_id=lm.stop_ids, pad_token_id=pad,
               do_sample=params.do_sample)
     if max_time is not None:
@@ -51,7 +59,8 @@ def generate_answers(lm: LoadedModel, conversations: list[list[dict]], params: S
                                         f"max_new_tokens {params.max_new_tokens} tokens"))
             continue
         cut = len(gen) if cut is None else cut
-        results.append((tok.decode(gen[:cut], skip_special_tokens=True).strip(), cut, dt))
+        text = tok.decode(gen[:cut], skip_special_tokens=True).strip()
+        results.append((text, cut, dt, gen[:cut]) if with_ids else (text, cut, dt))
     return results
 
 

@@ -7,6 +7,7 @@ from jobs.align_dataset import DRAFTED_SCHEMA
 from jobs.common import vllm_stages as vs
 from jobs.common.config import AlignerCfg, DraftCfg
 from pipeline.decoding.continuation import AlignerPrompts, RefineRequest, continuation
+from pipeline.decoding.drafting import draft_seed
 from pipeline.models import load_model_text
 from pipeline.prompts import chat_prompt_ids
 from pipeline.records import conversation
@@ -40,7 +41,7 @@ def test_multi_turn_drafting_feeds_each_answer_into_the_next_prompt(vllm_tiny):
     req = vs._draft_requests(t, base, 0, work)
     by = {r["id"]: r for r in req.to_pylist()}
     assert by["mt"]["tokenized_prompt"] == chat_prompt_ids(tok, [{"role": "user", "content": "Write a haiku."}])
-    assert not by["mt"]["_skip"] and by["mt"]["sampling_params"]["seed"] == vs.draft_seed(0, "mt#0")
+    assert not by["mt"]["_skip"] and by["mt"]["sampling_params"]["seed"] == draft_seed(0, "mt#0")
     assert by["given"]["_skip"] and by["bad"]["_skip"], "given drafts and error rows send a placeholder"
     t = vs._collect_drafts(_engine(req, answers), base, 0, work, last=False)
     by = {r["id"]: r for r in t.to_pylist()}
