@@ -60,6 +60,8 @@ class Completion:
     prompt_tokens: int | None
     finish_reason: str | None
     seconds: float  # the answering attempt's request/response time
+    # usage.completion_tokens_details' Predicted Outputs counts, {"accepted": a, "rejected": r}, when reported
+    prediction_tokens: dict | None = None
 
 
 class EndpointError(RuntimeError):
@@ -130,9 +132,13 @@ class ChatEndpoint:
             await self._aclient.close()
             self._aclient = None
 
-    def _request(self, messages: list[dict], max_tokens: int, temperature: float, top_p: float) -> dict:
-        return {"model": self.cfg.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
-                "top_p": top_p, "extra_body": self.cfg.extra_body, "extra_headers": self._headers}
+    def _request(self, messages: list[dict], max_tokens: int, temperature: float, top_p: float,
+                 prediction: str | None = None) -> dict:
+        req = {"model": self.cfg.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+               "top_p": top_p, "extra_body": self.cfg.extra_body, "extra_headers": self._headers}
+        if prediction is not None:  # OpenAI Predicted Outputs
+            req["prediction"] = {"type": "content", "content": prediction}
+        return req
 
     def _error(self, e: openai.OpenAIError) -> EndpointError:
         """The endpoint error for what the openai client raised (after its retries)."""
@@ -162,25 +168,30 @@ class ChatEndpoint:
             raise EndpointError(f"{self.url} sent a reply that is not a chat completion ({e}): {raw.text[:300]}",
                                 raw.status_code) from None
         usage = reply.usage
+        details, predicted = usage.completion_tokens_details if usage else None, None
+        if details and None not in (details.accepted_prediction_tokens, details.rejected_prediction_tokens):
+            predicted = {"accepted": details.accepted_prediction_tokens, "rejected": details.rejected_prediction_tokens}
         return Completion(text.strip(), usage.completion_tokens if usage else None,
-                          usage.prompt_tokens if usage else None, choice.finish_reason, raw.elapsed.total_seconds())
+                          usage.prompt_tokens if usage else None, choice.finish_reason, raw.elapsed.total_seconds(),
+                          predicted)
 
     def chat(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.7,
-             top_p: float = 1.0) -> Completion:
-        """Blocking call with retries (the batch jobs' draft and judge stages, the evaluation's LLM judge)."""
+             top_p: float = 1.0, prediction: str | None = None) -> Completion:
+        """Blocking call with retries (the batch jobs' draft and judge stages, the evaluation's LLM judge).
+        `prediction`: sent as OpenAI's Predicted Outputs field (an endpoint without it may refuse or ignore it)."""
         try:
             raw = self._sync_client().chat.completions.with_raw_response.create(
-                **self._request(messages, max_tokens, temperature, top_p))
+                **self._request(messages, max_tokens, temperature, top_p, prediction))
         except openai.OpenAIError as e:
             raise self._error(e) from e
         return self._completion(raw)
 
     async def achat(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.7,
-                    top_p: float = 1.0) -> Completion:
+                    top_p: float = 1.0, prediction: str | None = None) -> Completion:
         """The same call for an event loop (the Serve base deployment of kind ``openai``)."""
         try:
             raw = await self._async_client().chat.completions.with_raw_response.create(
-                **self._request(messages, max_tokens, temperature, top_p))
+                **self._request(messages, max_tokens, temperature, top_p, prediction))
         except openai.OpenAIError as e:
             raise self._error(e) from e
         return self._completion(raw)

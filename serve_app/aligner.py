@@ -1,10 +1,15 @@
 """The aligner deployment: refines drafts with the Jacobi engine; concurrent requests are refined together.
 
-``refine(req) -> dict`` with ``req = {messages, draft, max_tokens, key, alignment?}``. Encoding (and the
+``refine(req) -> dict`` with ``req = {messages, draft, max_tokens, key, alignment?, prediction?}``. Encoding (and the
 context-window check, and the knob check) happens per request, before batching, so one bad request fails alone
 with `BadRequest`. With alignment vectors configured, a batch is split by knob setting and each group runs on
 its merged variant (pipeline/vectors/: LRU-cached, switched by pointer swap); the result says whether the
 variant came from the cache.
+
+With a `prediction` (the client's OpenAI Predicted Outputs text, which the ingress also sends as the draft), the
+result adds ``prediction_tokens = {accepted, rejected}`` (the draft's tokens against the answer's, under the
+aligner's tokenizer: `pipeline.decoding.prediction`) and ``prompt_tokens`` (the conversation's tokens: no base
+counted them).
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ import time
 from ray import serve
 
 from pipeline.models import load_model
-from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE
+from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE, answer_ids, chat_prompt_ids
+from pipeline.decoding.prediction import prediction_tokens
 from pipeline.decoding.refiner import Refiner, RefineRequest
 
 from .config import AlignerArgs
@@ -53,6 +59,12 @@ class Aligner:
             res = await self._refine_batch((item, knobs))
         finally:
             self.window.leave()
+        ids = res.pop("token_ids")
+        if req.get("prediction") is not None:
+            tok = self.refiner.lm.tokenizer
+            predicted = item.draft_ids if req["prediction"] == req["draft"] else answer_ids(tok, req["prediction"])
+            res["prediction_tokens"] = prediction_tokens(predicted, ids)
+            res["prompt_tokens"] = len(chat_prompt_ids(tok, req["messages"]))
         res["refine_ms"] = (time.perf_counter() - t0) * 1000
         self.metrics.record("ok", res["refine_ms"], res["iterations"], res["tokens_per_pass"])
         return res
@@ -85,7 +97,8 @@ class Aligner:
                 info = sw.as_dict()
                 self.variant_metrics.record(sw.cache, sw.switch_ms)
             for i, r in zip(idx, results):
-                out[i] = {"text": r.text, "completion_tokens": len(r.token_ids), "iterations": r.passes,
+                out[i] = {"text": r.text, "token_ids": r.token_ids, "completion_tokens": len(r.token_ids),
+                          "iterations": r.passes,
                           "tokens_per_pass": round(r.tokens_per_pass, 3), "converged": r.converged,
                           "finish_reason": "stop" if r.stop == "eos" else "length", "batch_size": len(pairs),
                           "mode": self.args.mode + ("+in_context" if self.args.in_context else ""),

@@ -1,8 +1,12 @@
 """Base-model deployments: they draft the answer the aligner refines (or serve it bare).
 
-Each has one entry point, ``draft(req) -> dict`` with ``req = {messages, max_tokens, temperature, top_p, key}``
-and the result ``{text, completion_tokens, prompt_tokens, finish_reason, draft_ms}``. Requests that cannot be
-served as asked raise `BadRequest` (the ingress answers 400); a failing remote endpoint raises `UpstreamError`.
+Each has one entry point, ``draft(req) -> dict`` with ``req = {messages, max_tokens, temperature, top_p, key,
+prediction?}`` and the result ``{text, completion_tokens, prompt_tokens, finish_reason, draft_ms,
+prediction_tokens?}``. A `prediction` (the client's OpenAI Predicted Outputs text) never changes the answer: the
+HF base counts it against its answer (``prediction_tokens = {accepted, rejected}``, `pipeline.decoding.prediction`),
+the ``openai`` base forwards it to its endpoint and passes the endpoint's counts on when it reports them.
+Requests that cannot be served as asked raise `BadRequest` (the ingress answers 400); a failing remote endpoint
+raises `UpstreamError`.
 """
 from __future__ import annotations
 
@@ -13,9 +17,10 @@ from collections import defaultdict
 from ray import serve
 
 from pipeline.decoding.drafting import SamplingParams, generate_answers
+from pipeline.decoding.prediction import prediction_tokens
 from pipeline.models import load_model
 from pipeline.clients import ChatEndpoint, EndpointConfig, EndpointError, EndpointRejected
-from pipeline.prompts import chat_prompt_ids
+from pipeline.prompts import answer_ids, chat_prompt_ids
 
 from .config import HFBaseArgs, OpenAIBaseArgs
 from .metrics import DraftMetrics, VariantMetrics
@@ -88,16 +93,19 @@ class HFBase:
             convs, seed_key = [reqs[i]["messages"] for i in idx], ",".join(reqs[i]["key"] for i in idx)
             info = None
             if self.knobbed is None:
-                answers = generate_answers(self.lm, convs, params, seed_key=seed_key)
+                answers = generate_answers(self.lm, convs, params, seed_key=seed_key, with_ids=True)
             else:
                 with self.knobbed.use(knobs) as sw:
-                    answers = generate_answers(self.lm, convs, params, seed_key=seed_key)
+                    answers = generate_answers(self.lm, convs, params, seed_key=seed_key, with_ids=True)
                 info = sw.as_dict()
                 self.variant_metrics.record(sw.cache, sw.switch_ms)
-            for i, (text, n, _) in zip(idx, answers):
+            for i, (text, n, _, ids) in zip(idx, answers):
                 out[i] = {"text": text, "completion_tokens": n, "batch_size": len(reqs),
                           "finish_reason": "length" if n >= max_tokens else "stop",
                           **({"alignment": info} if info else {})}
+                if reqs[i].get("prediction") is not None:
+                    out[i]["prediction_tokens"] = prediction_tokens(
+                        answer_ids(self.lm.tokenizer, reqs[i]["prediction"]), ids)
         return out
 
     def check_health(self):
@@ -124,7 +132,8 @@ class OpenAIBase:
     async def draft(self, req: dict) -> dict:
         t0 = time.perf_counter()
         try:
-            c = await self.endpoint.achat(req["messages"], req["max_tokens"], req["temperature"], req["top_p"])
+            c = await self.endpoint.achat(req["messages"], req["max_tokens"], req["temperature"], req["top_p"],
+                                          req.get("prediction"))
         except EndpointRejected as e:
             self.metrics.record("rejected")
             if e.status in (400, 413, 422):
@@ -136,7 +145,9 @@ class OpenAIBase:
         ms = (time.perf_counter() - t0) * 1000
         self.metrics.record("ok", ms, c.completion_tokens)
         return {"text": c.text, "completion_tokens": c.completion_tokens, "prompt_tokens": c.prompt_tokens,
-                "finish_reason": c.finish_reason or "stop", "draft_ms": ms, "batch_size": 1}
+                "finish_reason": c.finish_reason or "stop", "draft_ms": ms, "batch_size": 1,
+                **({"prediction_tokens": c.prediction_tokens}
+                   if c.prediction_tokens and req.get("prediction") is not None else {})}
 
     def check_health(self):
         pass  # the remote endpoint's health is its own; an outage shows as 502s, not replica restarts

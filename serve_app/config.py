@@ -138,6 +138,7 @@ class AppArgs(_Strict):
     default_max_tokens: int = Field(256, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)  # larger bodies get a 413
     max_messages: int = Field(64, ge=1)
+    max_prediction_chars: int = Field(32_000, ge=1)  # a longer `prediction` (the client's own draft) gets a 400
     request_timeout_s: float = Field(120.0, gt=0)  # per request, draft + refine; then 504
     replica_failure_retries: int = Field(1, ge=0)  # resend a request whose replica died (answers are deterministic)
     api_key_env: str = "API_KEY"  # if this variable is set, requests need "Authorization: Bearer <its value>"

@@ -1,6 +1,8 @@
 """The HTTP front door: OpenAI-compatible routes over the base and aligner deployments.
 
-POST /v1/chat/completions   draft with the route's base, refine with its aligner (if any), answer
+POST /v1/chat/completions   draft with the route's base, refine with its aligner (if any), answer; a request's
+                            `prediction` (OpenAI Predicted Outputs) is the draft instead on aligner routes, and
+                            only counted on bare ones
 GET  /v1/models             the configured model routes
 GET  /healthz               liveness of the ingress (Serve health-checks every replica on its own)
 
@@ -138,7 +140,7 @@ class Ingress:
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
         self._auth(request)
-        req = parse_chat_request(await self._body(request), self.args.max_messages)
+        req = parse_chat_request(await self._body(request), self.args.max_messages, self.args.max_prediction_chars)
         route = self.args.models.get(req.model)
         if route is None:
             raise ApiError(404, f"the model {req.model!r} does not exist; available: {sorted(self.args.models)}",
@@ -180,19 +182,29 @@ class Ingress:
         knobs = knobs or {"base": {}, "aligner": {}}
         temperature = 0.7 if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p
-        draft = await self._call(self.bases[route.base].draft,
-                                 {"messages": messages, "max_tokens": max_tokens, "temperature": temperature,
-                                  "top_p": top_p, "key": key, "concurrent": self.inflight > 1,
-                                  **({"alignment": knobs["base"]} if knobs["base"] else {})}, deadline,
-                                 f"base model {route.base!r}")
-        extra = {"base": route.base, "aligner": route.aligner, "draft_ms": round(draft["draft_ms"], 1)}
+        prediction = req.prediction_text()  # OpenAI Predicted Outputs: the client's own draft
+        predicted = {} if prediction is None else {"prediction": prediction}
+        if route.aligner is not None and prediction is not None:  # the aligner refines it; the base is skipped
+            if knobs["base"]:
+                raise ApiError(400, f"alignment knobs {sorted(knobs['base'])} are the base model's, which a request "
+                                    "with a prediction skips", param="alignment", code="invalid_alignment")
+            draft = {"text": prediction}
+            extra = {"base": route.base, "aligner": route.aligner, "draft_source": "prediction", "draft_ms": 0.0}
+        else:  # on a bare base a prediction never changes the answer: the base only counts it
+            draft = await self._call(self.bases[route.base].draft,
+                                     {"messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+                                      "top_p": top_p, "key": key, "concurrent": self.inflight > 1, **predicted,
+                                      **({"alignment": knobs["base"]} if knobs["base"] else {})}, deadline,
+                                     f"base model {route.base!r}")
+            extra = {"base": route.base, "aligner": route.aligner, "draft_source": "base",
+                     "draft_ms": round(draft["draft_ms"], 1)}
         if "alignment" in draft:
             extra.setdefault("alignment", {})["base"] = draft["alignment"]
-        text, finish, completion_tokens = draft["text"], draft["finish_reason"], draft["completion_tokens"]
+        result = draft
         if route.aligner is not None:
             ref = await self._call(self.aligners[route.aligner].refine,
                                    {"messages": messages, "draft": draft["text"], "max_tokens": max_tokens,
-                                    "key": key, "concurrent": self.inflight > 1,
+                                    "key": key, "concurrent": self.inflight > 1, **predicted,
                                     **({"alignment": knobs["aligner"]} if knobs["aligner"] else {})}, deadline,
                                    f"aligner {route.aligner!r}")
             if "alignment" in ref:
@@ -200,10 +212,15 @@ class Ingress:
             extra.update(draft=draft["text"], iterations=ref["iterations"], tokens_per_pass=ref["tokens_per_pass"],
                          converged=ref["converged"], refine_ms=round(ref["refine_ms"], 1), mode=ref["mode"],
                          refine_batch_size=ref["batch_size"])
-            text, finish, completion_tokens = ref["text"], ref["finish_reason"], ref["completion_tokens"]
-        prompt_tokens = draft.get("prompt_tokens") or 0
+            result = ref
+        text, finish, completion_tokens = result["text"], result["finish_reason"], result["completion_tokens"]
+        prompt_tokens = draft.get("prompt_tokens") or result.get("prompt_tokens") or 0
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens or 0,
                  "total_tokens": prompt_tokens + (completion_tokens or 0)}
+        if prediction is not None and "prediction_tokens" in result:  # absent: the base's endpoint did not say
+            counts = result["prediction_tokens"]
+            usage["completion_tokens_details"] = {"accepted_prediction_tokens": counts["accepted"],
+                                                  "rejected_prediction_tokens": counts["rejected"]}
         cid = completion_id()
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

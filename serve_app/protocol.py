@@ -13,7 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 # Request fields we accept but cannot honour: refuse them rather than silently ignore them.
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "stop",
-               "response_format", "logit_bias", "audio", "modalities", "prediction")
+               "response_format", "logit_bias", "audio", "modalities")
+# What OpenAI refuses together with `prediction` (Predicted Outputs), besides n > 1 and positive penalties.
+NOT_WITH_PREDICTION = ("logprobs", "top_logprobs", "audio", "max_completion_tokens", "tools", "tool_choice",
+                       "functions", "function_call")
 
 
 class ApiError(Exception):
@@ -75,6 +78,14 @@ class ChatRequest(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     alignment: dict[StrictStr, StrictFloat | StrictInt] | None = None  # DiffPO extra: {vector name: λ}
+    prediction: dict | None = None  # OpenAI Predicted Outputs {"type": "content", "content": ...}: check_prediction
+
+    def prediction_text(self) -> str | None:
+        """The prediction's text (its text parts joined), or None without one; call after `check_prediction`."""
+        if self.prediction is None:
+            return None
+        content = self.prediction["content"]
+        return content if isinstance(content, str) else "".join(part["text"] for part in content)
 
 
 def _describe(e: ValidationError) -> tuple[str, str | None]:
@@ -88,7 +99,56 @@ def _describe(e: ValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) + more, first
 
 
-def parse_chat_request(raw: bytes, max_messages: int) -> ChatRequest:
+def _refuse(param: str, message: str, code: str = "invalid_prediction") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def check_prediction(req: ChatRequest, data: dict, max_chars: int) -> None:
+    """A request's `prediction`: its shape (type "content"; content a string or a non-empty list of
+    {"type": "text", "text": str} parts, nothing else), its size (at most `max_chars` characters) and the
+    fields OpenAI refuses with it (n > 1, logprobs, positive penalties, audio, non-text modalities,
+    max_completion_tokens, tools / function calling). ApiError(400) naming the field otherwise."""
+    p = req.prediction
+    if set(p) != {"type", "content"}:
+        raise _refuse("prediction", "prediction must be {\"type\": \"content\", \"content\": ...} with exactly these "
+                                    f"keys (got {sorted(p)})")
+    if p["type"] != "content":
+        raise _refuse("prediction.type", f"prediction.type must be 'content' (got {p['type']!r})")
+    content = p["content"]
+    if isinstance(content, list) and content:
+        for i, part in enumerate(content):
+            if not (isinstance(part, dict) and set(part) == {"type", "text"} and part["type"] == "text"
+                    and isinstance(part["text"], str)):
+                raise _refuse(f"prediction.content.{i}", f"prediction.content[{i}] must be a text part "
+                                                         "{\"type\": \"text\", \"text\": <string>} (nothing else)")
+    elif not isinstance(content, str):
+        raise _refuse("prediction.content", "prediction.content must be a string or a non-empty list of text parts")
+    size = len(req.prediction_text())
+    if size > max_chars:
+        raise _refuse("prediction.content", f"prediction.content has {size} characters; this server takes at most "
+                                            f"{max_chars}", code="prediction_too_large")
+    field = _not_with_prediction(req, data)
+    if field:
+        raise _refuse(field, f"'{field}' cannot be combined with 'prediction' (Predicted Outputs)",
+                      code="unsupported_parameter")
+
+
+def _not_with_prediction(req: ChatRequest, data: dict) -> str | None:
+    """The first field set in a way OpenAI refuses together with a prediction, or None."""
+    if req.n > 1:
+        return "n"
+    for k in ("presence_penalty", "frequency_penalty"):
+        v = data.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ApiError(400, f"{k} must be a number", param=k)
+        if v is not None and v > 0:
+            return k
+    if data.get("modalities") not in (None, ["text"]):
+        return "modalities"
+    return next((k for k in NOT_WITH_PREDICTION if data.get(k) not in (None, False, [], {})), None)
+
+
+def parse_chat_request(raw: bytes, max_messages: int, max_prediction_chars: int = 32_000) -> ChatRequest:
     """Bytes of a POST body -> validated ChatRequest, or ApiError(400) that says what is wrong."""
     try:
         data = json.loads(raw)
@@ -103,6 +163,8 @@ def parse_chat_request(raw: bytes, max_messages: int) -> ChatRequest:
         raise ApiError(400, msg, param=param) from None
     except RecursionError:
         raise ApiError(400, "the body is nested too deeply", code="invalid_json") from None
+    if req.prediction is not None:
+        check_prediction(req, data, max_prediction_chars)
     for key in UNSUPPORTED:
         if data.get(key) not in (None, [], {}):
             raise ApiError(400, f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")

@@ -94,6 +94,22 @@ def test_a_normal_answer_over_one_reused_connection(server, endpoint, monkeypatc
     assert len(server.requests) == 2 and server.requests[1][3] == port  # the same client and connection
 
 
+def test_a_prediction_is_sent_and_its_counts_read_back(server, endpoint):
+    """OpenAI Predicted Outputs: the field goes out as sent; usage.completion_tokens_details comes back when the
+    endpoint reports it, and is None when it does not."""
+    reply = completion_body()
+    reply["usage"]["completion_tokens_details"] = {"accepted_prediction_tokens": 2, "rejected_prediction_tokens": 1}
+    server.script = [(200, reply, {}, 0.0), (200, completion_body(), {}, 0.0)]
+    ep = endpoint(server.url)
+    c = ep.chat(MESSAGES, max_tokens=5, prediction="Hi here.")
+    assert server.requests[0][2]["prediction"] == {"type": "content", "content": "Hi here."}
+    assert c.prediction_tokens == {"accepted": 2, "rejected": 1}
+    c = ep.chat(MESSAGES, max_tokens=5, prediction="Hi here.")
+    assert c.text == "Hi there." and c.prediction_tokens is None
+    ep.chat(MESSAGES)
+    assert "prediction" not in server.requests[2][2]
+
+
 def test_no_key_means_no_authorization_header(server, endpoint, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-must-not-leak")
     endpoint(server.url).chat(MESSAGES)

@@ -46,8 +46,9 @@ def server(ray_local, tiny_dirs):
             "tiny": {"base": "tiny"},
             "diffpo-remote": {"base": "tiny-remote", "aligner": "jacobi"},
             "diffpo-tight": {"base": "tiny", "aligner": "tight"},
+            "remote": {"base": "tiny-remote"},
         },
-        "max_tokens_cap": MAX_NEW, "default_max_tokens": 16, "request_timeout_s": 30,
+        "max_tokens_cap": MAX_NEW, "default_max_tokens": 16, "request_timeout_s": 30, "max_prediction_chars": 4000,
         "max_body_bytes": 200_000, "api_key_env": TEST_API_KEY_ENV,
     })
     small = {"ray_actor_options": {"num_cpus": 0.2}}
@@ -61,14 +62,20 @@ def server(ray_local, tiny_dirs):
 
 
 @pytest.fixture(scope="module")
-def expected(server):
-    """The aligner's answer computed in-process with the same engine and settings as the deployment."""
+def refiner(server):
+    """The aligner in-process, with the same engine and settings as the deployment."""
     from pipeline.decoding.jacobi import RefineSettings
     from pipeline.models import load_model
-    from pipeline.decoding.refiner import Refiner, RefineRequest
-    from serve_app.protocol import conversation_key
+    from pipeline.decoding.refiner import Refiner
 
-    refiner = Refiner(load_model(server["tiny"]), RefineSettings(max_new_tokens=MAX_NEW, window=8), mode="fast")
+    return Refiner(load_model(server["tiny"]), RefineSettings(max_new_tokens=MAX_NEW, window=8), mode="fast")
+
+
+@pytest.fixture(scope="module")
+def expected(refiner):
+    """The aligner's answer computed in-process with the same engine and settings as the deployment."""
+    from pipeline.decoding.refiner import RefineRequest
+    from serve_app.protocol import conversation_key
 
     def answer(messages, draft, max_tokens):
         req = RefineRequest(messages, draft, conversation_key(messages), max_tokens)
@@ -116,7 +123,7 @@ def test_openai_client_chat_stream_and_models(server, expected):
     assert all(ch.object == "chat.completion.chunk" for ch in chunks)
 
     ids = {m.id for m in c.models.list()}
-    assert ids == {"diffpo-tiny", "tiny", "diffpo-remote", "diffpo-tight"}
+    assert ids == {"diffpo-tiny", "tiny", "diffpo-remote", "diffpo-tight", "remote"}
 
     # the bare base model answers with the draft itself
     bare = c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=24, temperature=0)
@@ -150,6 +157,128 @@ def test_remote_base_over_http_matches_in_process_base(server, expected):
     assert remote.model_extra["diffpo"]["draft"] == local.model_extra["diffpo"]["draft"]
     assert remote.choices[0].message.content == local.choices[0].message.content
     assert remote.choices[0].message.content == expected(msgs, remote.model_extra["diffpo"]["draft"], 20)
+
+
+# ---- OpenAI Predicted Outputs: the client's own draft --------------------------------------------------------
+ONE = [{"role": "user", "content": "Name a color."}]
+PREDICTION = "Blue, like the sky."  # 19 tokens under the tiny byte-level tokenizer (one per character)
+
+
+def predicted(r) -> tuple[int, int]:
+    d = r.usage.completion_tokens_details
+    return d.accepted_prediction_tokens, d.rejected_prediction_tokens
+
+
+def test_prediction_is_the_draft_on_an_aligner_route(server, expected):
+    """The official client's `prediction=`: the aligner refines the client's text, the base is not called."""
+    import openai
+
+    c = client(server)
+    r = c.chat.completions.create(model="diffpo-tiny", messages=ONE, max_tokens=24, temperature=0,
+                                  prediction={"type": "content", "content": PREDICTION})
+    extra = r.model_extra["diffpo"]
+    assert r.choices[0].message.content == expected(ONE, PREDICTION, 24)
+    assert extra["draft_source"] == "prediction" and extra["draft"] == PREDICTION
+    assert extra["draft_ms"] == 0 and extra["refine_ms"] > 0
+    plain = c.chat.completions.create(model="diffpo-tiny", messages=ONE, max_tokens=24, temperature=0)
+    assert plain.model_extra["diffpo"]["draft_source"] == "base" and plain.model_extra["diffpo"]["draft_ms"] > 0
+    assert plain.usage.completion_tokens_details is None  # no prediction, no prediction counts
+    assert r.usage.prompt_tokens == plain.usage.prompt_tokens > 0  # counted by the aligner: same tokenizer here
+
+    parts = [{"type": "text", "text": "Blue, like "}, {"type": "text", "text": "the sky."}]
+    joined = c.chat.completions.create(model="diffpo-tiny", messages=ONE, max_tokens=24, temperature=0,
+                                       prediction={"type": "content", "content": parts})
+    assert joined.choices[0].message.content == r.choices[0].message.content and joined.usage == r.usage
+    # the route whose base is a remote endpoint skips it the same way
+    remote = c.chat.completions.create(model="diffpo-remote", messages=ONE, max_tokens=24, temperature=0,
+                                       prediction={"type": "content", "content": PREDICTION})
+    assert remote.choices[0].message.content == r.choices[0].message.content
+    assert remote.model_extra["diffpo"]["draft_ms"] == 0 and remote.usage == r.usage
+    with pytest.raises(openai.BadRequestError, match="cannot be combined with 'prediction'"):
+        c.chat.completions.create(model="diffpo-tiny", messages=ONE, n=2,
+                                  prediction={"type": "content", "content": PREDICTION})
+
+
+def test_prediction_counts_on_the_aligner_route_and_in_the_stream(server, refiner):
+    from pipeline.decoding.jacobi import reserve_count
+    from pipeline.decoding.prediction import prediction_counts
+    from pipeline.decoding.refiner import RefineRequest
+    from pipeline.prompts import answer_ids
+    from serve_app.protocol import conversation_key
+
+    assert len(answer_ids(refiner.lm.tokenizer, PREDICTION)) == len(PREDICTION) == 19  # one token per character
+    held = reserve_count(conversation_key(ONE), 0, 12, len(PREDICTION))  # r: prediction tokens held fixed
+    assert held >= 4
+    c = client(server)
+    pred = {"type": "content", "content": PREDICTION}
+    # by hand: with max_tokens 4 <= r the answer is the prediction's first 4 tokens, "Blue": 4 kept, 15 not
+    short = c.chat.completions.create(model="diffpo-tiny", messages=ONE, max_tokens=4, temperature=0, prediction=pred)
+    assert short.choices[0].message.content == "Blue" and short.usage.completion_tokens == 4
+    assert predicted(short) == (4, 15)
+    # longer: the r held tokens are kept, and both counts are the in-process aligner's
+    r = c.chat.completions.create(model="diffpo-tiny", messages=ONE, max_tokens=24, temperature=0, prediction=pred)
+    item = refiner.encode(RefineRequest(ONE, PREDICTION, conversation_key(ONE), 24))
+    answer = refiner.refine_items([item])[0]
+    accepted, rejected = predicted(r)
+    assert (accepted, rejected) == prediction_counts(item.draft_ids, answer.token_ids)
+    assert accepted + rejected == 19 and accepted >= held
+    assert r.usage.completion_tokens == len(answer.token_ids)
+    # the stream's usage chunk carries the same counts
+    chunks = list(c.chat.completions.create(model="diffpo-tiny", messages=ONE, max_tokens=24, temperature=0,
+                                            prediction=pred, stream=True, stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == r.choices[0].message.content
+    assert chunks[-1].usage == r.usage and predicted(chunks[-1]) == (accepted, rejected)
+    last = [ch for ch in chunks if ch.choices][-1]
+    assert last.model_extra["diffpo"]["draft_source"] == "prediction"
+
+
+def test_prediction_on_a_bare_base_never_changes_the_answer(server, refiner):
+    """Bare routes answer as without the prediction and only count it; the `openai` base forwards the field
+    and passes the endpoint's counts on."""
+    from pipeline.decoding.drafting import SamplingParams, generate_answers
+    from pipeline.decoding.prediction import prediction_counts
+    from pipeline.prompts import answer_ids
+
+    c = client(server)
+    pred = {"type": "content", "content": PREDICTION}
+    plain = c.chat.completions.create(model="tiny", messages=ONE, max_tokens=24, temperature=0)
+    r = c.chat.completions.create(model="tiny", messages=ONE, max_tokens=24, temperature=0, prediction=pred)
+    assert r.choices[0].message.content == plain.choices[0].message.content
+    assert r.usage.completion_tokens == plain.usage.completion_tokens
+    assert r.model_extra["diffpo"]["draft_source"] == "base" and r.model_extra["diffpo"]["draft_ms"] > 0
+    ids = generate_answers(refiner.lm, [ONE], SamplingParams(max_new_tokens=24, do_sample=False), with_ids=True)[0][3]
+    assert predicted(r) == prediction_counts(answer_ids(refiner.lm.tokenizer, PREDICTION), ids)
+    assert sum(predicted(r)) == 19
+    remote = c.chat.completions.create(model="remote", messages=ONE, max_tokens=24, temperature=0, prediction=pred)
+    assert remote.choices[0].message.content == plain.choices[0].message.content
+    assert predicted(remote) == predicted(r)
+    chunks = list(c.chat.completions.create(model="tiny", messages=ONE, max_tokens=24, temperature=0, prediction=pred,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage == r.usage
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"n": 2}, "n"), ({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"presence_penalty": 0.5}, "presence_penalty"), ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"), ({"modalities": ["audio"]}, "modalities"),
+    ({"max_completion_tokens": 8}, "max_completion_tokens"),
+    ({"prediction": {"type": "text", "content": PREDICTION}}, "prediction.type"),
+    ({"prediction": {"type": "content", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}},
+     "prediction.content.0"),
+    ({"prediction": {"type": "content", "content": "x" * 4001}}, "prediction.content"),
+])
+def test_prediction_refusals(server, change, param):
+    body = {"model": "diffpo-tiny", "messages": ONE, "max_tokens": 8,
+            "prediction": {"type": "content", "content": PREDICTION}, **change}
+    r = post(server, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error", err
+    if param.startswith("prediction"):
+        assert err["message"].startswith(param.replace(".0", "[0]")), err
+    else:
+        assert err["message"] == f"'{param}' cannot be combined with 'prediction' (Predicted Outputs)", err
+        assert err["code"] == "unsupported_parameter"
 
 
 def _fuzz_cases(rng: random.Random) -> list[tuple[str, bytes | dict, dict]]:

@@ -175,6 +175,9 @@ def test_bad_knobs_get_400_json_and_the_server_stays_healthy(vec_server):
         ("no vectors on this route", dict(ok, model="diffpo-plain", alignment={"one": 1}),
          "unknown alignment vector 'one' for model 'diffpo-plain'; available: ['style']"),
         ("aligner vector on a bare base", dict(ok, model="tiny", alignment={"one": 1}), "unknown alignment vector"),
+        ("base knob with a prediction, which skips the base",
+         dict(ok, alignment={"style": 1}, prediction={"type": "content", "content": "Red."}),
+         "alignment knobs ['style'] are the base model's, which a request with a prediction skips"),
     ]
     for label, body, msg in cases:
         r = post(vec_server, body)
