@@ -6,6 +6,12 @@ with `BadRequest`. With alignment vectors configured, a batch is split by knob s
 its merged variant (pipeline/vectors/: LRU-cached, switched by pointer swap); the result says whether the
 variant came from the cache.
 
+``refine_stream(req)`` (call it with ``handle.options(stream=True)``) is `refine` as it happens: it yields
+``{"delta": text}`` while the answer's tokens become final (the engine's `on_final` reports, turned into text by
+`pipeline.decoding.streaming.TextStream`; the deltas join to exactly the answer's text) and then
+``{"result": <refine's dict> + first_token_ms}``. It shares refine's batches; a request that cannot be refined
+raises `BadRequest` before the first event.
+
 With a `prediction` (the client's OpenAI Predicted Outputs text, which the ingress also sends as the draft), the
 result adds ``prediction_tokens = {accepted, rejected}`` (the draft's tokens against the answer's, under the
 aligner's tokenizer: `pipeline.decoding.prediction`) and ``prompt_tokens`` (the conversation's tokens: no base
@@ -14,6 +20,7 @@ counted them).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from ray import serve
@@ -22,12 +29,15 @@ from pipeline.models import load_model
 from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE, answer_ids, chat_prompt_ids
 from pipeline.decoding.prediction import prediction_tokens
 from pipeline.decoding.refiner import Refiner, RefineRequest
+from pipeline.decoding.streaming import StreamMismatch, TextStream
 
 from .config import AlignerArgs
 from .metrics import RefineMetrics, VariantMetrics
 from .protocol import BadRequest
 from .batchwait import AdaptiveWait
 from .threads import set_torch_threads
+
+log = logging.getLogger("ray.serve")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16, max_queued_requests=64,
@@ -46,7 +56,9 @@ class Aligner:
         self._refine_batch.set_max_batch_size(a.max_batch_size)
         self.window = AdaptiveWait(self._refine_batch, a.batch_wait_timeout_s, a.adaptive_batch_wait)
 
-    async def refine(self, req: dict) -> dict:
+    async def refine(self, req: dict, on_final=None) -> dict:
+        """The refined answer; `on_final(token_ids)` (in-replica callers only) gets its final tokens as they grow,
+        from the engine's thread."""
         t0 = time.perf_counter()
         try:
             item = self.refiner.encode(RefineRequest(req["messages"], req["draft"], req["key"], req["max_tokens"]))
@@ -56,7 +68,7 @@ class Aligner:
             raise BadRequest(f"the aligner cannot refine this request: {e}") from None
         self.window.arrive(req.get("concurrent", False))
         try:
-            res = await self._refine_batch((item, knobs))
+            res = await self._refine_batch((item, knobs, on_final))
         finally:
             self.window.leave()
         ids = res.pop("token_ids")
@@ -68,6 +80,47 @@ class Aligner:
         res["refine_ms"] = (time.perf_counter() - t0) * 1000
         self.metrics.record("ok", res["refine_ms"], res["iterations"], res["tokens_per_pass"])
         return res
+
+    async def refine_stream(self, req: dict):
+        """`refine` as a stream: {"delta": text} events as the answer's tokens become final, then {"result": ...}
+        (refine's dict and `first_token_ms`, the time to the first delta, on the same clock as `refine_ms`)."""
+        t0 = time.perf_counter()
+        loop, changed, final = asyncio.get_running_loop(), asyncio.Event(), []
+
+        def publish(ids: list[int]) -> None:  # only the latest list matters: each extends the one before
+            nonlocal final
+            final = ids
+            changed.set()
+
+        def on_final(ids: list[int]) -> None:  # the engine's thread, between passes
+            try:
+                loop.call_soon_threadsafe(publish, ids)
+            except RuntimeError:  # the loop is closing: nobody is listening
+                pass
+
+        task = asyncio.ensure_future(self.refine(req, on_final))
+        task.add_done_callback(lambda _: changed.set())
+        text, first = TextStream(self.refiner.lm.tokenizer), None
+        try:
+            while not task.done():
+                await changed.wait()
+                changed.clear()
+                delta = text.feed(final)
+                if delta:
+                    first = first or time.perf_counter()
+                    yield {"delta": delta}
+            res = task.result()  # BadRequest (before any delta) or the engine's error
+            rest = text.close(res["text"])
+            if rest:
+                first = first or time.perf_counter()
+                yield {"delta": rest}
+        except StreamMismatch as e:
+            log.error("aligner %r: %s", self.name, e)
+            raise
+        finally:
+            task.cancel()  # a client that left: its rows finish in their batch, unread
+        res["first_token_ms"] = ((first or time.perf_counter()) - t0) * 1000
+        yield {"result": res}
 
     def _knobs(self, alignment) -> tuple:
         if not alignment:
@@ -82,18 +135,21 @@ class Aligner:
         return await asyncio.to_thread(self._refine_groups, pairs)
 
     def _refine_groups(self, pairs: list) -> list[dict]:
-        """One engine call per knob setting in the batch, each on its merged variant."""
+        """One engine call per knob setting in the batch (of (item, knobs, on_final) per request), each on its
+        merged variant."""
         groups: dict[tuple, list[int]] = {}
-        for i, (_, knobs) in enumerate(pairs):
+        for i, (_, knobs, _) in enumerate(pairs):
             groups.setdefault(knobs, []).append(i)
         out: list[dict | None] = [None] * len(pairs)
         for knobs, idx in groups.items():
             items = [pairs[i][0] for i in idx]
+            streams = [pairs[i][2] for i in idx]
+            on_final = (lambda j, ids: streams[j] and streams[j](ids)) if any(streams) else None
             if self.knobbed is None:
-                results, info = self.refiner.refine_items(items), None
+                results, info = self.refiner.refine_items(items, on_final=on_final), None
             else:
                 with self.knobbed.use(knobs) as sw:
-                    results = self.refiner.refine_items(items)
+                    results = self.refiner.refine_items(items, on_final=on_final)
                 info = sw.as_dict()
                 self.variant_metrics.record(sw.cache, sw.switch_ms)
             for i, r in zip(idx, results):

@@ -8,7 +8,9 @@ GET  /healthz               liveness of the ingress (Serve health-checks every r
 
 Every failure is an OpenAI-style JSON error: 400/401/404/413 for the client's mistakes, 503 when a
 deployment's queue is full or its replica died (after `replica_failure_retries` resends), 504 past
-`request_timeout_s`, 502 when a remote base endpoint failed.
+`request_timeout_s`, 502 when a remote base endpoint failed. `stream: true` on a route with an in-process aligner
+streams the answer while the aligner refines it (serve_app/streaming.py: the status is decided at the first
+text; later failures end the stream with an error event); other routes stream the finished answer.
 """
 
 import asyncio
@@ -28,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .config import AppArgs
 from .protocol import (ApiError, BadRequest, UpstreamError, chat_completion, completion_id, conversation_key,
                        error_body, parse_chat_request, sse_chunks)
+from .streaming import Relay, live_chunks
 
 log = logging.getLogger("ray.serve")
 api = FastAPI(title="DiffPO", docs_url=None, redoc_url=None, openapi_url=None)
@@ -98,11 +101,15 @@ class Ingress:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _call(self, method, payload: dict, deadline: float, what: str) -> dict:
-        """One deployment call with the request's deadline, mapped to ApiError on failure."""
+    async def _call(self, method, payload: dict, deadline: float, what: str, relay: Relay | None = None) -> dict:
+        """One deployment call with the request's deadline, mapped to ApiError on failure. With `relay`, `method`
+        streams (`Aligner.refine_stream`): its deltas go to the relay, and a lost replica is resent only while
+        none was relayed."""
         for attempt in range(self.args.replica_failure_retries + 1):
-            resp = method.remote(payload)
+            resp = method.remote(payload) if relay is None else method.options(stream=True).remote(payload)
             try:
+                if relay is not None:
+                    return await relay.read(resp, deadline)
                 return await asyncio.wait_for(resp, timeout=max(0.01, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 resp.cancel()
@@ -114,7 +121,8 @@ class Ingress:
             except (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError,
                     RequestCancelledError) as e:
                 log.warning("%s failed on a lost replica (attempt %d): %s", what, attempt + 1, type(e).__name__)
-                if attempt >= self.args.replica_failure_retries or time.monotonic() >= deadline:
+                if (attempt >= self.args.replica_failure_retries or time.monotonic() >= deadline
+                        or (relay is not None and relay.started.is_set())):
                     raise ApiError(503, f"{what} lost its replica; retry later", type="server_error",
                                    code="replica_unavailable") from None
             except BadRequest as e:
@@ -153,11 +161,33 @@ class Ingress:
         messages = [m.plain() for m in req.messages]
         key = conversation_key(messages)
         deadline = time.monotonic() + self.args.request_timeout_s
+        if req.stream and route.aligner is not None and self.args.aligners[route.aligner].mode != "vllm":
+            return await self._stream(req, route, messages, key, max_tokens, deadline, knobs)
         self.inflight += 1
         try:
             return await self._complete(req, route, messages, key, max_tokens, deadline, knobs)
         finally:
             self.inflight -= 1
+
+    async def _stream(self, req, route, messages, key, max_tokens, deadline, knobs):
+        """The request in a task that relays the aligner's text; the SSE response once the first text is there."""
+        t0, relay = time.monotonic(), Relay()
+        self.inflight += 1
+        task = asyncio.ensure_future(self._complete(req, route, messages, key, max_tokens, deadline, knobs, relay))
+
+        def ended(_):
+            self.inflight -= 1
+            relay.close()
+
+        task.add_done_callback(ended)
+        try:
+            await relay.opened(task)  # errors before the first text are answered as JSON errors
+        except BaseException:
+            task.cancel()
+            raise
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(live_chunks(completion_id(), req.model, relay, task, include_usage, t0),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     def _split_knobs(self, model: str, route, alignment: dict | None) -> dict[str, dict]:
         """The request's `alignment` knobs split by the model that owns each vector, checked against the
@@ -178,7 +208,7 @@ class Ingress:
             out[who][name] = lam
         return out
 
-    async def _complete(self, req, route, messages, key, max_tokens, deadline, knobs=None):
+    async def _complete(self, req, route, messages, key, max_tokens, deadline, knobs=None, relay=None):
         knobs = knobs or {"base": {}, "aligner": {}}
         temperature = 0.7 if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p
@@ -202,11 +232,12 @@ class Ingress:
             extra.setdefault("alignment", {})["base"] = draft["alignment"]
         result = draft
         if route.aligner is not None:
-            ref = await self._call(self.aligners[route.aligner].refine,
+            aligner = self.aligners[route.aligner]
+            ref = await self._call(aligner.refine if relay is None else aligner.refine_stream,
                                    {"messages": messages, "draft": draft["text"], "max_tokens": max_tokens,
                                     "key": key, "concurrent": self.inflight > 1, **predicted,
                                     **({"alignment": knobs["aligner"]} if knobs["aligner"] else {})}, deadline,
-                                   f"aligner {route.aligner!r}")
+                                   f"aligner {route.aligner!r}", relay)
             if "alignment" in ref:
                 extra.setdefault("alignment", {})["aligner"] = ref["alignment"]
             extra.update(draft=draft["text"], iterations=ref["iterations"], tokens_per_pass=ref["tokens_per_pass"],
@@ -222,7 +253,7 @@ class Ingress:
             usage["completion_tokens_details"] = {"accepted_prediction_tokens": counts["accepted"],
                                                   "rejected_prediction_tokens": counts["rejected"]}
         cid = completion_id()
-        if req.stream:
+        if req.stream and relay is None:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(sse_chunks(cid, req.model, text, finish, usage, extra, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

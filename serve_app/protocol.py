@@ -215,13 +215,34 @@ def sse_chunks(cid: str, model: str, text: str, finish_reason: str, usage: dict,
                include_usage: bool, words_per_chunk: int = 4):
     """The finished answer as standard `chat.completion.chunk` events, ending with `data: [DONE]`."""
     created = int(time.time())
-    yield _chunk(cid, model, created, {"role": "assistant", "content": ""})
+    yield sse_head(cid, model, created)
     pieces = re.findall(r"\s*\S+", text) or [text]
     for i in range(0, len(pieces), words_per_chunk):
-        yield _chunk(cid, model, created, {"content": "".join(pieces[i:i + words_per_chunk])})
+        yield sse_text(cid, model, created, "".join(pieces[i:i + words_per_chunk]))
+    yield from sse_tail(cid, model, created, finish_reason, usage, extra, include_usage)
+
+
+def sse_head(cid: str, model: str, created: int) -> str:
+    """A stream's first chunk: the assistant's role."""
+    return _chunk(cid, model, created, {"role": "assistant", "content": ""})
+
+
+def sse_text(cid: str, model: str, created: int, text: str) -> str:
+    return _chunk(cid, model, created, {"content": text})
+
+
+def sse_tail(cid: str, model: str, created: int, finish_reason: str, usage: dict, extra: dict, include_usage: bool):
+    """A stream's end: the chunk with the finish reason (and the `diffpo` extra), the usage chunk if asked for,
+    `data: [DONE]`."""
     yield _chunk(cid, model, created, {}, finish_reason, diffpo=extra)
     if include_usage:
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
                 "usage": usage}
         yield f"data: {json.dumps(body)}\n\n"
     yield "data: [DONE]\n\n"
+
+
+def sse_error(message: str, type: str = "server_error", code: str | None = None) -> str:
+    """An error after the stream started (the status line is sent): an OpenAI-style error event, which OpenAI's
+    clients raise as an APIError, then `data: [DONE]`."""
+    return f"data: {json.dumps(error_body(message, type, code))}\n\ndata: [DONE]\n\n"

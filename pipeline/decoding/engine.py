@@ -20,6 +20,8 @@ What it does differently from the reference loop, and why the output cannot chan
   draft continuation there. Non-final positions may hold anything without changing the fixed point.
 * **Rows finish independently**: as soon as a stop token is final, or the length cap is reached, a row
   leaves the batch (its cache rows are dropped).
+* **Streaming.** The final prefix seq[ans:F+1] never changes again, so `refine(on_final=...)` can hand it out
+  after every pass: it only grows and ends equal to the row's result (stop token excluded).
 
 A block that spends `max_iter` passes is accepted as is (as in the reference), and flagged.
 
@@ -34,6 +36,7 @@ included). Anything else with a window, chunked or non-causal attention is refus
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -190,14 +193,22 @@ class FastEngine:
     # ---- main loop -------------------------------------------------------------------------------
     @torch.inference_mode()
     def refine(self, items: list[RefineItem], trace: list[list] | None = None,
-               max_time: float | None = None) -> list[RefineResult]:
+               max_time: float | None = None, on_final: Callable[[int, list[int]], None] | None = None
+               ) -> list[RefineResult]:
         """Refine a batch. `trace` (one list per item) receives, before every pass, the row's Jacobi state:
         the answer so far + the current block, as token ids (CLLM-style trajectories).
 
         `max_time` (seconds for the whole call, None = no limit): once a pass ends past it, every row still
         running stops with `stop="timeout"` and its final tokens so far; rows that finished before keep
-        their exact results (a pass is never interrupted, so the overrun is at most one pass)."""
+        their exact results (a pass is never interrupted, so the overrun is at most one pass).
+
+        `on_final(i, token_ids)` streams item i's answer: called with its reserved draft tokens before the
+        first pass (if it has any), after every pass it ran in with the answer tokens final so far, and once
+        more when it finishes. What it gets for a row only grows (each call extends the last one), never holds
+        a stop token, and ends equal to the row's `RefineResult.token_ids`. It runs in the engine's thread
+        between passes: keep it quick (hand the list on)."""
         t0 = time.perf_counter()
+        report = on_final or (lambda i, ids: None)
         results: list[RefineResult | None] = [None] * len(items)
         rows: list[_Row] = []
         for i, it in enumerate(items):
@@ -211,7 +222,10 @@ class FastEngine:
                 ans = fixed[len(it.prompt_ids):][: hit if hit is not None else cap]
                 results[i] = RefineResult(ans, 0, 0, True, "eos" if hit is not None else "max_new_tokens",
                                           time.perf_counter() - t0, r)
+                report(i, list(ans))
                 continue
+            if r:
+                report(i, list(it.draft_ids[:r]))  # held fixed: final before any pass
             row = _Row(out=i, seq=fixed, draft=list(it.draft_ids), ans=len(it.prompt_ids),
                        m=len(fixed) - 1, final=len(fixed) - 1, end=len(fixed), reserved=r,
                        w=self.s.window or 1, cap=cap)
@@ -227,11 +241,17 @@ class FastEngine:
         cache = SlotCache(self.num_layers, cap)
         self._prefill(rows, cache)
         while rows:
-            self._step(rows, cache, results, t0, trace)
+            finished = self._step(rows, cache, results, t0, trace)
+            if on_final:
+                for row in rows:
+                    on_final(row.out, row.seq[row.ans:row.final + 1])
+                for i in finished:
+                    on_final(i, list(results[i].token_ids))
             if rows and max_time is not None and time.perf_counter() - t0 > max_time:
                 for row in rows:
                     row.seq = row.seq[:row.final + 1]
                     results[row.out] = self._result(row, "timeout", t0)
+                    report(row.out, list(results[row.out].token_ids))
                 break
         return results
 
@@ -273,7 +293,8 @@ class FastEngine:
             r.computed += n
 
     def _step(self, rows: list[_Row], cache: SlotCache, results: list, t0: float,
-              trace: list[list] | None = None) -> None:
+              trace: list[list] | None = None) -> list[int]:
+        """One pass over every running row; rows that finish leave `rows`. Returns their item indices."""
         if trace is not None:
             for r in rows:
                 trace[r.out].append(r.seq[r.ans:r.end])
@@ -281,7 +302,7 @@ class FastEngine:
         ids = [r.seq[r.m:r.m + n] for r, n in zip(rows, lengths)]
         logits = self._forward(ids, cache, lengths).logits
         preds = logits.argmax(-1).tolist()
-        counts, keep = [], []
+        counts, keep, finished = [], [], []
         for b, (row, n) in enumerate(zip(rows, lengths)):
             pred = preds[b]
             row.passes += 1
@@ -312,11 +333,13 @@ class FastEngine:
                 keep.append(b)
             else:
                 results[row.out] = self._result(row, done, t0)
+                finished.append(row.out)
         cache.commit(counts)
         if len(keep) < len(rows):
             rows[:] = [rows[b] for b in keep]
             if rows:
                 cache.keep_rows(keep)
+        return finished
 
     def _after_pass(self, row: _Row, old_final: int) -> str | None:
         """Stop checks and block transitions. Returns the stop reason when the row is done."""

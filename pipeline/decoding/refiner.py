@@ -7,10 +7,17 @@ Modes (all greedy):
                  (``prompt_lookup`` > 0 turns on transformers' prompt-lookup speculation).
 ``in_context=True`` switches the aligner's prompt from "chat with the draft as the assistant turn" to a
 correction request that also shows the draft (see `prompts.py`); the draft still seeds the Jacobi state.
+
+Streaming (`refine_items(on_final=...)`): ``fast`` reports each row's final tokens after every pass (see
+`FastEngine.refine`); ``reference`` reports each row once, when its turn in the one-row-at-a-time loop ends;
+``ar`` reports every row once, after the batch's `generate`. In every mode the last report of a row is its
+answer's token ids.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+
 import torch
 
 from pipeline.decoding.continuation import AlignerPrompts, RefineRequest, continuation, finish
@@ -46,9 +53,12 @@ class Refiner:
         return self.refine_items([self.encode(r) for r in reqs], max_time=max_time)
 
     def refine_items(self, items: list[RefineItem], trace: list[list] | None = None,
-                     max_time: float | None = None) -> list[RefineResult]:
+                     max_time: float | None = None, on_final: Callable[[int, list[int]], None] | None = None
+                     ) -> list[RefineResult]:
         """Refine encoded items. `trace` (fast mode only; one list per item) receives each row's Jacobi
-        state before every pass, as token ids (see `FastEngine.refine`).
+        state before every pass, as token ids (see `FastEngine.refine`). `on_final(i, token_ids)` receives
+        item i's answer tokens final so far: a growing list that ends equal to its result's `token_ids`
+        (how often depends on the mode: see the module docstring). Results are the same with or without it.
 
         `max_time` (seconds for the whole call, None = no limit): rows still running when it is spent stop
         with `stop="timeout"` (fast and reference: after the pass that overran it, the reference loop's rows
@@ -57,19 +67,27 @@ class Refiner:
             raise ValueError(f"recording Jacobi states needs mode='fast' (this refiner is mode={self.mode!r})")
         if not items:
             return []
+        report = on_final or (lambda i, ids: None)
         if self.mode == "fast":
-            results = self._engine.refine(items, trace=trace, max_time=max_time)
+            results = self._engine.refine(items, trace=trace, max_time=max_time, on_final=on_final)
         elif self.mode == "reference":
             deadline = None if max_time is None else time.perf_counter() + max_time
-            results = [reference_refine(self.lm.model, it, self.s, self.lm.stop_ids, self.pad_id,
-                                        max_time=None if deadline is None else deadline - time.perf_counter())
-                       for it in items]
+            results = []
+            for i, it in enumerate(items):
+                results.append(reference_refine(self.lm.model, it, self.s, self.lm.stop_ids, self.pad_id,
+                                                max_time=None if deadline is None else deadline - time.perf_counter()))
+                report(i, list(results[-1].token_ids))
         elif self.prompt_lookup:
             deadline = None if max_time is None else time.perf_counter() + max_time
-            results = [self._ar_batch([it], None if deadline is None else max(1e-3, deadline - time.perf_counter()))[0]
-                       for it in items]
+            results = []
+            for i, it in enumerate(items):
+                left = None if deadline is None else max(1e-3, deadline - time.perf_counter())
+                results.append(self._ar_batch([it], left)[0])
+                report(i, list(results[-1].token_ids))
         else:
             results = self._ar_batch(items, max_time)
+            for i, res in enumerate(results):
+                report(i, list(res.token_ids))
         for res in results:
             res.text = self.lm.tokenizer.decode(res.token_ids, skip_special_tokens=True).strip()
         return results

@@ -147,6 +147,70 @@ def test_openai_client_sees_errors_as_exceptions(server):
         client(server, api_key="wrong").models.list()
 
 
+def test_stream_starts_before_the_answer_is_finished(server, expected):
+    """stream=True on an aligner route streams the aligner's final tokens while it refines: the chunks join to
+    the non-streaming answer, and the first text arrives before the refinement ends."""
+    import openai
+
+    c = client(server)
+    for i in range(30):  # a full-length answer: many passes between the first text and the end
+        msgs = [{"role": "user", "content": f"Write a long story about lighthouse keeper number {i}."}]
+        whole = c.chat.completions.create(model="diffpo-tiny", messages=msgs, max_tokens=MAX_NEW, temperature=0)
+        if whole.usage.completion_tokens == MAX_NEW:
+            break
+    else:
+        pytest.fail("no prompt got a full-length answer")
+    answer = whole.choices[0].message.content
+    assert answer == expected(msgs, whole.model_extra["diffpo"]["draft"], MAX_NEW)
+    arrivals = [(time.perf_counter(), ch) for ch in c.chat.completions.create(
+        model="diffpo-tiny", messages=msgs, max_tokens=MAX_NEW, temperature=0, stream=True,
+        stream_options={"include_usage": True})]
+    chunks = [ch for _, ch in arrivals]
+    texts = [(t, ch.choices[0].delta.content) for t, ch in arrivals if ch.choices and ch.choices[0].delta.content]
+    assert "".join(x for _, x in texts) == answer
+    assert len(texts) > 3, "the answer comes in pieces"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    (t_end, end), = [(t, ch) for t, ch in arrivals if ch.choices and ch.choices[0].finish_reason]
+    assert end.choices[0].finish_reason == whole.choices[0].finish_reason
+    extra = end.model_extra["diffpo"]
+    assert extra["draft"] == whole.model_extra["diffpo"]["draft"] and extra["iterations"] >= 4
+    assert 0 < extra["first_token_ms"] < extra["refine_ms"], "the aligner sent text before it finished"
+    # the client got the first text while the aligner was still refining, not all at the end
+    assert t_end - texts[0][0] > 0.25 * (extra["refine_ms"] - extra["first_token_ms"]) / 1000, (
+        t_end - texts[0][0], extra)
+    assert extra["draft_ms"] < extra["time_to_first_token_ms"]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+    # errors before the first text are plain HTTP errors, raised by the client at the call
+    with pytest.raises(openai.BadRequestError, match="context window"):
+        c.chat.completions.create(model="diffpo-tiny", messages=[{"role": "user", "content": "x" * 5000}],
+                                  stream=True)
+
+
+def test_refine_stream_through_a_handle_batches_and_refuses_bad_requests(server, expected):
+    from ray import serve
+
+    from serve_app.protocol import BadRequest, conversation_key
+
+    handle = serve.get_deployment_handle("aligner-jacobi", app_name="diffpo").options(stream=True)
+    convs = [[{"role": "user", "content": f"Tell me about topic {i}."}] for i in range(4)]
+    drafts = ["Sure. " * i + "Here it is" for i in range(4)]
+    gens = [handle.refine_stream.remote({"messages": m, "draft": d, "max_tokens": MAX_NEW, "key": conversation_key(m),
+                                         "concurrent": True}) for m, d in zip(convs, drafts)]
+    batch_sizes = []
+    for m, d, gen in zip(convs, drafts, gens):
+        events = list(gen)
+        *deltas, last = events
+        res = last["result"]
+        assert all(set(e) == {"delta"} for e in deltas)
+        assert "".join(e["delta"] for e in deltas) == res["text"] == expected(m, d, MAX_NEW)
+        batch_sizes.append(res["batch_size"])
+    assert max(batch_sizes) > 1, f"concurrent streams are refined together: {batch_sizes}"
+    with pytest.raises(BadRequest, match="context window"):
+        list(handle.refine_stream.remote({"messages": [{"role": "user", "content": "x" * 5000}], "draft": "",
+                                          "max_tokens": 8, "key": "k"}))
+
+
 def test_remote_base_over_http_matches_in_process_base(server, expected):
     """Base kind `openai` pointed at this app's own endpoint: same greedy draft, same aligned answer."""
     c = client(server)
