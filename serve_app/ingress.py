@@ -161,7 +161,7 @@ class Ingress:
         messages = [m.plain() for m in req.messages]
         key = conversation_key(messages)
         deadline = time.monotonic() + self.args.request_timeout_s
-        if req.stream and route.aligner is not None and self.args.aligners[route.aligner].mode != "vllm":
+        if req.stream and route.aligner is not None:
             return await self._stream(req, route, messages, key, max_tokens, deadline, knobs)
         self.inflight += 1
         try:
@@ -198,8 +198,8 @@ class Ingress:
         owners = self.args.knob_owners(route)
         for name, lam in alignment.items():
             if name not in owners:
-                raise ApiError(400, f"unknown alignment vector {name!r} for model {model!r}; available: "
-                                    f"{sorted(owners) or 'none'}", param="alignment", code="invalid_alignment")
+                raise ApiError(400, self._no_knob(model, route, name, owners), param="alignment",
+                               code="invalid_alignment")
             who, margs = owners[name]
             lo, hi = margs.knob_bounds.min, margs.knob_bounds.max
             if not lo <= lam <= hi:
@@ -207,6 +207,14 @@ class Ingress:
                                param="alignment", code="invalid_alignment")
             out[who][name] = lam
         return out
+
+    def _no_knob(self, model: str, route, name: str, owners: dict) -> str:
+        why = f"unknown alignment vector {name!r} for model {model!r}; available: {sorted(owners) or 'none'}"
+        if route.aligner is not None and self.args.aligners[route.aligner].mode == "vllm":
+            why = (f"model {model!r} refines on vLLM, which serves no per-request alignment knobs; "
+                   f"{why}")
+        others = sorted(m for m, r in self.args.models.items() if name in self.args.knob_owners(r))
+        return why + (f"; models that serve {name!r}: {others}" if others else "")
 
     async def _complete(self, req, route, messages, key, max_tokens, deadline, knobs=None, relay=None):
         knobs = knobs or {"base": {}, "aligner": {}}

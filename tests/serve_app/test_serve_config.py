@@ -1,0 +1,41 @@
+"""The shipped Serve configs: they validate and build into the graph they describe (no engine starts)."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serve_app.app import build_app
+from serve_app.config import AppArgs
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _args(name: str) -> dict:
+    return yaml.safe_load((CONF / name).read_text())["applications"][0]["args"]
+
+
+def test_gpu_example_builds_a_tensor_parallel_base_and_a_vllm_aligner():
+    pytest.importorskip("ray.serve.llm")
+    args = AppArgs(**_args("serve_gpu.yaml"))
+    base, aligner = args.bases["llama3-70b"], args.aligners["diffpo-gemma2"]
+    assert base.kind == "vllm" and aligner.mode == "vllm"
+    assert base.vllm.placement(base.num_cpus, base.num_gpus) == [{"CPU": 2, "GPU": 1}] * 4
+    build_app(_args("serve_gpu.yaml"))  # LLMConfig validates engine, placement and deployment options
+
+
+def test_default_config_is_the_vllm_graph_with_an_in_process_alternative():
+    args = AppArgs(**_args("serve.yaml"))
+    assert args.bases["smollm2"].kind == "vllm" and args.aligners["smollm2"].mode == "vllm"
+    assert args.aligners["smollm2-jacobi"].mode == "fast"
+
+
+def test_a_base_and_an_aligner_with_the_same_engine_settings_share_one_llm_server():
+    pytest.importorskip("ray.serve.llm")
+    from serve_app.app import _Servers
+
+    args = AppArgs(**_args("serve.yaml"))
+    servers = _Servers()
+    base = servers.get("base", "smollm2", args.bases["smollm2"])
+    assert servers.get("aligner", "smollm2", args.aligners["smollm2"]) is base and base[0] == "llm-base-smollm2"
+    other = args.aligners["smollm2"].model_copy(update={"num_cpus": 1.0})
+    assert servers.get("aligner", "other", other)[0] == "llm-aligner-other", "other settings, another server"

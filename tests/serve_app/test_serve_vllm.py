@@ -1,0 +1,183 @@
+"""The Serve app on vLLM engines (Ray Serve LLM) over real HTTP: a tiny model vLLM's CPU kernels accept as
+base (`kind: vllm`) and as aligner (`mode: vllm`), each in its own LLM server deployment.
+
+The aligner's answers must be the DiffPO answers the in-process Jacobi engine computes from the same draft, token
+for token; streams must join to the non-streamed answer and start before it is finished."""
+import json
+import random
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import TEST_API_KEY, TEST_API_KEY_ENV, free_port, run_serve_app
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+MAX_NEW = 48
+MSGS = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a color."}]
+ENGINE = {"num_cpus": 0.5, "vllm": {"max_model_len": 512}}  # two engines share the session's 2 CPUs
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, vllm_tiny):
+    from ray import serve
+
+    from serve_app.app import build_graph
+    from serve_app.config import AppArgs
+
+    port = free_port()
+    tiny = str(vllm_tiny)
+    args = AppArgs(**{
+        "bases": {"tiny": {"kind": "vllm", "model": tiny, **ENGINE}},
+        "aligners": {"aligner": {"mode": "vllm", "model": tiny, "refine": {"max_new_tokens": MAX_NEW}, **ENGINE}},
+        "models": {"diffpo-vllm": {"base": "tiny", "aligner": "aligner"}, "tiny": {"base": "tiny"}},
+        "max_tokens_cap": MAX_NEW, "default_max_tokens": 16, "request_timeout_s": 60, "api_key_env": TEST_API_KEY_ENV,
+        "max_body_bytes": 200_000,
+    })
+    light = {"ray_actor_options": {"num_cpus": 0.05}}
+    url = run_serve_app(build_graph(args, {"Ingress": light, "base-tiny": light, "aligner-aligner": light}),
+                        "diffpo", port)
+    deadline = time.time() + 600  # the ingress answers first; the engines take a minute or two to start
+    while serve.status().applications["diffpo"].status != "RUNNING":
+        assert time.time() < deadline, f"the vLLM graph did not start: {serve.status().applications['diffpo']}"
+        time.sleep(2)
+    yield {"url": url, "tiny": tiny, "port": port}
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def expected(server):
+    """The aligner's answer from the in-process fast Jacobi engine, same settings and row key."""
+    from pipeline.decoding.refiner import Refiner, RefineRequest
+    from pipeline.decoding.settings import RefineSettings
+    from pipeline.models import load_model
+    from serve_app.protocol import conversation_key
+
+    refiner = Refiner(load_model(server["tiny"], dtype="float32"), RefineSettings(max_new_tokens=MAX_NEW), mode="fast")
+    return lambda messages, draft, max_tokens: refiner.refine(
+        [RefineRequest(messages, draft, conversation_key(messages), max_tokens)])[0].text
+
+
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["url"] + "/v1", api_key=TEST_API_KEY, max_retries=0, timeout=120)
+
+
+def test_vllm_graph_answers_what_the_jacobi_engine_computes(server, expected):
+    c = client(server)
+    r = c.chat.completions.create(model="diffpo-vllm", messages=MSGS, max_tokens=40)
+    extra = r.model_extra["diffpo"]
+    assert extra["mode"] == "vllm" and extra["draft_source"] == "base" and extra["draft"]
+    assert r.choices[0].message.content == expected(MSGS, extra["draft"], 40), "vLLM aligner == fast Jacobi engine"
+    assert 0 < r.usage.completion_tokens <= 40 and r.usage.prompt_tokens > 0
+
+    # the bare base: the same sampling seed for the same conversation, so the same draft
+    bare = c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=40)
+    assert bare.choices[0].message.content == extra["draft"]
+
+
+def test_vllm_graph_aligns_a_clients_prediction_and_streams_it(server, expected):
+    c = client(server)
+    draft = "Blue is a color of the sky, and also of the sea on a clear day."
+    r = c.chat.completions.create(model="diffpo-vllm", messages=MSGS, max_tokens=MAX_NEW,
+                                  prediction={"type": "content", "content": draft})
+    answer = r.choices[0].message.content
+    assert answer == expected(MSGS, draft, MAX_NEW) and r.model_extra["diffpo"]["draft_source"] == "prediction"
+    details = r.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens + details.rejected_prediction_tokens > 0
+
+    t0 = time.perf_counter()
+    stream = c.chat.completions.create(model="diffpo-vllm", messages=MSGS, max_tokens=MAX_NEW, stream=True,
+                                       stream_options={"include_usage": True},
+                                       prediction={"type": "content", "content": draft})
+    arrivals, pieces, chunks = [], [], []
+    for ch in stream:
+        chunks.append(ch)
+        if ch.choices and ch.choices[0].delta.content:
+            arrivals.append(time.perf_counter() - t0)
+            pieces.append(ch.choices[0].delta.content)
+    assert "".join(pieces) == answer, "the stream joins to the non-streamed answer"
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert len(pieces) > 2 and arrivals[0] < arrivals[-1], "text arrives while the answer is being computed"
+
+
+def test_vllm_graph_refuses_what_it_cannot_serve(server):
+    def post(body):
+        return httpx.post(server["url"] + "/v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {TEST_API_KEY}"})
+
+    r = post({"model": "diffpo-vllm", "messages": [{"role": "user", "content": "x" * 3000}]})
+    assert r.status_code == 400 and "context window" in r.json()["error"]["message"]
+    r = post({"model": "diffpo-vllm", "messages": MSGS, "alignment": {"concise": 0.5}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "alignment" and "vLLM" in r.json()["error"]["message"]
+    r = post({"model": "diffpo-vllm", "messages": MSGS, "max_tokens": MAX_NEW + 1})
+    assert r.status_code == 400 and "cap" in r.json()["error"]["message"]
+    assert httpx.get(server["url"] + "/healthz", timeout=10).status_code == 200
+
+
+def test_vllm_graph_answers_hostile_requests_with_4xx_json(server):
+    """The hostile requests of the in-process graph's fuzz test (tests/serve_app/test_serve.py), sent to the vLLM
+    graph: never a 5xx, always an OpenAI-style error body, and the graph still answers afterwards."""
+    from tests.serve_app.test_serve import _fuzz_cases
+
+    statuses = {}
+    for label, body, kw in _fuzz_cases(random.Random(1)):
+        kw = dict(kw)
+        key = kw.pop("key", TEST_API_KEY)
+        if isinstance(body, dict):
+            body = json.dumps({k: "diffpo-vllm" if v == "diffpo-tiny" else v for k, v in body.items()}).encode()
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        headers.update(kw.pop("headers", {}))
+        r = httpx.post(server["url"] + "/v1/chat/completions", content=body, headers=headers, timeout=60)
+        assert r.status_code < 500, f"{label}: {r.status_code} {r.text[:300]}"
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        if r.status_code >= 400:
+            assert r.json()["error"]["message"], label
+    assert sum(v for k, v in statuses.items() if 400 <= k < 500) >= 200 and statuses.get(401, 0) >= 3, statuses
+    r = client(server).chat.completions.create(model="diffpo-vllm", messages=MSGS, max_tokens=8)
+    assert r.choices[0].message.content is not None
+
+
+def test_killing_the_vllm_aligner_replica_under_load(server, expected):
+    """The aligner's adapter replica dies with requests in flight: each is answered with the DiffPO answer or a
+    clear 503/504, and Serve replaces the replica (the LLM server and its engine keep running)."""
+    import ray
+
+    def replicas():
+        return [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["namespace"] == "serve" and "#aligner-aligner#" in a["name"]]
+
+    before = replicas()
+    assert len(before) == 1, before
+    prompts = [[{"role": "user", "content": f"Tell me fact number {i}."}] for i in range(12)]
+    results = [None] * len(prompts)
+    c = client(server)
+
+    def call(i):
+        try:
+            results[i] = c.chat.completions.create(model="diffpo-vllm", messages=prompts[i], max_tokens=MAX_NEW)
+        except Exception as e:  # openai raises on 5xx: keep the status for the check below
+            results[i] = e
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+        time.sleep(0.02)
+    time.sleep(0.3)
+    ray.kill(ray.get_actor(before[0]["name"], namespace="serve"), no_restart=True)
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    for i, r in enumerate(results):
+        if isinstance(r, Exception):
+            assert getattr(r, "status_code", None) in (503, 504), repr(r)
+        else:
+            assert r.choices[0].message.content == expected(prompts[i], r.model_extra["diffpo"]["draft"], MAX_NEW)
+    deadline = time.time() + 120
+    while not (replicas() and replicas()[0]["name"] != before[0]["name"]):
+        assert time.time() < deadline, "the aligner replica was not replaced within 120 s"
+        time.sleep(1)
+    r = c.chat.completions.create(model="diffpo-vllm", messages=prompts[0], max_tokens=8)
+    assert r.choices[0].message.content == expected(prompts[0], r.model_extra["diffpo"]["draft"], 8)
