@@ -30,7 +30,7 @@ PORT = 8391
 
 
 def app_args(batch: int, max_tokens: int, wait: float) -> dict:
-    return {"bases": {"smollm2": {"kind": "hf", "model": "default", "torch_threads": 1, "max_batch_size": batch,
+    return {"bases": {"smollm2": {"engine": "hf", "model": "default", "torch_threads": 1, "max_batch_size": batch,
                                   "batch_wait_timeout_s": wait}},
             "aligners": {"jacobi": {"model": "default", "torch_threads": 1, "max_batch_size": batch,
                                     "batch_wait_timeout_s": wait, "refine": {"max_new_tokens": max_tokens}}},

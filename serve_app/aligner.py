@@ -49,7 +49,7 @@ class Aligner:
         set_torch_threads(a.torch_threads)
         lm = load_model(a.model, device=a.device, dtype=a.dtype, trust_remote_code=a.trust_remote_code)
         self.knobbed = a.knobbed(lm)
-        self.refiner = Refiner(lm, a.settings(), mode=a.mode, in_context=a.in_context,
+        self.refiner = Refiner(lm, a.settings(), mode=a.engine, in_context=a.in_context,
                                template=a.template or DEFAULT_CORRECTION_TEMPLATE)
         self.metrics = RefineMetrics(name)
         self.variant_metrics = VariantMetrics(name) if self.knobbed else None
@@ -157,7 +157,7 @@ class Aligner:
                           "iterations": r.passes,
                           "tokens_per_pass": round(r.tokens_per_pass, 3), "converged": r.converged,
                           "finish_reason": "stop" if r.stop == "eos" else "length", "batch_size": len(pairs),
-                          "mode": self.args.mode + ("+in_context" if self.args.in_context else ""),
+                          "mode": self.args.engine + ("+in_context" if self.args.in_context else ""),
                           **({"alignment": info} if info else {})}
         return out
 

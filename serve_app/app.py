@@ -2,8 +2,8 @@
 
 Deployments: ``Ingress`` (FastAPI, OpenAI routes), one ``base-<name>`` per base model used by a route and one
 ``aligner-<name>`` per aligner used by a route. Their replicas, autoscaling and resources are set in the
-``deployments:`` section of the Serve config by those names. A model on vLLM (base `kind: vllm`, aligner
-`mode: vllm`) adds its Ray Serve LLM server, ``llm-base-<name>`` / ``llm-aligner-<name>`` (serve_app/vllm.py),
+``deployments:`` section of the Serve config by those names. A model on vLLM (base or aligner
+`engine: vllm`) adds its Ray Serve LLM server, ``llm-base-<name>`` / ``llm-aligner-<name>`` (serve_app/vllm.py),
 whose engine, placement and autoscaling come from the model's own args; models with the same engine settings
 share one server (the first one's name).
 """
@@ -42,13 +42,13 @@ def _base(name: str, args, options: dict, servers: _Servers) -> Application:
         from .vllm import VLLMBase
         return VLLMBase.options(name=f"base-{name}", **opts).bind(name, args.model_dump(),
                                                                   *servers.get("base", name, args))
-    cls = HFBase if args.kind == "hf" else OpenAIBase
+    cls = HFBase if args.engine == "hf" else OpenAIBase
     return cls.options(name=f"base-{name}", **opts).bind(name, args.model_dump())
 
 
 def _aligner(name: str, args: AlignerArgs, options: dict, servers: _Servers) -> Application:
     opts = options.get(f"aligner-{name}", {})
-    if args.mode == "vllm":
+    if args.engine == "vllm":
         from .vllm import VLLMAligner
         return VLLMAligner.options(name=f"aligner-{name}", **opts).bind(name, args.model_dump(),
                                                                         *servers.get("aligner", name, args))

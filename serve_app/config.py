@@ -52,7 +52,7 @@ class VectorArgs(_Strict):
 
 class HFBaseArgs(VectorArgs):
     """A Hugging Face causal LM in the replica; concurrent requests are batched into one `generate`."""
-    kind: Literal["hf"] = "hf"
+    engine: Literal["hf"] = "hf"
     model: str = "default"  # "default" (SmolLM2-135M-Instruct, offline), an HF folder, a .gguf or a hub id
     dtype: str = "auto"
     device: str = "auto"
@@ -66,7 +66,7 @@ class HFBaseArgs(VectorArgs):
 
 class OpenAIBaseArgs(_Strict):
     """Any OpenAI-compatible chat endpoint over HTTP (vLLM, TGI, a hosted API, another DiffPO server)."""
-    kind: Literal["openai"]
+    engine: Literal["openai"]
     base_url: str  # e.g. http://10.0.0.5:8000/v1
     model: str  # the model name at the endpoint
     api_key_env: str | None = None  # environment variable holding the key; never the key itself
@@ -96,9 +96,9 @@ class EngineArgs(_Strict):
 
 
 class VLLMBaseArgs(EngineArgs):
-    """A base model on vLLM engines (`kind: vllm`): requests are sampled with their temperature and top_p and a
+    """A base model on vLLM engines (`engine: vllm`): requests are sampled with their temperature and top_p and a
     seed drawn from `seed` and the conversation."""
-    kind: Literal["vllm"]
+    engine: Literal["vllm"]
     seed: int = 0
 
     @model_validator(mode="after")
@@ -108,14 +108,14 @@ class VLLMBaseArgs(EngineArgs):
         return self
 
 
-BaseArgs = Annotated[Union[HFBaseArgs, OpenAIBaseArgs, VLLMBaseArgs], Field(discriminator="kind")]
+BaseArgs = Annotated[Union[HFBaseArgs, OpenAIBaseArgs, VLLMBaseArgs], Field(discriminator="engine")]
 
 
 class AlignerArgs(VectorArgs, EngineArgs):
-    """The aligner: in-process Jacobi engines (mode fast | reference | ar, HF) or vLLM engines through Ray Serve
-    LLM (mode vllm: the `EngineArgs` keys apply). Every mode computes the same answer token for token."""
+    """The aligner: in-process Jacobi engines (engine fast | reference | ar, HF) or vLLM engines through Ray Serve
+    LLM (engine vllm: the `EngineArgs` keys apply). Every engine computes the same answer token for token."""
     model: str = "default"
-    mode: str = "fast"  # fast | reference | ar | vllm
+    engine: str = "fast"  # fast | reference | ar | vllm
     in_context: bool = False  # show the draft in the aligner's prompt (Aligner-style correction)
     template: str | None = None  # correction prompt with {question} and {draft}; None: the built-in one
     refine: RefineSettings = Field(default_factory=RefineSettings)  # the same Jacobi settings type as the jobs' aligner.refine
@@ -127,21 +127,21 @@ class AlignerArgs(VectorArgs, EngineArgs):
     batch_wait_timeout_s: float = Field(0.1, ge=0)
     adaptive_batch_wait: bool = True
 
-    @field_validator("mode")
+    @field_validator("engine")
     @classmethod
-    def _mode(cls, v):
+    def _engine(cls, v):
         if v not in MODES + ("vllm",):
-            raise ValueError(f"mode must be one of {', '.join(MODES + ('vllm',))}")
+            raise ValueError(f"engine must be one of {', '.join(MODES + ('vllm',))}")
         return v
 
     @model_validator(mode="after")
     def _vllm(self):
-        if self.mode != "vllm":
+        if self.engine != "vllm":
             return self
         problems = self.vllm_problems()
         if self.vectors:
             problems.append("vectors: an aligner on vLLM serves no per-request alignment knobs; run it in-process "
-                            "(mode fast) to serve them")
+                            "(engine fast) to serve them")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -163,6 +163,9 @@ class ModelRoute(_Strict):
     description: str = ""
 
 
+RENAMED = {"bases": ("kind", "engine"), "aligners": ("mode", "engine")}  # section: (old key, new key)
+
+
 class AppArgs(_Strict):
     bases: dict[str, BaseArgs]
     aligners: dict[str, AlignerArgs] = Field(default_factory=dict)
@@ -175,6 +178,19 @@ class AppArgs(_Strict):
     request_timeout_s: float = Field(120.0, gt=0)  # per request, draft + refine; then 504
     replica_failure_retries: int = Field(1, ge=0)  # resend a request whose replica died (answers are deterministic)
     api_key_env: str = "API_KEY"  # if this variable is set, requests need "Authorization: Bearer <its value>"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        """Keys renamed to the batch jobs' names (one schema for both): the old key is an error that says so."""
+        problems = []
+        for section, (old, new) in RENAMED.items():
+            for name, model in (data.get(section) or {}).items() if isinstance(data, dict) else ():
+                if isinstance(model, dict) and old in model:
+                    problems.append(f"{section}.{name}.{old}: this key was renamed; use {section}.{name}.{new}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return data
 
     @model_validator(mode="after")
     def _routes(self):

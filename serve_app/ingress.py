@@ -210,7 +210,7 @@ class Ingress:
 
     def _no_knob(self, model: str, route, name: str, owners: dict) -> str:
         why = f"unknown alignment vector {name!r} for model {model!r}; available: {sorted(owners) or 'none'}"
-        if route.aligner is not None and self.args.aligners[route.aligner].mode == "vllm":
+        if route.aligner is not None and self.args.aligners[route.aligner].engine == "vllm":
             why = (f"model {model!r} refines on vLLM, which serves no per-request alignment knobs; "
                    f"{why}")
         others = sorted(m for m, r in self.args.models.items() if name in self.args.knob_owners(r))

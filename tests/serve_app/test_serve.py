@@ -32,12 +32,12 @@ def server(ray_local, tiny_dirs):
     url = f"http://127.0.0.1:{port}"
     args = AppArgs(**{
         "bases": {
-            "tiny": {"kind": "hf", "model": tiny, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
-            "tiny-remote": {"kind": "openai", "base_url": url + "/v1", "model": "tiny", "api_key_env": TEST_API_KEY_ENV,
+            "tiny": {"engine": "hf", "model": tiny, "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+            "tiny-remote": {"engine": "openai", "base_url": url + "/v1", "model": "tiny", "api_key_env": TEST_API_KEY_ENV,
                             "timeout_s": 20, "max_retries": 1},
         },
         "aligners": {
-            "jacobi": {"model": tiny, "mode": "fast", "refine": {"max_new_tokens": MAX_NEW, "window": 8},
+            "jacobi": {"model": tiny, "engine": "fast", "refine": {"max_new_tokens": MAX_NEW, "window": 8},
                        "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
             "tight": {"model": tiny, "refine": {"max_new_tokens": MAX_NEW}, "max_batch_size": 1},
         },

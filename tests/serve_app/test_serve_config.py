@@ -18,15 +18,15 @@ def test_gpu_example_builds_a_tensor_parallel_base_and_a_vllm_aligner():
     pytest.importorskip("ray.serve.llm")
     args = AppArgs(**_args("serve_gpu.yaml"))
     base, aligner = args.bases["llama3-70b"], args.aligners["diffpo-gemma2"]
-    assert base.kind == "vllm" and aligner.mode == "vllm"
+    assert base.engine == "vllm" and aligner.engine == "vllm"
     assert base.vllm.placement(base.num_cpus, base.num_gpus) == [{"CPU": 2, "GPU": 1}] * 4
     build_app(_args("serve_gpu.yaml"))  # LLMConfig validates engine, placement and deployment options
 
 
 def test_default_config_is_the_vllm_graph_with_an_in_process_alternative():
     args = AppArgs(**_args("serve.yaml"))
-    assert args.bases["smollm2"].kind == "vllm" and args.aligners["smollm2"].mode == "vllm"
-    assert args.aligners["smollm2-jacobi"].mode == "fast"
+    assert args.bases["smollm2"].engine == "vllm" and args.aligners["smollm2"].engine == "vllm"
+    assert args.aligners["smollm2-jacobi"].engine == "fast"
 
 
 def test_a_base_and_an_aligner_with_the_same_engine_settings_share_one_llm_server():
@@ -39,3 +39,10 @@ def test_a_base_and_an_aligner_with_the_same_engine_settings_share_one_llm_serve
     assert servers.get("aligner", "smollm2", args.aligners["smollm2"]) is base and base[0] == "llm-base-smollm2"
     other = args.aligners["smollm2"].model_copy(update={"num_cpus": 1.0})
     assert servers.get("aligner", "other", other)[0] == "llm-aligner-other", "other settings, another server"
+
+
+def test_renamed_keys_say_what_they_are_now():
+    with pytest.raises(ValueError) as e:
+        AppArgs(bases={"b": {"kind": "hf"}}, aligners={"a": {"mode": "fast"}}, models={"m": {"base": "b", "aligner": "a"}})
+    assert "bases.b.kind: this key was renamed; use bases.b.engine" in str(e.value)
+    assert "aligners.a.mode: this key was renamed; use aligners.a.engine" in str(e.value)

@@ -35,7 +35,7 @@ def vec_server(ray_local, tiny_dirs, tmp_path_factory):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = AppArgs(**{
-        "bases": {"tiny": {"kind": "hf", "model": base, "vectors": {"style": paths["two"][1]},
+        "bases": {"tiny": {"engine": "hf", "model": base, "vectors": {"style": paths["two"][1]},
                            "batch_wait_timeout_s": 0.05}},
         "aligners": {
             "knob": {"model": base, "refine": {"max_new_tokens": MAX_NEW}, "vectors": {"one": paths["one"][1],

@@ -1,5 +1,5 @@
 """The Serve app on vLLM engines (Ray Serve LLM) over real HTTP: a tiny model vLLM's CPU kernels accept as
-base (`kind: vllm`) and as aligner (`mode: vllm`), each in its own LLM server deployment.
+base and as aligner (`engine: vllm`), each in its own LLM server deployment.
 
 The aligner's answers must be the DiffPO answers the in-process Jacobi engine computes from the same draft, token
 for token; streams must join to the non-streamed answer and start before it is finished."""
@@ -29,8 +29,8 @@ def server(ray_local, vllm_tiny):
     port = free_port()
     tiny = str(vllm_tiny)
     args = AppArgs(**{
-        "bases": {"tiny": {"kind": "vllm", "model": tiny, **ENGINE}},
-        "aligners": {"aligner": {"mode": "vllm", "model": tiny, "refine": {"max_new_tokens": MAX_NEW}, **ENGINE}},
+        "bases": {"tiny": {"engine": "vllm", "model": tiny, **ENGINE}},
+        "aligners": {"aligner": {"engine": "vllm", "model": tiny, "refine": {"max_new_tokens": MAX_NEW}, **ENGINE}},
         "models": {"diffpo-vllm": {"base": "tiny", "aligner": "aligner"}, "tiny": {"base": "tiny"}},
         "max_tokens_cap": MAX_NEW, "default_max_tokens": 16, "request_timeout_s": 60, "api_key_env": TEST_API_KEY_ENV,
         "max_body_bytes": 200_000,
