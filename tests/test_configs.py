@@ -31,13 +31,16 @@ def schema_for(conf: Path):
                 and v.__module__ == module.__name__)
 
 
+SERVE = ["serve.yaml", "serve_gpu.yaml"]  # Ray Serve configs: their args are serve_app.config.AppArgs
+
+
 def test_every_conf_file_has_a_schema():
     assert len(CONF) >= 12
     for conf in CONF:
-        assert conf.name == "serve.yaml" or schema_for(conf) is not None, f"no job for {conf.name}"
+        assert conf.name in SERVE or schema_for(conf) is not None, f"no job for {conf.name}"
 
 
-@pytest.mark.parametrize("conf", [c for c in CONF if c.name != "serve.yaml"], ids=lambda p: p.name)
+@pytest.mark.parametrize("conf", [c for c in CONF if c.name not in SERVE], ids=lambda p: p.name)
 def test_conf_file_validates(conf):
     try:
         load_config(schema_for(conf), conf, REQUIRED.get(conf.name, []))
@@ -49,10 +52,11 @@ def test_conf_file_validates(conf):
             assert named and not any((REPO / n).exists() or Path(n).exists() for n in named), p
 
 
-def test_serve_conf_validates():
+@pytest.mark.parametrize("name", SERVE)
+def test_serve_conf_validates(name):
     from serve_app.config import AppArgs
 
-    conf = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "serve.yaml"))
+    conf = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / name))
     for app in conf["applications"]:
         args = AppArgs.model_validate(app["args"])
         assert args.models and all(r.base in args.bases for r in args.models.values())

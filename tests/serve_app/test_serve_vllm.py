@@ -123,7 +123,8 @@ def test_vllm_graph_answers_hostile_requests_with_4xx_json(server):
     from tests.serve_app.test_serve import _fuzz_cases
 
     statuses = {}
-    for label, body, kw in _fuzz_cases(random.Random(1)):
+    cases = _fuzz_cases(random.Random(1))
+    for label, body, kw in cases[:60]:  # the hand-written cases and some random ones (the ingress is shared code)
         kw = dict(kw)
         key = kw.pop("key", TEST_API_KEY)
         if isinstance(body, dict):
@@ -135,7 +136,7 @@ def test_vllm_graph_answers_hostile_requests_with_4xx_json(server):
         statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
         if r.status_code >= 400:
             assert r.json()["error"]["message"], label
-    assert sum(v for k, v in statuses.items() if 400 <= k < 500) >= 200 and statuses.get(401, 0) >= 3, statuses
+    assert sum(v for k, v in statuses.items() if 400 <= k < 500) >= 55 and statuses.get(401, 0) >= 3, statuses
     r = client(server).chat.completions.create(model="diffpo-vllm", messages=MSGS, max_tokens=8)
     assert r.choices[0].message.content is not None
 

@@ -94,7 +94,7 @@ def test_vllm_equals_reference_jacobi_and_hf_greedy(aligner, in_context):
 
 
 def test_vllm_equals_fast_engine_on_the_default_model(default_lm):
-    """The real aligner (SmolLM2-135M-Instruct): vLLM == the fast Jacobi engine == HF greedy, chat and in context."""
+    """The real aligner (SmolLM2-135M-Instruct): vLLM == the fast Jacobi engine == HF greedy, draft in context."""
     from pipeline.models import resolve_model_path
 
     llm = start_engine(resolve_model_path("default")[0], max_model_len=2048)
@@ -103,7 +103,7 @@ def test_vllm_equals_fast_engine_on_the_default_model(default_lm):
                           "Go to bed at the same time, avoid screens before bed, and keep the room cool.", key="1"),
             RefineRequest([{"role": "user", "content": "What is the capital of France?"}],
                           "The capital of France is Paris, known for the Eiffel Tower.", key="2")]
-    for in_context in (False, True):
+    for in_context in (True,):  # the longer prompt; chat prompts are covered on the tiny models
         fast, ar = (Refiner(default_lm, s, mode=m, in_context=in_context) for m in ("fast", "ar"))
         items = [fast.encode(r) for r in reqs]
         for it, r in zip(items, (3, 9)):
