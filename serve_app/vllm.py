@@ -25,6 +25,7 @@ from ray import serve
 
 from pipeline.decoding.continuation import AlignerPrompts, RefineRequest, continuation, finish
 from pipeline.decoding.drafting import draft_seed
+from pipeline.decoding.jacobi import first_stop
 from pipeline.decoding.prediction import prediction_tokens
 from pipeline.decoding.streaming import TextStream
 from pipeline.decoding.vllm_engine import engine_setup
@@ -130,24 +131,19 @@ class VLLMBase:
         except BadRequest:
             self.metrics.record("rejected")
             raise
-        text = self.text.answer_text(ids)
-        n = _until_stop(ids, self.text.stop_ids)
+        answer = ids[:first_stop(ids, set(self.text.stop_ids))]
+        text, n = self.text.answer_text(answer), len(answer)
         ms = (time.perf_counter() - t0) * 1000
         self.metrics.record("ok", ms, n)
         out = {"text": text, "completion_tokens": n, "prompt_tokens": len(prompt), "draft_ms": ms, "batch_size": 1,
                "finish_reason": "length" if reason == "length" else "stop"}
         if req.get("prediction") is not None:
             out["prediction_tokens"] = prediction_tokens(answer_ids(self.text.tokenizer, req["prediction"]),
-                                                         ids[:n])
+                                                         answer)
         return out
 
     def check_health(self):
         pass  # the LLM server deployment health-checks its engine
-
-
-def _until_stop(ids: list[int], stop_ids) -> int:
-    stops = set(stop_ids)
-    return next((i for i, t in enumerate(ids) if t in stops), len(ids))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256, max_queued_requests=512,
@@ -200,7 +196,7 @@ class VLLMAligner:
             generated += new
             if stream is not None and new:
                 first_ms = first_ms or (time.perf_counter() - t0) * 1000
-                ids = held + generated[:_until_stop(generated, self.text.stop_ids)]
+                ids = held + generated[:first_stop(generated, set(self.text.stop_ids))]
                 delta = stream.feed(ids)
                 if delta:
                     yield {"delta": delta}
