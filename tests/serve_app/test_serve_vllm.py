@@ -146,9 +146,10 @@ def test_killing_the_vllm_aligner_replica_under_load(server, expected):
     clear 503/504, and Serve replaces the replica (the LLM server and its engine keep running)."""
     import ray
 
+    from tests.serve_app.test_serve import _replica_actors
+
     def replicas():
-        return [a for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["namespace"] == "serve" and "#aligner-aligner#" in a["name"]]
+        return _replica_actors("aligner-aligner")
 
     before = replicas()
     assert len(before) == 1, before
