@@ -484,7 +484,10 @@ def main(argv: list[str] | None = None) -> dict:
     drafts = load_drafts(str(resolve_path(b.drafts_path))) if b.drafts_path else None
     rows = data.read_rows(data.input_files(b.path, DEMO_EVAL),
                           lambda rec, fid: normalize(rec, fid, b.format, b.id_field, drafts), error_row, ROW_SCHEMA)
-    rows = rows.filter(pa.array([keep_row(i, b.id_mod, b.id_rem) for i in rows.column("id").to_pylist()], pa.bool_()))
+    # the held-out split; a line that could not be read has no id to split on and stays, as its error row
+    rows = rows.filter(pa.array([keep_row(i, b.id_mod, b.id_rem) or (e is not None and not str(i).isdigit())
+                                 for i, e in zip(rows.column("id").to_pylist(), rows.column("error").to_pylist())],
+                                pa.bool_()))
     rows = rows.slice(0, b.limit) if b.limit else rows
     data.check_unique_ids(rows, "set benchmark.id_field to a unique field")
     refs = load_references(b.references_path)

@@ -10,7 +10,11 @@ from jobs.common.config import ConfigError, load_config
 
 
 # ---- the job ------------------------------------------------------------------------------------------
+HUGE = "word " * 5000  # ~5000 tokens with the byte-level tokenizer: past the tiny models' 4096-token window
+
+
 def _bench(tmp_path: Path) -> Path:
+    """Good rows in both formats, rows outside the held-out split, and hostile rows (behind a UTF-8 BOM)."""
     rows = [
         {"id": 0, "dataset": "helpful_base", "instruction": "Name two colors.", "output": "Red and blue.",
          "reference_output": "Two colors are red and blue."},
@@ -18,9 +22,14 @@ def _bench(tmp_path: Path) -> Path:
         {"id": 8, "instruction": "", "reference_output": "x"},  # empty prompt: an error row
         {"id": 5, "instruction": "Not held out.", "reference_output": "y"},  # id % 4 != 0: filtered
         {"question_id": 12, "category": "math", "turns": ["What is 1+1?", "And 2+2?"], "reference": ["2", "4"]},
+        {"id": 16, "instruction": HUGE, "reference_output": "x"},  # over the base model's window
+        {"id": 20, "messages": [{"role": "user", "content": HUGE}, {"role": "assistant", "content": "Sure."},
+                                {"role": "user", "content": "And then?"}], "reference_output": "y"},  # in the history
+        {"id": 24, "instruction": "Summarize.", "output": HUGE, "reference_output": "A summary."},  # a huge draft
     ]
     p = tmp_path / "bench.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode()
+                  + b'{"id": 28, "instruction": \n')  # broken JSON: no id to split on, an error row
     return p
 
 
@@ -39,10 +48,13 @@ def test_evaluate_job_end_to_end(tmp_path, tiny_dirs, tiny_rm, ray_local):
     out = tmp_path / "out"
     args = [f"benchmark.path={_bench(tmp_path)}", "benchmark.name=mini", "benchmark.id_mod=4", f"output.path={out}",
             f"base.model={m}", f"aligner.model={m}", "methods=[draft,refine,refine_reference,in_context,aligner_ar,best_of_n]",
-            "judges.reward.enabled=true", f"judges.reward.model={tiny_rm}", *TINY]
+            "judges.reward.enabled=true", f"judges.reward.model={tiny_rm}", "judges.reward.max_length=2048", *TINY]
     s = main(args)
     df = pd.read_parquet(out / "results.parquet")
-    assert s["n_prompts"] == 3 and len(df) == 3 * 6
+    errors = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
+    assert s["rows_in"] == 8 and s["n_prompts"] == 4, "8 held-out or unreadable lines; 4 prompts with results"
+    assert len(df) == 3 * 6 + 5, "3 good prompts, and the huge draft's row in every method but in_context"
+    assert len(df) + len(errors) == 8 * 6, "every held-out or unreadable line comes out once per method"
     assert set(df["method"]) == {"draft", "refine", "refine_reference", "in_context", "aligner_ar", "best_of_n"}
     by = {(r["id"], r["method"]): r for r in df.to_dict("records")}
     assert by[("0", "draft")]["answer"] == "Red and blue."  # a draft that came with the input is kept
@@ -51,15 +63,26 @@ def test_evaluate_job_end_to_end(tmp_path, tiny_dirs, tiny_rm, ray_local):
             list(by[(i, "refine_reference")]["answer_turns"])
     assert len(by[("12", "refine")]["answer_turns"]) == 2  # both MT-bench turns
     assert list(by[("12", "draft")]["reference_turns"]) == ["2", "4"]
-    assert df["offline_sim"].notna().all() and df["rm_score"].notna().all() and df["rm_pref"].between(0, 1).all()
+    judged = df[(df["id"] != "24") | (df["method"] != "draft")]  # all but the huge draft (below)
+    assert df["offline_sim"].notna().all() and judged["rm_score"].notna().all() and judged["rm_pref"].between(0, 1).all()
     assert (df.loc[df["method"] == "refine", "passes"] > 0).all()
-    errors = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
-    assert {e["id"] for e in errors} == {"8"} and "empty prompt" in errors[0]["error"]
+    err = {(e["id"], e["method"]): e["error"] for e in errors}
+    assert {i for i, _ in err} == {"8", "16", "20", "24", "bench.jsonl:9"} and "empty prompt" in err[("8", "draft")]
+    for i in ("16", "20"):  # refused before generate, alone or inside a multi-turn history
+        assert err[(i, "refine")].startswith("draft stage: ValueError: prompt of ") and \
+            "exceeds the base model's context window of 4096 tokens" in err[(i, "refine")]
+    assert err[("24", "in_context")].startswith("in_context: prompt of ") and "aligner's context window" in \
+        err[("24", "in_context")] and [m for i, m in err if i == "24"] == ["in_context"], \
+        "the huge draft pushes only the in-context aligner past its window"
+    huge = by[("24", "draft")]
+    assert pd.isna(huge["rm_score"]) and any(
+        "reward: error: ValueError: the reward model's input" in n and "limit of 2048 tokens" in n
+        for n in huge["judge_notes"]), "the reward judge names the length and the limit, never truncates"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["baseline"] == "draft" and {"offline_sim", "rm_score", "length_only"} <= set(summary["metrics"])
     assert any(p["method"] == "refine" and p["metric"] == "offline_sim" for p in summary["paired"])
     fc = [json.loads(x) for x in (out / "exports/fastchat/refine.jsonl").read_text().splitlines()]
-    assert {x["question_id"] for x in fc} == {0, 4, 12} and fc[0]["model_id"] == "diffpo-refine"
+    assert {x["question_id"] for x in fc} == {0, 4, 12, 24} and fc[0]["model_id"] == "diffpo-refine"
     ae = json.loads((out / "exports/alpaca_eval/draft.json").read_text())
     assert ae[0]["instruction"] == "Name two colors." and ae[0]["output"] == "Red and blue."
     html = (out / "report.html").read_text()
@@ -67,16 +90,16 @@ def test_evaluate_job_end_to_end(tmp_path, tiny_dirs, tiny_rm, ray_local):
 
     # resume: drop one part file (one prompt); a rerun redoes exactly that prompt, without duplicates
     parts = sorted((out / "_parts").glob("*.parquet"))
-    assert len(parts) == 4  # 3 prompts + the error row
+    assert len(parts) == 8  # a part per held-out or unreadable line
     parts[0].unlink()
     s2 = main(args)
-    assert len(list((out / "_parts").glob("*.parquet"))) == 4
+    assert len(list((out / "_parts").glob("*.parquet"))) == 8
     df2 = pd.read_parquet(out / "results.parquet")
     assert len(df2) == len(df) and not df2.duplicated(["id", "method"]).any()
     pd.testing.assert_frame_equal(df.drop(columns=["draft_s", "refine_s", "total_s"]).reset_index(drop=True),
                                   df2.drop(columns=["draft_s", "refine_s", "total_s"]).reset_index(drop=True),
                                   check_dtype=False)
-    assert s2["n_prompts"] == 3
+    assert s2["n_prompts"] == 4
 
 
 @pytest.mark.parametrize("override,msg", [

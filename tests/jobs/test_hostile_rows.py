@@ -1,7 +1,7 @@
 """Hostile rows through the batch jobs (tiny HF models, whose context window is 4096 tokens): prompts past the
 window (alone or inside a multi-turn history), a draft that pushes the aligner past it, malformed lines, files
 that start with a UTF-8 byte-order mark. Each job finishes; every row comes out, or as an error row that names
-its stage and the reason."""
+its stage and the reason. (The evaluation job's hostile rows run in tests/jobs/test_evaluate.py's end-to-end test.)"""
 import json
 from pathlib import Path
 
@@ -80,50 +80,6 @@ def test_align_dataset_cuts_rows_off_at_the_time_budget(tmp_path, tiny_dirs, ray
     assert s["rows_in"] == 2 == len(errors)
     assert errors["1"].startswith("draft stage: TimeoutError: generation cut off by the time budget of ")
     assert errors["2"].startswith("refine stage: cut off by the time budget of ") and "row_timeout_s 1e-09" in errors["2"]
-
-
-@pytest.mark.integration
-@pytest.mark.timeout(600)
-def test_evaluate_turns_hostile_rows_into_error_rows(tmp_path, tiny_dirs, tiny_rm, ray_local):
-    from jobs.evaluate import main
-
-    m = str(tiny_dirs["llama"])
-    rows = [
-        {"id": 0, "instruction": "Name two colors.", "reference_output": "Red and blue."},
-        {"id": 1, "instruction": HUGE, "reference_output": "x"},  # over the base model's window
-        {"id": 2, "messages": [{"role": "user", "content": HUGE}, {"role": "assistant", "content": "Sure."},
-                               {"role": "user", "content": "And then?"}], "reference_output": "y"},
-        {"id": 3, "instruction": "Summarize.", "output": HUGE, "reference_output": "A summary."},  # a huge draft
-        {"id": 4, "instruction": "", "reference_output": "z"},  # empty
-        b'{"id": 5, "instruction": ',  # broken JSON
-    ]
-    src = write_lines(tmp_path / "bench.jsonl", rows, prefix=BOM)
-    out = tmp_path / "out"
-    methods = ["draft", "refine", "in_context", "best_of_n"]
-    s = main([f"benchmark.path={src}", "benchmark.name=hostile", f"output.path={out}", f"base.model={m}",
-              f"aligner.model={m}", f"methods=[{','.join(methods)}]", "judges.reward.enabled=true",
-              f"judges.reward.model={tiny_rm}", "judges.reward.max_length=2048", "base.sampling.max_new_tokens=8",
-              "aligner.refine.max_new_tokens=8", "aligner.refine.block_size=4", "best_of_n.n=2", "stats.n_boot=20",
-              "base.num_cpus=0.25", "aligner.num_cpus=0.25", "judges.num_cpus=0.25", "ray.progress_bars=false",
-              "base.engine=hf", "aligner.engine=fast"])
-    df = pd.read_parquet(out / "results.parquet")
-    errors = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
-    assert s["rows_in"] == len(rows) and len(df) + len(errors) == len(rows) * len(methods), \
-        "every prompt comes out once per method, as a result or an error row"
-    by = {(e["id"], e["method"]): e["error"] for e in errors}
-    for i in ("1", "2"):
-        assert by[(i, "refine")].startswith("draft stage: ValueError: prompt of ") and \
-            "exceeds the base model's context window of 4096 tokens" in by[(i, "refine")]
-    assert by[("3", "in_context")].startswith("in_context: prompt of ") and "aligner's context window" in \
-        by[("3", "in_context")], "the huge draft pushes only the in-context aligner past its window"
-    assert "empty prompt" in by[("4", "draft")] and any(i.endswith(":6") for i, _ in by)
-    ok = {(r["id"], r["method"]): r for r in df.to_dict("records")}
-    assert {i for i, _ in ok} == {"0", "3"}
-    long_draft = ok[("3", "draft")]
-    assert pd.isna(long_draft["rm_score"]) and any(
-        "reward: error: ValueError: the reward model's input" in n and "limit of 2048 tokens" in n
-        for n in long_draft["judge_notes"]), "the reward judge names the length and the limit, never truncates"
-    assert not pd.isna(ok[("0", "draft")]["rm_score"])
 
 
 @pytest.mark.integration
