@@ -40,6 +40,17 @@ from .threads import set_torch_threads
 log = logging.getLogger("ray.serve")
 
 
+def prediction_usage(tokenizer, req: dict, draft_ids: list[int], answer: list[int]) -> dict:
+    """With a `prediction` in `req`: its accepted / rejected tokens against the answer's (on the aligner's
+    tokenizer; when the prediction is the draft, its ids are the draft's) and the conversation's prompt tokens (no
+    base ran to count them). Without one: nothing. Shared by the in-process and the vLLM aligner."""
+    if req.get("prediction") is None:
+        return {}
+    predicted = draft_ids if req["prediction"] == req["draft"] else answer_ids(tokenizer, req["prediction"])
+    return {"prediction_tokens": prediction_tokens(predicted, answer),
+            "prompt_tokens": len(chat_prompt_ids(tokenizer, req["messages"]))}
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16, max_queued_requests=64,
                   health_check_period_s=10, health_check_timeout_s=30)
 class Aligner:
@@ -71,12 +82,7 @@ class Aligner:
             res = await self._refine_batch((item, knobs, on_final))
         finally:
             self.window.leave()
-        ids = res.pop("token_ids")
-        if req.get("prediction") is not None:
-            tok = self.refiner.lm.tokenizer
-            predicted = item.draft_ids if req["prediction"] == req["draft"] else answer_ids(tok, req["prediction"])
-            res["prediction_tokens"] = prediction_tokens(predicted, ids)
-            res["prompt_tokens"] = len(chat_prompt_ids(tok, req["messages"]))
+        res |= prediction_usage(self.refiner.lm.tokenizer, req, item.draft_ids, res.pop("token_ids"))
         res["refine_ms"] = (time.perf_counter() - t0) * 1000
         self.metrics.record("ok", res["refine_ms"], res["iterations"], res["tokens_per_pass"])
         return res

@@ -32,6 +32,7 @@ from pipeline.decoding.vllm_engine import engine_setup
 from pipeline.models import is_default_model, load_model_text, resolve_model_path
 from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE, answer_ids, chat_prompt_ids
 
+from .aligner import prediction_usage
 from .config import AlignerArgs, EngineArgs, VLLMBaseArgs
 from .metrics import DraftMetrics, RefineMetrics
 from .protocol import BadRequest, UpstreamError
@@ -56,7 +57,9 @@ def llm_server(deployment: str, model: str, args: EngineArgs):
 
 
 class Completions:
-    """Token ids in, token ids out, through an LLM server deployment's completions endpoint (streamed)."""
+    """Token ids in, token ids out, through an LLM server deployment's completions endpoint: streamed in
+    chunks as the engine produces them, or (``incremental=False``) as one response at the end, which spares the
+    adapter and the server a Ray message and an SSE parse per chunk when nobody reads the tokens early."""
 
     def __init__(self, handle, model_id: str):
         from ray.serve.llm.openai_api_models import CompletionRequest, ErrorResponse
@@ -65,11 +68,12 @@ class Completions:
         self._request, self._error = CompletionRequest, ErrorResponse
 
     async def stream(self, prompt: list[int], max_tokens: int, stop_ids: list[int], temperature: float = 0.0,
-                     top_p: float = 1.0, seed: int = 0) -> AsyncIterator[tuple[list[int], str | None]]:
-        """(new token ids, finish reason or None) as the engine produces them."""
+                     top_p: float = 1.0, seed: int = 0, incremental: bool = True
+                     ) -> AsyncIterator[tuple[list[int], str | None]]:
+        """(new token ids, finish reason or None) as the engine produces them (or once, not `incremental`)."""
         body = self._request(model=self.model_id, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
                              top_p=top_p, seed=seed, stop_token_ids=list(stop_ids), return_token_ids=True,
-                             stream=True)
+                             stream=incremental)
         async for out in self.handle.completions.remote(body):
             for item in out if isinstance(out, list) else [out]:
                 if isinstance(item, self._error):
@@ -125,7 +129,7 @@ class VLLMBase:
         try:
             async for new, fin in self.engine.stream(prompt, req["max_tokens"], self.text.stop_ids,
                                                      req["temperature"], req["top_p"],
-                                                     draft_seed(self.args.seed, req["key"])):
+                                                     draft_seed(self.args.seed, req["key"]), incremental=False):
                 ids += new
                 reason = fin or reason
         except BadRequest:
@@ -192,7 +196,7 @@ class VLLMAligner:
             delta = stream.feed(held)
             if delta:
                 yield {"delta": delta}
-        async for new, _ in self.engine.stream(prompt, budget, self.text.stop_ids):
+        async for new, _ in self.engine.stream(prompt, budget, self.text.stop_ids, incremental=stream is not None):
             generated += new
             if stream is not None and new:
                 first_ms = first_ms or (time.perf_counter() - t0) * 1000
@@ -212,12 +216,7 @@ class VLLMAligner:
                "tokens_per_pass": round(res.tokens_per_pass, 3), "converged": True,
                "finish_reason": "stop" if res.stop == "eos" else "length", "batch_size": 1, "mode": self.mode,
                "refine_ms": ms, "first_token_ms": round(first_ms or ms, 1)}
-        if req.get("prediction") is not None:
-            predicted = item.draft_ids if req["prediction"] == req["draft"] else \
-                answer_ids(self.text.tokenizer, req["prediction"])
-            out["prediction_tokens"] = prediction_tokens(predicted, res.token_ids)
-            out["prompt_tokens"] = len(chat_prompt_ids(self.text.tokenizer, req["messages"]))
-        yield {"result": out}
+        yield {"result": out | prediction_usage(self.text.tokenizer, req, item.draft_ids, res.token_ids)}
 
     def check_health(self):
         pass  # the LLM server deployment health-checks its engine

@@ -1,5 +1,7 @@
 """The Serve app on vLLM engines (Ray Serve LLM) over real HTTP: a tiny model vLLM's CPU kernels accept as
-base and as aligner (`engine: vllm`), each in its own LLM server deployment.
+base and as aligner (`engine: vllm`); with the same engine settings they share one LLM server deployment
+(``llm-base-tiny``), behind three thin adapters (``base-tiny``, ``aligner-aligner`` and a deliberately tight
+``aligner-tight``: 1 ongoing + 1 queued request, for back-pressure).
 
 The aligner's answers must be the DiffPO answers the in-process Jacobi engine computes from the same draft, token
 for token; streams must join to the non-streamed answer and start before it is finished."""
@@ -7,6 +9,7 @@ import json
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -30,14 +33,18 @@ def server(ray_local, vllm_tiny):
     tiny = str(vllm_tiny)
     args = AppArgs(**{
         "bases": {"tiny": {"engine": "vllm", "model": tiny, **ENGINE}},
-        "aligners": {"aligner": {"engine": "vllm", "model": tiny, "refine": {"max_new_tokens": MAX_NEW}, **ENGINE}},
-        "models": {"diffpo-vllm": {"base": "tiny", "aligner": "aligner"}, "tiny": {"base": "tiny"}},
-        "max_tokens_cap": MAX_NEW, "default_max_tokens": 16, "request_timeout_s": 60, "api_key_env": TEST_API_KEY_ENV,
+        "aligners": {"aligner": {"engine": "vllm", "model": tiny, "refine": {"max_new_tokens": MAX_NEW}, **ENGINE},
+                     "tight": {"engine": "vllm", "model": tiny, "refine": {"max_new_tokens": MAX_NEW}, **ENGINE}},
+        "models": {"diffpo-vllm": {"base": "tiny", "aligner": "aligner"}, "tiny": {"base": "tiny"},
+                   "diffpo-tight": {"base": "tiny", "aligner": "tight"}},
+        "max_tokens_cap": MAX_NEW, "default_max_tokens": 16, "request_timeout_s": 45,  # under the proxy's 60 s
+        "api_key_env": TEST_API_KEY_ENV,
         "max_body_bytes": 200_000,
     })
     light = {"ray_actor_options": {"num_cpus": 0.05}}
-    url = run_serve_app(build_graph(args, {"Ingress": light, "base-tiny": light, "aligner-aligner": light}),
-                        "diffpo", port)
+    tight = {"ray_actor_options": {"num_cpus": 0.05}, "max_ongoing_requests": 1, "max_queued_requests": 1}
+    url = run_serve_app(build_graph(args, {"Ingress": light, "base-tiny": light, "aligner-aligner": light,
+                                           "aligner-tight": tight}), "diffpo", port)
     deadline = time.time() + 600  # the ingress answers first; the engines take a minute or two to start
     while serve.status().applications["diffpo"].status != "RUNNING":
         assert time.time() < deadline, f"the vLLM graph did not start: {serve.status().applications['diffpo']}"
@@ -183,3 +190,70 @@ def test_killing_the_vllm_aligner_replica_under_load(server, expected):
         time.sleep(1)
     r = c.chat.completions.create(model="diffpo-vllm", messages=prompts[0], max_tokens=8)
     assert r.choices[0].message.content == expected(prompts[0], r.model_extra["diffpo"]["draft"], 8)
+
+
+def test_vllm_graph_answers_503_when_an_adapter_queue_is_full(server):
+    def post(i):
+        return httpx.post(server["url"] + "/v1/chat/completions", timeout=120,
+                          headers={"Authorization": f"Bearer {TEST_API_KEY}"},
+                          json={"model": "diffpo-tight", "messages": [{"role": "user", "content": f"q{i}"}],
+                                "max_tokens": MAX_NEW, "temperature": 0})
+
+    t0 = time.time()
+    with ThreadPoolExecutor(16) as pool:
+        rs = list(pool.map(post, range(16)))
+    codes = [r.status_code for r in rs]
+    assert set(codes) <= {200, 503} and codes.count(503) >= 1 and codes.count(200) >= 1, codes
+    assert all(r.json()["error"]["code"] == "overloaded" for r in rs if r.status_code == 503)
+    assert time.time() - t0 < 60
+
+
+def test_killing_the_llm_server_replica_under_load(server, expected):
+    """The engine itself dies (the shared LLM server replica) with requests in flight: each is answered with
+    the DiffPO answer or a clear 503/504 (never a hang or a 500), Serve starts a new engine, and the graph
+    answers correctly again."""
+    import ray
+
+    from tests.serve_app.test_serve import _replica_actors
+
+    def replicas():
+        return _replica_actors("llm-base-tiny")
+
+    before = replicas()
+    assert len(before) == 1, before
+    prompts = [[{"role": "user", "content": f"Tell me story number {i}."}] for i in range(8)]
+    results = [None] * len(prompts)
+
+    def call(i):
+        results[i] = httpx.post(server["url"] + "/v1/chat/completions", timeout=180,
+                                headers={"Authorization": f"Bearer {TEST_API_KEY}"},
+                                json={"model": "diffpo-vllm", "messages": prompts[i], "max_tokens": MAX_NEW})
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    time.sleep(0.3)
+    ray.kill(ray.get_actor(before[0]["name"], namespace="serve"), no_restart=True)
+    for t in threads:
+        t.join(timeout=180)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+    for i, r in enumerate(results):
+        if r.status_code == 200:
+            body = r.json()
+            assert body["choices"][0]["message"]["content"] == expected(prompts[i], body["diffpo"]["draft"], MAX_NEW)
+        else:
+            assert r.status_code in (503, 504), (i, r.status_code, r.text[:300])
+            assert r.json()["error"]["message"]
+    deadline = time.time() + 300
+    while True:  # a new engine starts (a minute or two on this CPU); then the graph answers correctly again
+        after = replicas()
+        if after and after[0]["name"] != before[0]["name"]:
+            r = httpx.post(server["url"] + "/v1/chat/completions", timeout=180,
+                           headers={"Authorization": f"Bearer {TEST_API_KEY}"},
+                           json={"model": "diffpo-vllm", "messages": prompts[0], "max_tokens": 8})
+            if r.status_code == 200:
+                break
+        assert time.time() < deadline, "the LLM server replica was not replaced within 300 s"
+        time.sleep(2)
+    assert r.json()["choices"][0]["message"]["content"] == expected(prompts[0], r.json()["diffpo"]["draft"], 8)
