@@ -8,9 +8,10 @@ GET  /healthz               liveness of the ingress (Serve health-checks every r
 
 Every failure is an OpenAI-style JSON error: 400/401/404/413 for the client's mistakes, 503 when a
 deployment's queue is full or its replica died (after `replica_failure_retries` resends), 504 past
-`request_timeout_s`, 502 when a remote base endpoint failed. `stream: true` on a route with an in-process aligner
-streams the answer while the aligner refines it (serve_app/streaming.py: the status is decided at the first
-text; later failures end the stream with an error event); other routes stream the finished answer.
+`request_timeout_s`, 502 when a remote base endpoint failed. `stream: true` on a route with an aligner streams the
+answer while the aligner refines it, and on a bare base route on vLLM while the base generates it
+(serve_app/streaming.py: the status is decided at the first text; later failures end the stream with an error
+event); other bare routes stream the finished answer.
 """
 
 import asyncio
@@ -103,7 +104,7 @@ class Ingress:
 
     async def _call(self, method, payload: dict, deadline: float, what: str, relay: Relay | None = None) -> dict:
         """One deployment call with the request's deadline, mapped to ApiError on failure. With `relay`, `method`
-        streams (`Aligner.refine_stream`): its deltas go to the relay, and a lost replica is resent only while
+        streams (`refine_stream`, `draft_stream`): its deltas go to the relay, and a lost replica is resent only while
         none was relayed."""
         for attempt in range(self.args.replica_failure_retries + 1):
             resp = method.remote(payload) if relay is None else method.options(stream=True).remote(payload)
@@ -161,7 +162,7 @@ class Ingress:
         messages = [m.plain() for m in req.messages]
         key = conversation_key(messages)
         deadline = time.monotonic() + self.args.request_timeout_s
-        if req.stream and route.aligner is not None:
+        if req.stream and (route.aligner is not None or self.args.bases[route.base].engine == "vllm"):
             return await self._stream(req, route, messages, key, max_tokens, deadline, knobs)
         self.inflight += 1
         try:
@@ -229,11 +230,13 @@ class Ingress:
             draft = {"text": prediction}
             extra = {"base": route.base, "aligner": route.aligner, "draft_source": "prediction", "draft_ms": 0.0}
         else:  # on a bare base a prediction never changes the answer: the base only counts it
-            draft = await self._call(self.bases[route.base].draft,
+            live = relay if route.aligner is None else None  # a bare base on vLLM streams its own tokens
+            base = self.bases[route.base]
+            draft = await self._call(base.draft if live is None else base.draft_stream,
                                      {"messages": messages, "max_tokens": max_tokens, "temperature": temperature,
                                       "top_p": top_p, "key": key, "concurrent": self.inflight > 1, **predicted,
                                       **({"alignment": knobs["base"]} if knobs["base"] else {})}, deadline,
-                                     f"base model {route.base!r}")
+                                     f"base model {route.base!r}", live)
             extra = {"base": route.base, "aligner": route.aligner, "draft_source": "base",
                      "draft_ms": round(draft["draft_ms"], 1)}
         if "alignment" in draft:

@@ -1,8 +1,8 @@
-"""Live answers: the aligner's text relayed to the client as SSE chunks while refinement runs.
+"""Live answers: the answer's text relayed to the client as SSE chunks while it is computed.
 
-With ``stream: true`` on a route with an in-process aligner, the ingress runs the request as usual (draft, then
-`Aligner.refine_stream` instead of `refine`) in a task, and a `Relay` carries the aligner's text deltas from that
-task to the response. The HTTP status is decided at the first delta: until then every failure is the usual JSON
+With ``stream: true`` on a route with an aligner, the ingress runs the request as usual (draft, then the aligner's
+`refine_stream` instead of `refine`) in a task, and a `Relay` carries the aligner's text deltas from that task to
+the response; on a bare base route on vLLM the base's `draft_stream` is relayed the same way. The HTTP status is decided at the first delta: until then every failure is the usual JSON
 error (400, 503 after `replica_failure_retries` resends, 504 past `request_timeout_s` ...); after it, a failure
 ends the stream with an OpenAI-style error event (`protocol.sse_error`), and a lost replica is not resent (the
 client already has part of the answer). A client that leaves cancels the request, down to the aligner's stream.
@@ -19,12 +19,12 @@ log = logging.getLogger("ray.serve")
 
 
 class Relay:
-    """Text deltas of one request, from the task that refines it to its SSE response."""
+    """Text deltas of one request, from the task that computes it to its SSE response."""
 
     def __init__(self):
         self.deltas: asyncio.Queue[str | None] = asyncio.Queue()  # None: the task ended
         self.started = asyncio.Event()  # the first delta arrived
-        self.first_token_ms: float | None = None  # the aligner's time to its first delta
+        self.first_token_ms: float | None = None  # the streaming deployment's time to its first delta
 
     async def read(self, stream, deadline: float) -> dict:
         """Relay a deployment stream's {"delta"} events and return its {"result"}; asyncio.TimeoutError past
@@ -38,8 +38,8 @@ class Relay:
                 self.deltas.put_nowait(event["delta"])
                 self.started.set()
         except StopAsyncIteration:
-            raise RuntimeError("the aligner's stream ended without a result") from None
-        except asyncio.CancelledError:  # the client left: stop the aligner's stream too
+            raise RuntimeError("the deployment's stream ended without a result") from None
+        except asyncio.CancelledError:  # the client left: stop the deployment's stream too
             stream.cancel()
             raise
 

@@ -5,8 +5,8 @@ Each model runs in an LLM server deployment built by `build_llm_deployment` (nam
 `deployment_config`), and a thin adapter deployment (``base-<name>`` / ``aligner-<name>``) gives it the interface
 the ingress calls, the same as the in-process deployments':
 
-* `VLLMBase.draft(req)`: the base model's chat prompt, built by our tokenizer, sampled with the request's
-  temperature and top_p and a seed from the conversation key;
+* `VLLMBase.draft(req)` / `draft_stream(req)`: the base model's chat prompt, built by our tokenizer, sampled with
+  the request's temperature and top_p and a seed from the conversation key (streamed on bare base routes);
 * `VLLMAligner.refine(req)` / `refine_stream(req)`: DiffPO's output as one greedy continuation
   (`pipeline.decoding.continuation`): the aligner's prompt + the `r` reserved draft tokens, greedy, cap - r
   new tokens, the same stop ids: token for token what the Jacobi engines and the batch jobs compute.
@@ -103,6 +103,14 @@ class Completions:
         raise UpstreamError(f"vLLM failed: {message}")
 
 
+async def _result(events) -> dict:
+    """The `{"result"}` of a `draft_stream` / `refine_stream` run for a caller that wants no deltas."""
+    result = None
+    async for event in events:
+        result = event.get("result", result)
+    return result
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256, max_queued_requests=512,
                   health_check_period_s=10)
 class VLLMBase:
@@ -115,6 +123,11 @@ class VLLMBase:
         self.metrics = DraftMetrics(name)
 
     async def draft(self, req: dict) -> dict:
+        return await _result(self.draft_stream(dict(req, _no_deltas=True)))
+
+    async def draft_stream(self, req: dict):
+        """`{"delta": text}` events as the engine emits the answer's tokens (a bare base route streaming), then
+        `{"result": ...}`, the dict `draft` returns."""
         t0 = time.perf_counter()
         try:
             prompt = chat_prompt_ids(self.text.tokenizer, req["messages"])
@@ -125,26 +138,38 @@ class VLLMBase:
         if why:
             self.metrics.record("rejected")
             raise BadRequest(why)
-        ids, reason = [], None
+        stops = set(self.text.stop_ids)
+        stream = None if req.get("_no_deltas") else TextStream(self.text.tokenizer)
+        ids, reason, first_ms = [], None, None
         try:
             async for new, fin in self.engine.stream(prompt, req["max_tokens"], self.text.stop_ids,
                                                      req["temperature"], req["top_p"],
-                                                     draft_seed(self.args.seed, req["key"]), incremental=False):
+                                                     draft_seed(self.args.seed, req["key"]),
+                                                     incremental=stream is not None):
                 ids += new
                 reason = fin or reason
+                if stream is not None and new:
+                    first_ms = first_ms or (time.perf_counter() - t0) * 1000
+                    delta = stream.feed(ids[:first_stop(ids, stops)])
+                    if delta:
+                        yield {"delta": delta}
         except BadRequest:
             self.metrics.record("rejected")
             raise
-        answer = ids[:first_stop(ids, set(self.text.stop_ids))]
+        answer = ids[:first_stop(ids, stops)]
         text, n = self.text.answer_text(answer), len(answer)
+        if stream is not None:
+            rest = stream.close(text)
+            if rest:
+                yield {"delta": rest}
         ms = (time.perf_counter() - t0) * 1000
         self.metrics.record("ok", ms, n)
         out = {"text": text, "completion_tokens": n, "prompt_tokens": len(prompt), "draft_ms": ms, "batch_size": 1,
-               "finish_reason": "length" if reason == "length" else "stop"}
+               "finish_reason": "length" if reason == "length" else "stop", "first_token_ms": round(first_ms or ms, 1)}
         if req.get("prediction") is not None:
             out["prediction_tokens"] = prediction_tokens(answer_ids(self.text.tokenizer, req["prediction"]),
                                                          answer)
-        return out
+        yield {"result": out}
 
     def check_health(self):
         pass  # the LLM server deployment health-checks its engine
@@ -176,10 +201,7 @@ class VLLMAligner:
             raise BadRequest(f"the aligner cannot refine this request: {e}") from None
 
     async def refine(self, req: dict) -> dict:
-        result = None
-        async for event in self.refine_stream(dict(req, _no_deltas=True)):
-            result = event.get("result", result)
-        return result
+        return await _result(self.refine_stream(dict(req, _no_deltas=True)))
 
     async def refine_stream(self, req: dict):
         """`{"delta": text}` events as the answer's tokens arrive (the reserved draft tokens first), then

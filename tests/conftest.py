@@ -22,6 +22,24 @@ def shared_file(rel: str) -> Path:
     return p
 
 
+def ray_metric(name: str, timeout_s: float = 30, **tags: str) -> float:
+    """The sum of a Ray metric's samples whose labels include `tags`, from the session Ray's Prometheus endpoint;
+    waits up to `timeout_s` for a positive value (Ray exports every few seconds). 0.0 if none appears."""
+    import time
+
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.time() + timeout_s
+    while True:
+        text = httpx.get(os.environ["DIFFPO_TEST_RAY_METRICS_URL"], timeout=10).text
+        total = sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                    if s.name == name and all(s.labels.get(k) == v for k, v in tags.items()))
+        if total > 0 or time.time() > deadline:
+            return total
+        time.sleep(2)
+
+
 def free_port() -> int:
     import socket
 
@@ -85,9 +103,12 @@ def ray_local():
 
     root = str(Path(__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=port,
              runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "HF_HUB_OFFLINE": "1",
                                         TEST_API_KEY_ENV: TEST_API_KEY}})
+    # the session Ray's Prometheus endpoint (an env var: tests import this file as tests.conftest, a second copy)
+    os.environ["DIFFPO_TEST_RAY_METRICS_URL"] = f"http://127.0.0.1:{port}/metrics"
     yield ray
     ray.shutdown()
 

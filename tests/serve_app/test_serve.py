@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.conftest import TEST_API_KEY, TEST_API_KEY_ENV, free_port, run_serve_app
+from tests.conftest import TEST_API_KEY, TEST_API_KEY_ENV, free_port, ray_metric, run_serve_app
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 MAX_NEW = 48
@@ -528,3 +528,11 @@ def test_batch_job_drafts_through_the_openai_endpoint(server, tmp_path, monkeypa
         bare = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": row["prompt"]}],
                                          max_tokens=12, temperature=0)
         assert row["draft"] == bare.choices[0].message.content
+
+
+def test_deployments_export_their_metrics(server):
+    """The deployments' Ray metrics reach Ray's Prometheus endpoint, tagged with the model and the outcome."""
+    assert ray_metric("ray_diffpo_draft_requests_total", model="tiny", outcome="ok") > 0
+    assert ray_metric("ray_diffpo_refine_requests_total", model="jacobi", outcome="ok") > 0
+    assert ray_metric("ray_diffpo_refine_batch_size_count", model="jacobi") > 0
+    assert ray_metric("ray_diffpo_jacobi_iterations_sum", model="jacobi") > 0

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.conftest import TEST_API_KEY, TEST_API_KEY_ENV, free_port, run_serve_app
+from tests.conftest import TEST_API_KEY, TEST_API_KEY_ENV, free_port, ray_metric, run_serve_app
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 MAX_NEW = 48
@@ -108,6 +108,39 @@ def test_vllm_graph_aligns_a_clients_prediction_and_streams_it(server, expected)
     assert "".join(pieces) == answer, "the stream joins to the non-streamed answer"
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
     assert len(pieces) > 2 and arrivals[0] < arrivals[-1], "text arrives while the answer is being computed"
+
+
+def test_vllm_bare_base_streams_its_tokens_as_they_come(server):
+    c = client(server)
+    full = c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=MAX_NEW)
+    stream = c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=MAX_NEW, stream=True,
+                                       stream_options={"include_usage": True})
+    chunks = list(stream)
+    pieces = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
+    assert "".join(pieces) == full.choices[0].message.content, "the stream joins to the non-streamed answer"
+    assert len(pieces) > 2, "the base's text arrives in pieces, as the engine emits tokens"
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+    # a prediction on the bare route never changes the answer; it is only counted, on the base's tokenizer
+    guess = full.choices[0].message.content[:20] + " something else entirely"
+    pred = c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=MAX_NEW,
+                                     prediction={"type": "content", "content": guess})
+    assert pred.choices[0].message.content == full.choices[0].message.content
+    details = pred.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens > 0 and details.rejected_prediction_tokens > 0
+
+
+def test_openai_client_lists_the_routes_and_raises_the_errors(server):
+    import openai
+
+    c = client(server)
+    assert {"diffpo-vllm", "tiny", "diffpo-tight"} <= {m.id for m in c.models.list().data}
+    with pytest.raises(openai.BadRequestError, match="vLLM"):
+        c.chat.completions.create(model="diffpo-vllm", messages=MSGS, extra_body={"alignment": {"concise": 0.5}})
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="no-such-model", messages=MSGS)
+    with pytest.raises(openai.AuthenticationError):
+        c.with_options(api_key="wrong").chat.completions.create(model="diffpo-vllm", messages=MSGS)
 
 
 def test_vllm_graph_refuses_what_it_cannot_serve(server):
@@ -257,3 +290,12 @@ def test_killing_the_llm_server_replica_under_load(server, expected):
         assert time.time() < deadline, "the LLM server replica was not replaced within 300 s"
         time.sleep(2)
     assert r.json()["choices"][0]["message"]["content"] == expected(prompts[0], r.json()["diffpo"]["draft"], 8)
+
+
+def test_vllm_adapters_export_their_metrics(server):
+    """The adapters' Ray metrics reach Ray's Prometheus endpoint, tagged with the model and the outcome (this
+    module's earlier tests answered and refused requests on both)."""
+    assert ray_metric("ray_diffpo_draft_requests_total", model="tiny", outcome="ok") > 0
+    assert ray_metric("ray_diffpo_refine_requests_total", model="aligner", outcome="ok") > 0
+    assert ray_metric("ray_diffpo_draft_requests_total", model="tiny", outcome="rejected") > 0  # over the window
+    assert ray_metric("ray_diffpo_refine_latency_ms_count", model="aligner") > 0
