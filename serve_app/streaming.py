@@ -2,10 +2,11 @@
 
 With ``stream: true`` on a route with an aligner, the ingress runs the request as usual (draft, then the aligner's
 `refine_stream` instead of `refine`) in a task, and a `Relay` carries the aligner's text deltas from that task to
-the response; on a bare base route on vLLM the base's `draft_stream` is relayed the same way. The HTTP status is decided at the first delta: until then every failure is the usual JSON
-error (400, 503 after `replica_failure_retries` resends, 504 past `request_timeout_s` ...); after it, a failure
-ends the stream with an OpenAI-style error event (`protocol.sse_error`), and a lost replica is not resent (the
-client already has part of the answer). A client that leaves cancels the request, down to the aligner's stream.
+the response; on a bare base route on vLLM the base's `draft_stream` is relayed the same way. The HTTP status is
+decided at the first delta: until then every failure is the usual JSON error (400, 503 after
+`replica_failure_retries` resends, 504 past `request_timeout_s` ...); after it, a failure ends the stream with an
+OpenAI-style error event (`protocol.sse_error`), and a lost replica is not resent (the client already has part of
+the answer). A client that leaves cancels the request, down to the deployment's stream.
 """
 from __future__ import annotations
 
