@@ -46,3 +46,37 @@ def test_renamed_keys_say_what_they_are_now():
         AppArgs(bases={"b": {"kind": "hf"}}, aligners={"a": {"mode": "fast"}}, models={"m": {"base": "b", "aligner": "a"}})
     assert "bases.b.kind: this key was renamed; use bases.b.engine" in str(e.value)
     assert "aligners.a.mode: this key was renamed; use aligners.a.engine" in str(e.value)
+
+
+def _deployments(app) -> dict:
+    """Every deployment of a built graph: name -> (the replica's own CPUs, its placement group bundles)."""
+    out = {}
+
+    def walk(a):
+        d = a._bound_deployment
+        if d.name not in out:
+            rc = d._replica_config
+            out[d.name] = (rc.ray_actor_options.get("num_cpus", 1), rc.placement_group_bundles)
+            for x in [*d.init_args, *d.init_kwargs.values()]:
+                for y in x.values() if isinstance(x, dict) else [x]:
+                    if hasattr(y, "_bound_deployment"):
+                        walk(y)
+    walk(app)
+    return out
+
+
+def test_default_graph_fits_a_two_core_machine():
+    """`bash scripts/serve.sh` on the 2-core machine: every deployment's first replica must be schedulable (a
+    replica with a placement group takes its bundles, which hold the replica itself; others their num_cpus).
+    Ray Serve LLM's server replica reserves 1 CPU of its own by default, which left the in-process aligner
+    unscheduled until conf/serve.yaml set it lower."""
+    pytest.importorskip("ray.serve.llm")
+    from serve_app.app import build_graph
+
+    doc = yaml.safe_load((CONF / "serve.yaml").read_text())["applications"][0]
+    options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in doc["deployments"]}
+    deployments = _deployments(build_graph(AppArgs(**doc["args"]), options))
+    assert set(deployments) == {"Ingress", "base-smollm2", "llm-base-smollm2", "aligner-smollm2",
+                                "aligner-smollm2-jacobi"}, "one LLM server for the base and the aligner"
+    cpus = sum(sum(b.get("CPU", 0) for b in bundles) if bundles else own for own, bundles in deployments.values())
+    assert cpus <= 2, f"the graph needs {cpus} CPUs: {deployments}"
