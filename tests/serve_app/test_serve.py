@@ -460,9 +460,23 @@ def _replica_actors(deployment: str):
             if a["namespace"] == "serve" and f"#{deployment}#" in a["name"]]
 
 
-def test_killing_the_aligner_replica_under_load(server, expected):
+def _burst_with_a_kill(n: int, call, replica: str, stagger_s: float = 0.02, join_s: float = 90) -> None:
+    """Run `call(i)` for i < n on threads started `stagger_s` apart, kill the Serve replica actor named `replica`
+    while they run (no restart: Serve must replace it), and wait for all of them; fails if one hangs."""
     import ray
 
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+        time.sleep(stagger_s)
+    time.sleep(0.3)
+    ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
+    for t in threads:
+        t.join(timeout=join_s)
+    assert not any(t.is_alive() for t in threads), "a request hung"
+
+
+def test_killing_the_aligner_replica_under_load(server, expected):
     before = _replica_actors("aligner-jacobi")
     assert len(before) == 1, before
     prompts = [[{"role": "user", "content": f"Tell me fact number {i}."}] for i in range(12)]
@@ -473,15 +487,7 @@ def test_killing_the_aligner_replica_under_load(server, expected):
         r = post(server, {"model": "diffpo-tiny", "messages": prompts[i], "max_tokens": MAX_NEW, "temperature": 0})
         results[i] = (r, time.time() - t0)
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-        time.sleep(0.02)
-    time.sleep(0.3)
-    ray.kill(ray.get_actor(before[0]["name"], namespace="serve"), no_restart=True)
-    for t in threads:
-        t.join(timeout=90)
-    assert not any(t.is_alive() for t in threads), "a request hung"
+    _burst_with_a_kill(len(prompts), call, before[0]["name"])
     ok = 0
     for i, (r, secs) in enumerate(results):
         assert secs < 30 + 10, f"request {i} took {secs:.1f}s, past the 30 s request timeout"

@@ -7,7 +7,6 @@ The aligner's answers must be the DiffPO answers the in-process Jacobi engine co
 for token; streams must join to the non-streamed answer and start before it is finished."""
 import json
 import random
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -184,9 +183,7 @@ def test_vllm_graph_answers_hostile_requests_with_4xx_json(server):
 def test_killing_the_vllm_aligner_replica_under_load(server, expected):
     """The aligner's adapter replica dies with requests in flight: each is answered with the DiffPO answer or a
     clear 503/504, and Serve replaces the replica (the LLM server and its engine keep running)."""
-    import ray
-
-    from tests.serve_app.test_serve import _replica_actors
+    from tests.serve_app.test_serve import _burst_with_a_kill, _replica_actors
 
     def replicas():
         return _replica_actors("aligner-aligner")
@@ -203,15 +200,7 @@ def test_killing_the_vllm_aligner_replica_under_load(server, expected):
         except Exception as e:  # openai raises on 5xx: keep the status for the check below
             results[i] = e
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-        time.sleep(0.02)
-    time.sleep(0.3)
-    ray.kill(ray.get_actor(before[0]["name"], namespace="serve"), no_restart=True)
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a request hung"
+    _burst_with_a_kill(len(prompts), call, before[0]["name"], join_s=120)
     for i, r in enumerate(results):
         if isinstance(r, Exception):
             assert getattr(r, "status_code", None) in (503, 504), repr(r)
@@ -245,9 +234,7 @@ def test_killing_the_llm_server_replica_under_load(server, expected):
     """The engine itself dies (the shared LLM server replica) with requests in flight: each is answered with
     the DiffPO answer or a clear 503/504 (never a hang or a 500), Serve starts a new engine, and the graph
     answers correctly again."""
-    import ray
-
-    from tests.serve_app.test_serve import _replica_actors
+    from tests.serve_app.test_serve import _burst_with_a_kill, _replica_actors
 
     def replicas():
         return _replica_actors("llm-base-tiny")
@@ -262,15 +249,7 @@ def test_killing_the_llm_server_replica_under_load(server, expected):
                                 headers={"Authorization": f"Bearer {TEST_API_KEY}"},
                                 json={"model": "diffpo-vllm", "messages": prompts[i], "max_tokens": MAX_NEW})
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-        time.sleep(0.05)
-    time.sleep(0.3)
-    ray.kill(ray.get_actor(before[0]["name"], namespace="serve"), no_restart=True)
-    for t in threads:
-        t.join(timeout=180)
-    assert not any(t.is_alive() for t in threads), "a request hung"
+    _burst_with_a_kill(len(prompts), call, before[0]["name"], stagger_s=0.05, join_s=180)
     for i, r in enumerate(results):
         if r.status_code == 200:
             body = r.json()
