@@ -17,17 +17,27 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+from pydantic import Field  # noqa: E402
+
+from jobs.common.config import ConfigError, Section, load_config  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DRAFTS = ROOT.parent / "shared/data/alpaca_eval/drafts_Meta-Llama-3-8B-Instruct.jsonl"
 
 
+class Options(Section):
+    """The benchmark's key=value options (--help lists them)."""
+    rows: int = Field(16, description="held-out rows, through both the loop and the job")
+    max_new_tokens: int = Field(64, description="answer cap of the aligner (aligner.refine.max_new_tokens)")
+
+
 def main():
+    options = load_config(Options, None, sys.argv[1:])
     if not DRAFTS.exists():
         print(f"skipped: {DRAFTS} not found (the benchmark needs ../shared/data)")
         return
-    kv = dict(a.split("=", 1) for a in sys.argv[1:])
-    n, max_new = int(kv.get("rows", 16)), int(kv.get("max_new_tokens", 64))
+    n, max_new = options.rows, options.max_new_tokens
     rows = [json.loads(x) for x in open(DRAFTS)]
     rows = [r for r in rows if r["id"] % 4 == 0][:n]
     tmp = Path(tempfile.mkdtemp())
@@ -74,4 +84,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as e:  # a mistake in the options: one message listing every problem, exit status 2
+        print(f"[bench_job] {e}", file=sys.stderr)
+        sys.exit(2)

@@ -24,9 +24,23 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_worker_niceness", "0")  # Ray nices workers to 15 by default; the in-process side runs at 0
+
+from pydantic import Field  # noqa: E402
+
+from jobs.common.config import ConfigError, Section, load_config  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 PORT = 8391
+
+
+class Options(Section):
+    """The benchmark's key=value options (--help lists them)."""
+    requests: int = Field(8, description="part 1: requests sent one at a time (HTTP and in-process each)")
+    max_tokens: int = Field(32, description="max_tokens of every request (draft and answer cap)")
+    clients: int = Field(8, description="part 2: concurrent HTTP clients")
+    per_client: int = Field(2, description="part 2: requests per client")
+    batch_wait_timeout_s: float = Field(0.1, description="batch_wait_timeout_s of the base and aligner deployments")
+    latency_only: bool = Field(False, description="run part 1 only (1/true), skip the throughput part")
 
 
 def app_args(batch: int, max_tokens: int, wait: float) -> dict:
@@ -39,11 +53,11 @@ def app_args(batch: int, max_tokens: int, wait: float) -> dict:
 
 
 def main():
-    kv = dict(a.split("=", 1) for a in sys.argv[1:])
-    latency_only = kv.get("latency_only", "0") == "1"
-    wait = float(kv.get("batch_wait_timeout_s", 0.1))
-    n, max_tokens = int(kv.get("requests", 8)), int(kv.get("max_tokens", 32))
-    clients, per_client = int(kv.get("clients", 8)), int(kv.get("per_client", 2))
+    options = load_config(Options, None, sys.argv[1:])
+    latency_only = options.latency_only
+    wait = options.batch_wait_timeout_s
+    n, max_tokens = options.requests, options.max_tokens
+    clients, per_client = options.clients, options.per_client
     prompts = [json.loads(x)["prompt"] for x in open(ROOT / "pipeline/data/demo_prompts.jsonl")]
 
     import httpx
@@ -139,4 +153,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as e:  # a mistake in the options: one message listing every problem, exit status 2
+        print(f"[bench_serve] {e}", file=sys.stderr)
+        sys.exit(2)

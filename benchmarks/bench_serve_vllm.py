@@ -52,7 +52,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: plenty for a 135M model
 os.environ.setdefault("RAY_worker_niceness", "0")  # Ray nices workers to 15 by default; the in-process side runs at 0
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DEMO = ROOT / "pipeline/data/demo_prompts.jsonl"
 APP = "diffpo"
 LIGHT = {"ray_actor_options": {"num_cpus": 0.05}}

@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from pydantic import Field  # noqa: E402
 
+from jobs.common.config import ConfigError, Section, load_config  # noqa: E402
 from pipeline.decoding.jacobi import RefineSettings  # noqa: E402
 from pipeline.decoding.refiner import RefineRequest, Refiner  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
@@ -32,9 +33,16 @@ QUESTIONS = ["Explain why the sky is blue.", "Give three tips for sleeping bette
              "Why do leaves change colour in autumn?"]
 
 
+class Options(Section):
+    """The benchmark's key=value options (--help lists them)."""
+    rows: int = Field(4, description="chat requests, refined one at a time by both modes")
+    layers: int = Field(4, description="layers of the tiny Gemma-2 aligner (sliding and full alternating)")
+    hidden: int = Field(64, description="hidden size of the tiny Gemma-2 aligner")
+
+
 def args():
-    kv = dict(a.split("=", 1) for a in sys.argv[1:])
-    return int(kv.get("rows", 4)), int(kv.get("layers", 4)), int(kv.get("hidden", 64))
+    o = load_config(Options, None, sys.argv[1:])
+    return o.rows, o.layers, o.hidden
 
 
 def timed(refiner, reqs):
@@ -96,4 +104,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as e:  # a mistake in the options: one message listing every problem, exit status 2
+        print(f"[bench_sliding_window] {e}", file=sys.stderr)
+        sys.exit(2)

@@ -29,9 +29,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_worker_niceness", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from pydantic import Field  # noqa: E402
+
+from jobs.common.config import ConfigError, Section, load_config  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 RANKED = ROOT.parent / "shared/data/alpaca_eval/ranked_responses.jsonl.gz"
+
+
+class Options(Section):
+    """The benchmark's key=value options (--help lists them)."""
+    model: str = Field("default", description="the model trained (as the job's model key)")
+    batch: int = Field(4, description="global batch: examples per step (each Ray Train worker takes half)")
+    answer_tokens: int = Field(96, description="answer tokens per example")
+    steps: int = Field(4, description="measured steps per run (after one warm-up step)")
+    bucket_size: int = Field(50_000_000, description="DeepSpeed's reduce / all-gather bucket in elements "
+                                                     "(the job's deepspeed.bucket_size; 5e7 works too)")
+    lora_r: int = Field(16, description="rank of the LoRA run (the job's lora.r); 0 skips the LoRA run")
 
 
 def examples_raw(n: int) -> list[tuple[list, str, str]]:
@@ -115,11 +130,11 @@ def loop(config: dict) -> None:
 
 
 def main():
-    kv = dict(a.split("=", 1) for a in sys.argv[1:])
-    model, bsz = kv.get("model", "default"), int(kv.get("batch", 4))
-    answer_tokens, steps = int(kv.get("answer_tokens", 96)), int(kv.get("steps", 4))
-    bucket = int(float(kv.get("bucket_size", 5e7)))
-    lora_r = int(kv.get("lora_r", 16))
+    options = load_config(Options, None, sys.argv[1:])
+    model, bsz = options.model, options.batch
+    answer_tokens, steps = options.answer_tokens, options.steps
+    bucket = options.bucket_size
+    lora_r = options.lora_r
     raw = examples_raw(bsz)
 
     import tempfile
@@ -187,4 +202,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as e:  # a mistake in the options: one message listing every problem, exit status 2
+        print(f"[bench_train] {e}", file=sys.stderr)
+        sys.exit(2)

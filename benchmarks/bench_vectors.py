@@ -25,9 +25,23 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pydantic import Field  # noqa: E402
+
+from jobs.common.config import ConfigError, Section, load_config  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class Options(Section):
+    """The benchmark's key=value options (--help lists them)."""
+    vectors: str = Field(str(ROOT / "outputs/demo_vectors/vectors"),
+                         description="folder with concise/ and detailed/ vectors (benchmarks/demo_vectors.py); "
+                                     "missing: two synthetic vectors are used")
+    repeats: int = Field(5, description="timed repeats of each step (median)")
+    threads: int = Field(2, description="torch threads")
+    memory_child: bool = Field(False, description="internal: run as the child process that measures memory")
 
 
 def rss() -> int:
@@ -141,6 +155,7 @@ def memory_child(vectors: dict, threads: int) -> dict:
 
 
 def main() -> None:
+    options = load_config(Options, None, sys.argv[1:])
     import subprocess
 
     import torch
@@ -149,16 +164,15 @@ def main() -> None:
     from pipeline.vectors.knobs import KnobbedModel
     from pipeline.vectors.extract import checkpoint_dir, checkpoint_hash
 
-    kv = dict(a.split("=", 1) for a in sys.argv[1:])
-    threads = int(kv.get("threads", 2))
+    threads = options.threads
     torch.set_num_threads(threads)
-    repeats = int(kv.get("repeats", 5))
-    vdir = Path(kv.get("vectors", ROOT / "outputs/demo_vectors/vectors"))
+    repeats = options.repeats
+    vdir = Path(options.vectors)
     if (vdir / "concise" / "vector.json").exists() and (vdir / "detailed" / "vector.json").exists():
         vectors, kind = {"concise": vdir / "concise", "detailed": vdir / "detailed"}, "demo (concise, detailed)"
     else:
         vectors, kind = synthetic_vectors(ROOT / "outputs/bench_vectors"), "synthetic"
-    if kv.get("_memory_child"):
+    if options.memory_child:
         print("MEMORY " + json.dumps(memory_child(vectors, threads)))
         return
     a, b = sorted(vectors)
@@ -213,7 +227,7 @@ def main() -> None:
         touch(lm.model)
         fwd.append(time.perf_counter() - t0)
 
-    child = subprocess.run([sys.executable, __file__, "_memory_child=1", f"vectors={vdir}", f"threads={threads}"],
+    child = subprocess.run([sys.executable, __file__, "memory_child=true", f"vectors={vdir}", f"threads={threads}"],
                            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ))
     mem_line = [x for x in child.stdout.splitlines() if x.startswith("MEMORY ")]
     if not mem_line:
@@ -241,4 +255,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as e:  # a mistake in the options: one message listing every problem, exit status 2
+        print(f"[bench_vectors] {e}", file=sys.stderr)
+        sys.exit(2)

@@ -35,7 +35,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: plenty for a 135M model
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DRAFTS = ROOT.parent / "shared/data/alpaca_eval/drafts_Meta-Llama-3-8B-Instruct.jsonl"
 DEMO = ROOT / "pipeline/data/demo_prompts.jsonl"
 

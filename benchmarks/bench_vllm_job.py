@@ -38,10 +38,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # the job's default aligner.vllm.cpu_kv_cache_gib
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_vllm_aligner import bench_rows, chunks, load, start_vllm, vllm_generate  # noqa: E402
+from benchmarks.bench_vllm_aligner import bench_rows, chunks, load, start_vllm, vllm_generate  # noqa: E402
 
 
 def parse_args():

@@ -25,11 +25,31 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pydantic import ConfigDict, Field  # noqa: E402
+
+from jobs.common.config import ConfigError, Section, load_config  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 EVAL_SET = ROOT.parent / "shared/data/alpaca_eval/eval_set.jsonl"
+
+
+class Options(Section):
+    """The benchmark's key=value options (--help lists them)."""
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+    after: Optional[str] = Field(None, description="the trained aligner folder (required; without it: skipped)")
+    before: str = Field("default", description="the aligner before training")
+    heldout: str = Field("outputs/build_states/heldout.parquet",
+                         description="held-out rows with their states (python -m jobs.build_states)")
+    rows: int = Field(24, description="held-out prompts")
+    max_new_tokens: int = Field(128, description="answer cap of both aligners")
+    in_context: bool = Field(False, description="the aligner's prompt also shows the draft (correction template)")
+    batch: int = Field(8, description="rows per refine call")
+    engines: str = Field("jacobi,fast", description="comma-separated: jacobi, fast, fast_fixed_window")
+    block_size: int = Field(32, description="block size of the jacobi engine")
 
 
 def paired_bootstrap(diffs: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -39,17 +59,17 @@ def paired_bootstrap(diffs: list[float], n: int = 2000, seed: int = 0) -> tuple[
 
 
 def main():
-    kv = dict(a.split("=", 1) for a in sys.argv[1:])
-    after = kv.get("after")
-    heldout = Path(kv.get("heldout", "outputs/build_states/heldout.parquet"))
+    options = load_config(Options, None, sys.argv[1:])
+    after = options.after
+    heldout = Path(options.heldout)
     if not after or not heldout.exists() or not EVAL_SET.exists():
         print(f"skipped: need after=<trained aligner dir>, {heldout} (python -m jobs.build_states) and {EVAL_SET}")
         return
-    before, n = kv.get("before", "default"), int(kv.get("rows", 24))
-    max_new, batch = int(kv.get("max_new_tokens", 128)), int(kv.get("batch", 8))
-    in_context = kv.get("in_context", "false").lower() == "true"
-    engines = kv.get("engines", "jacobi,fast").split(",")
-    block = int(kv.get("block_size", 32))
+    before, n = options.before, options.rows
+    max_new, batch = options.max_new_tokens, options.batch
+    in_context = options.in_context
+    engines = options.engines.split(",")
+    block = options.block_size
 
     import pandas as pd
     import torch
@@ -126,4 +146,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as e:  # a mistake in the options: one message listing every problem, exit status 2
+        print(f"[compare_aligner] {e}", file=sys.stderr)
+        sys.exit(2)

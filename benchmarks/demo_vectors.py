@@ -29,13 +29,29 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pydantic import ConfigDict, Field  # noqa: E402
+
+from jobs.common.config import ConfigError, Section, load_config  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared/data/alpaca_eval"
 
 
-def kv_args() -> dict:
-    return dict(a.split("=", 1) for a in sys.argv[1:])
+class Options(Section):
+    """The demo's key=value options (--help lists them)."""
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)  # grid_*=1 is the one-point grid "1"
+    steps: int = Field(20, description="fine-tuning steps of each style variant")
+    lr: float = Field(1e-4, description="AdamW learning rate of the fine-tunes")
+    prompts: int = Field(8, description="held-out prompts of the λ sweep")
+    max_new_tokens: int = Field(192, description="answer cap of the λ sweep")
+    grid_concise: str = Field("0,0.5,1,1.5", description="comma-separated λ values of the concise vector")
+    grid_detailed: str = Field("0,0.5,1", description="comma-separated λ values of the detailed vector")
+    detailed_tokens: int = Field(128, description="the detailed variant's targets are cut to this many tokens")
+    threads: int = Field(2, description="torch threads")
+    out: str = Field(str(ROOT / "outputs/demo_vectors"), description="output folder (models, vectors, search, figure)")
+    retrain: bool = Field(False, description="fine-tune again even if the models exist under out")
+    reuse_search: bool = Field(False, description="reuse out/search (the λ sweep) if it exists")
 
 
 def training_sets(seed: int = 0) -> dict[str, list[tuple[str, str]]]:
@@ -207,26 +223,26 @@ def make_figure(table, out: Path, max_new: int, n_rows: int):
 
 
 def main() -> None:
+    options = load_config(Options, None, sys.argv[1:])
     import torch
 
-    kv = kv_args()
     if not (DATA / "ranked_responses.jsonl.gz").exists():
         print(f"skipped: {DATA} is not here (the demo trains on ../shared/data)")
         return
-    torch.set_num_threads(int(kv.get("threads", 2)))
-    out = Path(kv.get("out", ROOT / "outputs/demo_vectors"))
+    torch.set_num_threads(options.threads)
+    out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps, lr = int(kv.get("steps", 20)), float(kv.get("lr", 1e-4))
-    n_prompts, max_new = int(kv.get("prompts", 8)), int(kv.get("max_new_tokens", 192))
-    grid_c = [float(x) for x in kv.get("grid_concise", "0,0.5,1,1.5").split(",")]
-    grid_d = [float(x) for x in kv.get("grid_detailed", "0,0.5,1").split(",")]
-    retrain = kv.get("retrain", "false").lower() == "true"
+    steps, lr = options.steps, options.lr
+    n_prompts, max_new = options.prompts, options.max_new_tokens
+    grid_c = [float(x) for x in options.grid_concise.split(",")]
+    grid_d = [float(x) for x in options.grid_detailed.split(",")]
+    retrain = options.retrain
     t_all = time.perf_counter()
 
     # 1. two aligned variants
     sets = training_sets()
     train = {}
-    for name, batch, ans_tok in (("concise", 8, 64), ("detailed", 4, int(kv.get("detailed_tokens", 128)))):
+    for name, batch, ans_tok in (("concise", 8, 64), ("detailed", 4, options.detailed_tokens)):
         mdir = out / "models" / name
         if retrain or not (mdir / "train_info.json").exists():
             train[name] = finetune(name, sets[name], mdir, steps, batch, lr, ans_tok)
@@ -260,7 +276,7 @@ def main() -> None:
             f"domains.detailed.grid=[{','.join(map(str, grid_d))}]",
             "domains.concise.score=length_words", "domains.detailed.score=length_words",
             "domains.concise.target=60", "domains.detailed.target=60"]
-    if kv.get("reuse_search", "false").lower() == "true" and (out / "search" / "summary.json").exists():
+    if options.reuse_search and (out / "search" / "summary.json").exists():
         summary = json.loads((out / "search" / "summary.json").read_text())
         print(f"[demo] reusing {out / 'search'} (reuse_search=false to redo)")
     else:
@@ -330,4 +346,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as e:  # a mistake in the options: one message listing every problem, exit status 2
+        print(f"[demo_vectors] {e}", file=sys.stderr)
+        sys.exit(2)

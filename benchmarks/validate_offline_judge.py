@@ -16,19 +16,31 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pydantic import Field  # noqa: E402
+
+from jobs.common.config import ConfigError, Section, load_config  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 RANKED = ROOT.parent / "shared/data/alpaca_eval/ranked_responses.jsonl.gz"
 
 
+class Options(Section):
+    """The benchmark's key=value options (--help lists them)."""
+    prompts: int = Field(805, description="instructions used (the first ones of the split)")
+    split: Literal["heldout", "train", "all"] = Field(
+        "heldout", description="heldout (id % 4 == 0) | train (the others) | all")
+
+
 def main():
+    options = load_config(Options, None, sys.argv[1:])
     if not RANKED.exists():
         print(f"skipped: {RANKED} not found (needs ../shared/data)")
         return
-    kv = dict(a.split("=", 1) for a in sys.argv[1:])
-    n, split = int(kv.get("prompts", 805)), kv.get("split", "heldout")
+    n, split = options.prompts, options.split
     import torch
 
     from pipeline.scoring.embedding import EmbeddingJudge
@@ -77,4 +89,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as e:  # a mistake in the options: one message listing every problem, exit status 2
+        print(f"[validate_offline_judge] {e}", file=sys.stderr)
+        sys.exit(2)

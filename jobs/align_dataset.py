@@ -23,7 +23,8 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.common import data, vllm_stages
-from jobs.common.config import AlignerCfg, DataRayCfg, DraftCfg, Section, expand, load_config
+from jobs.common.config import (AlignerCfg, DataRayCfg, DraftCfg, Section, VllmAlignerCfg, VllmDraftCfg, expand,
+                                load_config)
 from jobs.common.data import InputCfg
 from jobs.common.runtime import run_job
 from jobs.common.stages import DraftStage, load_aligner, make_refiner, refine_turns
@@ -44,8 +45,8 @@ class AlignDatasetConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input: InputCfg = Field(default_factory=InputCfg)
     output: OutputCfg = Field(default_factory=OutputCfg)
-    base: DraftCfg = Field(default_factory=DraftCfg, description="drafts rows that have none")
-    aligner: AlignerCfg = Field(default_factory=AlignerCfg)
+    base: DraftCfg = Field(default_factory=VllmDraftCfg, description="drafts rows that have none")
+    aligner: AlignerCfg = Field(default_factory=VllmAlignerCfg)
     ray: DataRayCfg = Field(default_factory=DataRayCfg)
     show_samples: int = Field(3, ge=0, description="draft vs aligned samples printed at the end")
 
@@ -57,8 +58,13 @@ OUTPUT_SCHEMA = pa.schema([
     ("turns", pa.list_(pa.string())), ("draft_turns", pa.list_(pa.string())),
     ("aligned_turns", pa.list_(pa.string())), ("history", pa.list_(MESSAGE)), ("meta", META),
     ("mode", pa.string()), ("passes", pa.int64()), ("new_tokens", pa.int64()), ("tokens_per_pass", pa.float64()),
-    ("tokens_computed", pa.int64()), ("converged", pa.bool_()), ("stop", pa.string()),
+    ("tokens_computed", pa.int64()), ("converged", pa.bool_()), ("generated_tokens", pa.int64()), ("stop", pa.string()),
     ("draft_s", pa.float64()), ("refine_s", pa.float64()), ("error", pa.string())])
+# What each engine tells about a row, and nothing else: the Jacobi engines (fast, reference) fill passes,
+# tokens_per_pass and converged, and leave generated_tokens null; the greedy-continuation engines (ar, vllm) run no
+# Jacobi iteration, so those three are null and generated_tokens (tokens the engine generated, stop tokens
+# included, summed over turns) is set. new_tokens, tokens_computed, stop and refine_s: every engine.
+JACOBI_ENGINES = ("fast", "reference")
 
 
 def mode_name(a: AlignerCfg) -> str:
@@ -77,7 +83,7 @@ class RefineStage(data.RowStage):
         torch.set_num_threads(threads)
         self.refiner = make_refiner(load_aligner(aligner), aligner)
         self.row_timeout_s = aligner.row_timeout_s
-        self.mode = mode_name(aligner)
+        self.mode, self.jacobi = mode_name(aligner), aligner.engine in JACOBI_ENGINES
 
     def process(self, rows: list[dict]) -> list[dict]:
         t0 = time.perf_counter()
@@ -92,13 +98,19 @@ class RefineStage(data.RowStage):
         if isinstance(res, str):
             r, res = dict(r, error=f"{self.name}: {res}"), []
         drafts, aligned = r.get("drafts") or [], [x.text for x in res]
-        passes, new = sum(x.passes for x in res), sum(x.new_tokens for x in res)
+        new = sum(x.new_tokens for x in res)
+        # only what the engine computed (see OUTPUT_SCHEMA); a row without results: as the stage's engine would
+        jacobi = all(x.jacobi for x in res) if res else self.jacobi
+        passes = sum(x.passes for x in res) if jacobi else None
         return {"id": r["id"], "prompt": r["turns"][0] if r["turns"] else "", "draft": drafts[0] if drafts else "",
                 "aligned": aligned[0] if aligned else "", "turns": r["turns"], "draft_turns": drafts,
                 "aligned_turns": aligned, "history": r["history"], "meta": r["meta"], "mode": self.mode,
-                "passes": passes, "new_tokens": new, "tokens_per_pass": new / passes if passes else 0.0,
+                "passes": passes, "new_tokens": new,
+                "tokens_per_pass": (new / passes if passes else 0.0) if jacobi else None,
                 "tokens_computed": sum(x.tokens_computed for x in res),
-                "converged": bool(res) and all(x.converged for x in res), "stop": ",".join(x.stop for x in res),
+                "converged": (bool(res) and all(x.converged for x in res)) if jacobi else None,
+                "generated_tokens": None if jacobi else sum(x.generated_tokens or 0 for x in res),
+                "stop": ",".join(x.stop for x in res),
                 "draft_s": r.get("draft_s") or 0.0, "refine_s": per_turn_s * len(res), "error": r.get("error")}
 
 
@@ -107,7 +119,7 @@ class VllmOutputStage(RefineStage):
     RefineStage writes the HF engines' (refine_s = the engine's seconds on the row)."""
 
     def __init__(self, aligner: AlignerCfg):
-        self.mode = mode_name(aligner)
+        self.mode, self.jacobi = mode_name(aligner), False
 
     def process(self, rows: list[dict]) -> list[dict]:
         results = [vllm_stages.as_results(r["refined"]) for r in rows]
@@ -115,6 +127,31 @@ class VllmOutputStage(RefineStage):
 
 
 # ---- finalize --------------------------------------------------------------------------------------------
+def engine_summary(ok: list[dict]) -> dict:
+    """What the engines computed, over the aligned rows: each statistic over the rows whose engine computes it,
+    null when no row's did (so a vllm or ar run has null Jacobi statistics, a fast or reference run a null
+    mean_generated_tokens).
+
+    mean_passes, tokens_per_pass, converged_fraction: Jacobi passes per row, answer tokens per pass, the fraction
+    of rows whose every block reached its fixed point (rows a Jacobi engine refined); mean_generated_tokens:
+    tokens a greedy-continuation engine (ar, vllm) generated per row; mean_refine_s, mean_draft_s: every row;
+    rows_by_mode: how many rows each engine refined (a rerun with another engine finishes what a killed run
+    started: the statistics then cover each engine's rows)."""
+    n = len(ok)
+    mean = lambda k: round(sum(r[k] for r in ok) / n, 3) if n else 0.0  # noqa: E731
+    jac = [r for r in ok if r["passes"] is not None]
+    gen = [r for r in ok if r["generated_tokens"] is not None]
+    passes = sum(r["passes"] for r in jac)
+    return {
+        "mean_passes": round(passes / len(jac), 2) if jac else None,
+        "tokens_per_pass": round(sum(r["new_tokens"] for r in jac) / max(1, passes), 3) if jac else None,
+        "converged_fraction": round(sum(bool(r["converged"]) for r in jac) / len(jac), 4) if jac else None,
+        "mean_generated_tokens": round(sum(r["generated_tokens"] for r in gen) / len(gen), 2) if gen else None,
+        "mean_refine_s": mean("refine_s"), "mean_draft_s": mean("draft_s"),
+        "rows_by_mode": {m: sum(r["mode"] == m for r in ok) for m in sorted({r["mode"] for r in ok})},
+    }
+
+
 def finalize(cfg: AlignDatasetConfig, out: Path, parts: Path, rows_in: int, started: float, processed: int):
     rows = data.sorted_rows(data.read_parts(parts), OUTPUT_SCHEMA)
     ids = [r["id"] for r in rows]
@@ -129,16 +166,10 @@ def finalize(cfg: AlignDatasetConfig, out: Path, parts: Path, rows_in: int, star
     if cfg.output.alpaca_eval_outputs:
         data.write_alpaca_eval(out / "alpaca_eval_outputs.json", ok, cfg.output.model_id, "aligned")
     wall = time.perf_counter() - started
-    n, passes = len(ok), sum(r["passes"] for r in ok)
-    mean = lambda k: round(sum(r[k] for r in ok) / n, 3) if n else 0.0  # noqa: E731
     summary = {
-        "rows_in": rows_in, "rows_out": n, "error_rows": len(bad), "rows_processed_this_run": processed,
+        "rows_in": rows_in, "rows_out": len(ok), "error_rows": len(bad), "rows_processed_this_run": processed,
         "wall_s": round(wall, 2), "rows_per_s": round(processed / wall, 4) if wall > 0 else 0.0,
-        "mean_passes": round(passes / n, 2) if n else 0.0,
-        "tokens_per_pass": round(sum(r["new_tokens"] for r in ok) / max(1, passes), 3) if n else 0.0,
-        "converged_fraction": round(sum(r["converged"] for r in ok) / n, 4) if n else 0.0,
-        "mean_refine_s": mean("refine_s"), "mean_draft_s": mean("draft_s"),
-        "mode": mode_name(cfg.aligner),
+        **engine_summary(ok), "mode": mode_name(cfg.aligner),
         "output": str(path), "errors": str(out / "errors.jsonl"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -30,11 +30,11 @@ import pyarrow as pa
 from pydantic import Field
 
 from jobs.common import data
-from jobs.common.config import (DataRayCfg, DraftCfg, EndpointCfg, ModelCfg, PoolCfg, Section, StageCfg, expand,
-                                load_config)
+from jobs.common.config import (DataRayCfg, EndpointCfg, HFDraftCfg, ModelCfg, OpenAIDraftCfg, PoolCfg, Section,
+                                StageCfg, VllmDraftCfg, by_engine, expand, load_config)
 from jobs.common.runtime import run_job
 from jobs.common.stages import make_drafter
-from pipeline.decoding.jacobi import RefineSettings
+from pipeline.decoding.settings import RefineSettings
 from pipeline.models import is_default_model
 from pipeline.training.states import (ROW_SCHEMA, STATES_SCHEMA, TARGETS, DROP_REASONS, column_scores, error_row,
                                       filter_answers, merge_flat, normalize_record, ranked_row, split_of)
@@ -82,27 +82,40 @@ class OutputCfg(Section):
     path: str = Field("outputs/build_states", description="train/dev/heldout.parquet, errors.jsonl, summary.json")
 
 
-class BaseCfg(DraftCfg):
-    """A base model whose answers join each prompt's candidates; it samples with the job's `seed`, its
-    generator name and the row id, so reruns draw the same answers."""
+class BaseKeys(Section):
+    """What a base model of this job adds to a draft section: it samples with the job's `seed`, its generator name
+    and the row id, so reruns draw the same answers."""
     name: Optional[str] = Field(None, description="generator name in the output; null = the model's folder name")
     num_answers: int = Field(1, ge=1, description='answers per prompt (generators "name#0", "name#1", ... when > 1)')
-    engine: Literal["vllm", "hf", "openai"] = Field(
-        "hf", description="hf: transformers generate in the job's actors | openai: an OpenAI-compatible endpoint "
-                          "(vllm: not for bases yet: Ray Data LLM returns one sample per request)")
 
     def check(self) -> list[str]:
-        problems = DraftCfg.check(self)
-        if self.engine == "vllm":
-            problems.append("engine: vllm does not draft the bases' answers yet (num_answers samples per prompt; Ray "
-                            "Data LLM returns one sample per request); use engine=hf, or serve the base with vLLM "
-                            "and use engine=openai")
+        problems = super().check()
         if self.sampling.seed != 0:
             problems.append("sampling.seed: the bases sample with the job's seed (set seed=...)")
         return problems
 
     def generator(self) -> str:
         return self.name or Path(str(self.model).rstrip("/")).name or "base"
+
+
+class BaseCfg(BaseKeys, HFDraftCfg):
+    """A base model on transformers `generate` in the job's actors (the default engine here)."""
+
+
+class OpenAIStatesBaseCfg(BaseKeys, OpenAIDraftCfg):
+    """A base model at an OpenAI-compatible endpoint."""
+
+
+class VllmStatesBaseCfg(BaseKeys, VllmDraftCfg):
+    """Not yet: vLLM (Ray Data LLM) returns one sample per request."""
+
+    def check(self) -> list[str]:
+        return super().check() + [
+            "engine: vllm does not draft the bases' answers yet (num_answers samples per prompt; Ray Data LLM "
+            "returns one sample per request); use engine=hf, or serve the base with vLLM and use engine=openai"]
+
+
+StatesBaseCfg = by_engine(BaseCfg, OpenAIStatesBaseCfg, VllmStatesBaseCfg, default="hf")
 
 
 class RewardModelCfg(StageCfg):
@@ -218,18 +231,14 @@ class TrajectoryCfg(StageCfg):
     def check(self) -> list[str]:
         if not self.enabled:
             return []
-        problems = StageCfg.check(self)
-        try:
-            self.refine.validate()
-        except ValueError as e:
-            problems.append(f"refine: {e}")
+        problems = StageCfg.check(self)  # refine's own problems are reported as trajectory.refine: ...
         fixed = TrajectoryRefine()
         problems += [f"refine.{k}: fixed for trajectories (they follow the published loop)"
                      for k in ("window", "adaptive_window", "reseed", "reseed_ngram")
                      if getattr(self.refine, k) != getattr(fixed, k)]
         if self.refine.seed != fixed.seed:
             problems.append("refine.seed: trajectories use the job's seed (set seed=...)")
-        if not problems and (why := self.fast_engine_problem()):
+        if not problems and not self.refine.problems() and (why := self.fast_engine_problem()):
             problems.append(f"model: {why} (trajectories are recorded with the fast engine)")
         return problems
 
@@ -259,8 +268,9 @@ class RayCfg(DataRayCfg):
 class BuildStatesConfig(Section):
     input: InputCfg = Field(default_factory=InputCfg)
     output: OutputCfg = Field(default_factory=OutputCfg)
-    bases: list[BaseCfg] = Field(default_factory=list, description="base models whose answers join the candidates: "
-                                 "draft sections (kind, model, sampling.*, endpoint and pool keys) + name, num_answers")
+    bases: list[StatesBaseCfg] = Field(default_factory=list, description="base models whose answers join the "
+                                       "candidates: draft sections (engine hf | openai, model, sampling.*, endpoint and "
+                                       "pool keys) + name, num_answers")
     score: ScoreCfg = Field(default_factory=ScoreCfg)
     rank: RankCfg = Field(default_factory=RankCfg)
     filters: FiltersCfg = Field(default_factory=FiltersCfg)

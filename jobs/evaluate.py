@@ -8,7 +8,8 @@
 Pipeline: read the benchmark (AlpacaEval, MT-bench, HH-RLHF or any prompt file) -> draft with the base model
 where the input has no drafts -> (Best-of-N samples) -> every configured method on the same prompts and
 drafts -> the configured judges -> per-row Parquet parts. Then the driver writes, in `output.path`:
-  results.parquet   one row per prompt and method (answers, latency, Jacobi statistics, judge values)
+  results.parquet   one row per prompt and method (answers, latency, what the method's engine computed: Jacobi
+                    statistics or generated tokens, judge values)
   errors.jsonl      rows that could not be evaluated, with the reason
   summary.json      metrics with bootstrap intervals, paired tests vs the baseline, latency per method
   report.html + figures/*.png, and exports/fastchat/<method>.jsonl, exports/alpaca_eval/<method>.json
@@ -32,7 +33,7 @@ from pydantic import Field
 
 from jobs.common import data, vllm_stages
 from jobs.common.config import (REPO, AlignerCfg, DataRayCfg, DraftCfg, EndpointCfg, ModelCfg, Section,
-                                expand, load_config, resolve_path)
+                                VllmAlignerCfg, VllmDraftCfg, as_engine, expand, load_config, resolve_path)
 from jobs.common.runtime import run_job
 from jobs.common.stages import DraftStage, load_aligner, make_refiner, refine_turns
 from pipeline.records import FORMATS, META, MESSAGE, ROW_SCHEMA, error_row, normalize
@@ -145,8 +146,8 @@ class EvaluateConfig(Section):
     benchmark: BenchmarkCfg = Field(default_factory=BenchmarkCfg)
     output: EvalOutputCfg = Field(default_factory=EvalOutputCfg)
     methods: list[Method] = Field(default_factory=lambda: ["draft", "refine", "in_context", "aligner_ar"])
-    base: DraftCfg = Field(default_factory=DraftCfg, description="drafts rows without drafts, draws Best-of-N samples")
-    aligner: AlignerCfg = Field(default_factory=AlignerCfg, description="every aligner method uses this model "
+    base: DraftCfg = Field(default_factory=VllmDraftCfg, description="drafts rows without drafts, draws Best-of-N samples")
+    aligner: AlignerCfg = Field(default_factory=VllmAlignerCfg, description="every aligner method uses this model "
                                                                         "and these settings (each picks its mode)")
     best_of_n: BestOfNCfg = Field(default_factory=BestOfNCfg)
     judges: JudgesCfg = Field(default_factory=JudgesCfg)
@@ -180,7 +181,12 @@ LONG_SCHEMA = pa.schema([
     ("turns", pa.list_(pa.string())), ("history", pa.list_(MESSAGE)), ("meta", META), ("reference", pa.string()),
     ("reference_turns", pa.list_(pa.string())), ("answer_words", pa.int64()), ("reference_words", pa.int64()),
     ("draft_s", pa.float64()), ("refine_s", pa.float64()), ("total_s", pa.float64()), ("passes", pa.int64()),
-    ("new_tokens", pa.int64()), ("tokens_per_pass", pa.float64()), ("converged", pa.bool_()), ("error", pa.string())])
+    ("new_tokens", pa.int64()), ("tokens_per_pass", pa.float64()), ("converged", pa.bool_()),
+    ("generated_tokens", pa.int64()), ("error", pa.string())])
+# Per row, only what the method's engine computed: passes, tokens_per_pass and converged from a Jacobi engine
+# (refine and in_context on aligner.engine fast or reference; refine_reference), null elsewhere; generated_tokens
+# (tokens generated, stop tokens included, summed over turns) from a greedy-continuation engine (aligner_ar; refine
+# and in_context on vllm or ar), null elsewhere; draft and best_of_n run no aligner: all four null, new_tokens 0.
 JUDGE_COLUMNS = ("offline_sim", "llm_score", "llm_pref", "rm_score", "rm_pref")
 RESULT_SCHEMA = pa.schema(list(LONG_SCHEMA) + [pa.field(c, pa.float64()) for c in JUDGE_COLUMNS] + [
     pa.field("llm_score_turns", pa.list_(pa.float64())), pa.field("judge_notes", pa.list_(pa.string()))])
@@ -289,7 +295,7 @@ class MethodStage(data.RowStage):
         need = [m for m in methods if m in ALIGNER_METHODS and m not in self.on_vllm]
         lm = load_aligner(aligner) if need else None
         self.refiners = {m: make_refiner(lm, aligner, *ALIGNER_METHODS[m]) for m in need}
-        self.row_timeout_s = aligner.row_timeout_s
+        self.row_timeout_s = in_process(aligner).row_timeout_s
 
     def __call__(self, batch: pa.Table) -> pa.Table:  # one input row -> one output row per method
         rows = batch.to_pylist()
@@ -330,7 +336,10 @@ class MethodStage(data.RowStage):
 
     def _row(self, r: dict, method: str, answers=(), draft_s: float = 0.0, refine_s: float = 0.0, results=()) -> dict:
         refs, turns, meta = r["references"], r["turns"], r["meta"] or {}
-        answers, passes, new = list(answers), sum(x.passes for x in results), sum(x.new_tokens for x in results)
+        answers, new = list(answers), sum(x.new_tokens for x in results)
+        jacobi = bool(results) and all(x.jacobi for x in results)  # the engine's own statistics only (LONG_SCHEMA)
+        passes = sum(x.passes for x in results) if jacobi else None
+        generated = sum(x.generated_tokens or 0 for x in results) if results and not jacobi else None
         return {"id": r["id"], "benchmark": self.benchmark, "category": meta.get("category") or meta.get("dataset") or "",
                 "method": method, "prompt": turns[0] if turns else "", "answer": answers[0] if answers else "",
                 "answer_turns": answers, "turns": turns, "history": r["history"], "meta": meta,
@@ -338,7 +347,8 @@ class MethodStage(data.RowStage):
                 "answer_words": len(answers[0].split()) if answers else 0,
                 "reference_words": len(refs[0].split()) if refs else 0, "draft_s": draft_s or 0.0,
                 "refine_s": refine_s, "total_s": (draft_s or 0.0) + refine_s, "passes": passes, "new_tokens": new,
-                "tokens_per_pass": new / passes if passes else 0.0, "converged": all(x.converged for x in results),
+                "tokens_per_pass": (new / passes if passes else 0.0) if jacobi else None,
+                "converged": all(x.converged for x in results) if jacobi else None, "generated_tokens": generated,
                 "error": r["error"]}
 
 
@@ -409,6 +419,12 @@ NOTES = {
 }
 
 
+def in_process(aligner: AlignerCfg):
+    """The aligner section of the method stage, an actor that runs the HF engines: the section itself, or for an
+    aligner on vLLM the same model on the fast engine (its actor pool at the defaults)."""
+    return aligner if aligner.engine != "vllm" else as_engine(aligner, "fast")
+
+
 def vllm_methods(aligner: AlignerCfg, methods: list[str]) -> list[str]:
     """The methods that run on vLLM engines (`vllm_stages.refine`, one pass each): refine and in_context when the
     aligner's engine is vllm."""
@@ -461,12 +477,17 @@ def finalize(cfg: EvaluateConfig, out: Path, parts: Path, rows_in: int, started:
 
 
 def print_table(summary: dict) -> None:
+    """The summary per method; tok/pass (Jacobi methods) and gen tok (tokens a greedy-continuation engine
+    generated per prompt) show "-" for the methods whose engine does not compute them."""
     metrics = list(summary["metrics"])[:4]
-    print(f"{'method':<18}" + "".join(f"{m:>22}" for m in metrics) + f"{'words':>7}{'total_s':>9}{'tok/pass':>9}")
+    opt = lambda v, w, f: f"{v:>{w}{f}}" if v is not None else f"{'-':>{w}}"  # noqa: E731
+    print(f"{'method':<18}" + "".join(f"{m:>22}" for m in metrics) + f"{'words':>7}{'total_s':>9}{'tok/pass':>9}"
+          f"{'gen tok':>9}")
     for m, r in summary["methods"].items():
         cells = "".join(f"{v['mean']:>8.3f} [{v['lo']:.3f},{v['hi']:.3f}]" if (v := r["metrics"].get(k)) else f"{'-':>22}"
                         for k in metrics)
-        print(f"{m:<18}{cells}{r['mean_words']:>7.0f}{r['latency']['total_s']:>9.2f}{r['jacobi']['tokens_per_pass']:>9.2f}")
+        print(f"{m:<18}{cells}{r['mean_words']:>7.0f}{r['latency']['total_s']:>9.2f}"
+              f"{opt(r['jacobi']['tokens_per_pass'], 9, '.2f')}{opt(r.get('mean_generated_tokens'), 9, '.1f')}")
 
 
 # ---- main ------------------------------------------------------------------------------------------------
@@ -503,8 +524,8 @@ def main(argv: list[str] | None = None) -> dict:
         threads = cfg.ray.torch_threads
         pools = {"base": cfg.base} if drafted else {}
         if "best_of_n" in cfg.methods:
-            pools["best_of_n"] = cfg.base.model_copy(update={"concurrency": 1, "engine": "hf"})  # an HF actor
-        pools |= {"aligner": cfg.aligner.model_copy(update={"engine": "fast"}),  # the method stage: an actor
+            pools["best_of_n"] = as_engine(cfg.base, "hf", concurrency=1)  # an HF actor
+        pools |= {"aligner": in_process(cfg.aligner),  # the method stage: an actor
                   "judges": data.PoolCfg(batch_size=cfg.judges.batch_size, num_cpus=cfg.judges.num_cpus)}
         on_vllm = vllm_methods(cfg.aligner, list(cfg.methods))
         for m in on_vllm:  # and one vLLM engine pool per method on vLLM
@@ -525,7 +546,7 @@ def main(argv: list[str] | None = None) -> dict:
             a = cfg.aligner.model_copy(update={"in_context": ALIGNER_METHODS[m][1]})
             ds = vllm_stages.refine(ds, a, turns, schema, column=f"vllm_{m}", fail_row=False)
             schema = vllm_stages.refined_schema(schema, f"vllm_{m}", fail_row=False)
-        ds = data.map_stage(ds, MethodStage, cfg.aligner, aligner=cfg.aligner, methods=list(cfg.methods),
+        ds = data.map_stage(ds, MethodStage, pools["aligner"], aligner=cfg.aligner, methods=list(cfg.methods),
                             benchmark=b.name, threads=threads)
         ds = data.map_stage(ds, JudgeStage, pools["judges"], judges=cfg.judges, threads=threads)
         data.write_parts(ds, parts)

@@ -15,7 +15,7 @@ from ray.serve import Application
 
 from .aligner import Aligner
 from .bases import HFBase, OpenAIBase
-from .config import AlignerArgs, AppArgs, EngineArgs, VLLMBaseArgs
+from .config import ENGINE_KEYS, AppArgs, EngineArgs, VLLMBaseArgs, validate_args
 from .ingress import Ingress
 
 
@@ -29,7 +29,7 @@ class _Servers:
     def get(self, role: str, name: str, args: EngineArgs) -> tuple[str, Application]:
         from .vllm import llm_server  # vLLM is imported only where a model runs on it
 
-        key = json.dumps(args.model_dump(include=set(EngineArgs.model_fields)), sort_keys=True, default=str)
+        key = json.dumps(args.model_dump(include=ENGINE_KEYS), sort_keys=True, default=str)
         if key not in self.built:
             model_id = f"llm-{role}-{name}"
             self.built[key] = model_id, llm_server(model_id, args.model, args)
@@ -46,7 +46,7 @@ def _base(name: str, args, options: dict, servers: _Servers) -> Application:
     return cls.options(name=f"base-{name}", **opts).bind(name, args.model_dump())
 
 
-def _aligner(name: str, args: AlignerArgs, options: dict, servers: _Servers) -> Application:
+def _aligner(name: str, args, options: dict, servers: _Servers) -> Application:
     opts = options.get(f"aligner-{name}", {})
     if args.engine == "vllm":
         from .vllm import VLLMAligner
@@ -67,5 +67,6 @@ def build_graph(cfg: AppArgs, options: dict | None = None) -> Application:
 
 
 def build_app(args: dict) -> Application:
-    """Serve's app builder: `args` is the application's `args:` block of the Serve config."""
-    return build_graph(AppArgs(**args))
+    """Serve's app builder: `args` is the application's `args:` block of the Serve config (one error with every
+    problem, before anything starts)."""
+    return build_graph(validate_args(args, "(the application's args)"))

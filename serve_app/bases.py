@@ -1,16 +1,16 @@
 """Base-model deployments: they draft the answer the aligner refines (or serve it bare).
 
-Each has one entry point, ``draft(req) -> dict`` with ``req = {messages, max_tokens, temperature, top_p, key,
-prediction?}`` and the result ``{text, completion_tokens, prompt_tokens, finish_reason, draft_ms,
-prediction_tokens?}``. A `prediction` (the client's OpenAI Predicted Outputs text) never changes the answer: the
-HF base counts it against its answer (``prediction_tokens = {accepted, rejected}``, `pipeline.decoding.prediction`),
-the ``openai`` base forwards it to its endpoint and passes the endpoint's counts on when it reports them.
+Each has one entry point, ``draft(DraftRequest) -> Draft`` (serve_app/replies.py). A `prediction` (the client's
+OpenAI Predicted Outputs text) never changes the answer: the HF base counts it against its answer
+(``prediction_tokens = {accepted, rejected}``, `pipeline.decoding.prediction`), the ``openai`` base forwards it to
+its endpoint and passes the endpoint's counts on when it reports them.
 Requests that cannot be served as asked raise `BadRequest` (the ingress answers 400); a failing remote endpoint
 raises `UpstreamError`.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import defaultdict
 
@@ -25,6 +25,7 @@ from pipeline.prompts import answer_ids, chat_prompt_ids
 from .config import HFBaseArgs, OpenAIBaseArgs
 from .metrics import DraftMetrics, VariantMetrics
 from .protocol import BadRequest, UpstreamError
+from .replies import Draft, DraftRequest
 from .batchwait import AdaptiveWait
 from .threads import set_torch_threads
 
@@ -48,49 +49,49 @@ class HFBase:
         self.window = AdaptiveWait(self._generate_batch, self.args.batch_wait_timeout_s,
                                    self.args.adaptive_batch_wait)
 
-    async def draft(self, req: dict) -> dict:
+    async def draft(self, req: DraftRequest) -> Draft:
         t0 = time.perf_counter()
         try:
-            n_prompt = len(chat_prompt_ids(self.lm.tokenizer, req["messages"]))
+            n_prompt = len(chat_prompt_ids(self.lm.tokenizer, req.messages))
         except Exception as e:  # a template that refuses this conversation (e.g. role order)
             self.metrics.record("rejected")
             raise BadRequest(f"the base model's chat template refused the conversation: {e}") from None
-        if req.get("alignment"):
+        if req.alignment:
             if self.knobbed is None:
                 self.metrics.record("rejected")
                 raise BadRequest(f"base {self.name!r} has no alignment vectors")
             try:
-                req = dict(req, alignment=self.knobbed.normalize(req["alignment"]))
+                req = dataclasses.replace(req, alignment=self.knobbed.normalize(req.alignment))
             except ValueError as e:
                 self.metrics.record("rejected")
                 raise BadRequest(str(e)) from None
-        if self.context_window and n_prompt + req["max_tokens"] > self.context_window:
+        if self.context_window and n_prompt + req.max_tokens > self.context_window:
             self.metrics.record("rejected")
-            raise BadRequest(f"prompt of {n_prompt} tokens + max_tokens {req['max_tokens']} exceeds the base "
+            raise BadRequest(f"prompt of {n_prompt} tokens + max_tokens {req.max_tokens} exceeds the base "
                              f"model's context window of {self.context_window} tokens")
-        self.window.arrive(req.get("concurrent", False))
+        self.window.arrive(req.concurrent)
         try:
             out = await self._generate_batch(req)
         finally:
             self.window.leave()
-        out["prompt_tokens"] = n_prompt
-        out["draft_ms"] = (time.perf_counter() - t0) * 1000
-        self.metrics.record("ok", out["draft_ms"], out["completion_tokens"])
+        out = dataclasses.replace(out, prompt_tokens=n_prompt, draft_ms=(time.perf_counter() - t0) * 1000)
+        self.metrics.record("ok", out.draft_ms, out.completion_tokens)
         return out
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _generate_batch(self, reqs: list[dict]) -> list[dict]:
+    async def _generate_batch(self, reqs: list[DraftRequest]) -> list[Draft]:
         return await asyncio.to_thread(self._generate, reqs)
 
-    def _generate(self, reqs: list[dict]) -> list[dict]:
+    def _generate(self, reqs: list[DraftRequest]) -> list[Draft]:
+        """The batch's drafts (prompt tokens and time are the caller's to fill in)."""
         groups = defaultdict(list)  # one generate call per distinct sampling and knob setting
         for i, r in enumerate(reqs):
-            groups[(r["max_tokens"], r["temperature"], r["top_p"], r.get("alignment") or ())].append(i)
-        out: list[dict | None] = [None] * len(reqs)
+            groups[(r.max_tokens, r.temperature, r.top_p, r.alignment or ())].append(i)
+        out: list[Draft | None] = [None] * len(reqs)
         for (max_tokens, temperature, top_p, knobs), idx in groups.items():
             params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                    do_sample=temperature > 0, seed=self.args.seed)
-            convs, seed_key = [reqs[i]["messages"] for i in idx], ",".join(reqs[i]["key"] for i in idx)
+                                    do_sample=temperature > 0, seed=self.args.sampling.seed)
+            convs, seed_key = [reqs[i].messages for i in idx], ",".join(reqs[i].key for i in idx)
             info = None
             if self.knobbed is None:
                 answers = generate_answers(self.lm, convs, params, seed_key=seed_key, with_ids=True)
@@ -100,12 +101,12 @@ class HFBase:
                 info = sw.as_dict()
                 self.variant_metrics.record(sw.cache, sw.switch_ms)
             for i, (text, n, _, ids) in zip(idx, answers):
-                out[i] = {"text": text, "completion_tokens": n, "batch_size": len(reqs),
-                          "finish_reason": "length" if n >= max_tokens else "stop",
-                          **({"alignment": info} if info else {})}
-                if reqs[i].get("prediction") is not None:
-                    out[i]["prediction_tokens"] = prediction_tokens(
-                        answer_ids(self.lm.tokenizer, reqs[i]["prediction"]), ids)
+                prediction = reqs[i].prediction
+                out[i] = Draft(text=text, completion_tokens=n, prompt_tokens=None,
+                               finish_reason="length" if n >= max_tokens else "stop", draft_ms=0.0,
+                               batch_size=len(reqs), alignment=info or None,
+                               prediction_tokens=None if prediction is None else prediction_tokens(
+                                   answer_ids(self.lm.tokenizer, prediction), ids))
         return out
 
     def check_health(self):
@@ -129,11 +130,10 @@ class OpenAIBase:
             raise ValueError(f"base {name!r}: {e}") from None
         self.metrics = DraftMetrics(name)
 
-    async def draft(self, req: dict) -> dict:
+    async def draft(self, req: DraftRequest) -> Draft:
         t0 = time.perf_counter()
         try:
-            c = await self.endpoint.achat(req["messages"], req["max_tokens"], req["temperature"], req["top_p"],
-                                          req.get("prediction"))
+            c = await self.endpoint.achat(req.messages, req.max_tokens, req.temperature, req.top_p, req.prediction)
         except EndpointRejected as e:
             self.metrics.record("rejected")
             if e.status in (400, 413, 422):
@@ -144,10 +144,10 @@ class OpenAIBase:
             raise UpstreamError(f"the base model endpoint failed: {e}") from None
         ms = (time.perf_counter() - t0) * 1000
         self.metrics.record("ok", ms, c.completion_tokens)
-        return {"text": c.text, "completion_tokens": c.completion_tokens, "prompt_tokens": c.prompt_tokens,
-                "finish_reason": c.finish_reason or "stop", "draft_ms": ms, "batch_size": 1,
-                **({"prediction_tokens": c.prediction_tokens}
-                   if c.prediction_tokens and req.get("prediction") is not None else {})}
+        return Draft(text=c.text, completion_tokens=c.completion_tokens, prompt_tokens=c.prompt_tokens,
+                     finish_reason=c.finish_reason or "stop", draft_ms=ms, batch_size=1,
+                     prediction_tokens=c.prediction_tokens if c.prediction_tokens and req.prediction is not None
+                     else None)
 
     def check_health(self):
         pass  # the remote endpoint's health is its own; an outage shows as 502s, not replica restarts

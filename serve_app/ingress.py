@@ -12,6 +12,9 @@ deployment's queue is full or its replica died (after `replica_failure_retries` 
 answer while the aligner refines it, and on a bare base route on vLLM while the base generates it
 (serve_app/streaming.py: the status is decided at the first text; later failures end the stream with an error
 event); other bare routes stream the finished answer.
+
+The deployments are called with a `DraftRequest` / `RefineRequest` and answer with a `Draft` / `Refined`
+(serve_app/replies.py, which also builds the response's `diffpo` field and `usage` from them).
 """
 
 import asyncio
@@ -31,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .config import AppArgs
 from .protocol import (ApiError, BadRequest, UpstreamError, chat_completion, completion_id, conversation_key,
                        error_body, parse_chat_request, sse_chunks)
+from .replies import Draft, DraftRequest, Refined, RefineRequest, diffpo_extra, response_usage
 from .streaming import Relay, live_chunks
 
 log = logging.getLogger("ray.serve")
@@ -102,7 +106,8 @@ class Ingress:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _call(self, method, payload: dict, deadline: float, what: str, relay: Relay | None = None) -> dict:
+    async def _call(self, method, payload: DraftRequest | RefineRequest, deadline: float, what: str,
+                    relay: Relay | None = None) -> Draft | Refined:
         """One deployment call with the request's deadline, mapped to ApiError on failure. With `relay`, `method`
         streams (`refine_stream`, `draft_stream`): its deltas go to the relay, and a lost replica is resent only while
         none was relayed."""
@@ -219,50 +224,38 @@ class Ingress:
 
     async def _complete(self, req, route, messages, key, max_tokens, deadline, knobs=None, relay=None):
         knobs = knobs or {"base": {}, "aligner": {}}
-        temperature = 0.7 if req.temperature is None else req.temperature
-        top_p = 1.0 if req.top_p is None else req.top_p
+        sampling = self.args.bases[route.base].sampling  # the base's defaults, the same as in the batch jobs
+        temperature = (sampling.temperature if sampling.do_sample else 0.0) if req.temperature is None \
+            else req.temperature
+        top_p = sampling.top_p if req.top_p is None else req.top_p
+        draft_cap = min(max_tokens, sampling.max_new_tokens)  # a base writes at most its sampling.max_new_tokens
         prediction = req.prediction_text()  # OpenAI Predicted Outputs: the client's own draft
-        predicted = {} if prediction is None else {"prediction": prediction}
+        draft: Draft | None = None  # None: the client's prediction is the draft
         if route.aligner is not None and prediction is not None:  # the aligner refines it; the base is skipped
             if knobs["base"]:
                 raise ApiError(400, f"alignment knobs {sorted(knobs['base'])} are the base model's, which a request "
                                     "with a prediction skips", param="alignment", code="invalid_alignment")
-            draft = {"text": prediction}
-            extra = {"base": route.base, "aligner": route.aligner, "draft_source": "prediction", "draft_ms": 0.0}
+            draft_text = prediction
         else:  # on a bare base a prediction never changes the answer: the base only counts it
             live = relay if route.aligner is None else None  # a bare base on vLLM streams its own tokens
             base = self.bases[route.base]
             draft = await self._call(base.draft if live is None else base.draft_stream,
-                                     {"messages": messages, "max_tokens": max_tokens, "temperature": temperature,
-                                      "top_p": top_p, "key": key, "concurrent": self.inflight > 1, **predicted,
-                                      **({"alignment": knobs["base"]} if knobs["base"] else {})}, deadline,
+                                     DraftRequest(messages, draft_cap, temperature, top_p, key,
+                                                  concurrent=self.inflight > 1, prediction=prediction,
+                                                  alignment=knobs["base"] or None), deadline,
                                      f"base model {route.base!r}", live)
-            extra = {"base": route.base, "aligner": route.aligner, "draft_source": "base",
-                     "draft_ms": round(draft["draft_ms"], 1)}
-        if "alignment" in draft:
-            extra.setdefault("alignment", {})["base"] = draft["alignment"]
-        result = draft
+            draft_text = draft.text
+        ref: Refined | None = None
         if route.aligner is not None:
             aligner = self.aligners[route.aligner]
             ref = await self._call(aligner.refine if relay is None else aligner.refine_stream,
-                                   {"messages": messages, "draft": draft["text"], "max_tokens": max_tokens,
-                                    "key": key, "concurrent": self.inflight > 1, **predicted,
-                                    **({"alignment": knobs["aligner"]} if knobs["aligner"] else {})}, deadline,
-                                   f"aligner {route.aligner!r}", relay)
-            if "alignment" in ref:
-                extra.setdefault("alignment", {})["aligner"] = ref["alignment"]
-            extra.update(draft=draft["text"], iterations=ref["iterations"], tokens_per_pass=ref["tokens_per_pass"],
-                         converged=ref["converged"], refine_ms=round(ref["refine_ms"], 1), mode=ref["mode"],
-                         refine_batch_size=ref["batch_size"])
-            result = ref
-        text, finish, completion_tokens = result["text"], result["finish_reason"], result["completion_tokens"]
-        prompt_tokens = draft.get("prompt_tokens") or result.get("prompt_tokens") or 0
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens or 0,
-                 "total_tokens": prompt_tokens + (completion_tokens or 0)}
-        if prediction is not None and "prediction_tokens" in result:  # absent: the base's endpoint did not say
-            counts = result["prediction_tokens"]
-            usage["completion_tokens_details"] = {"accepted_prediction_tokens": counts["accepted"],
-                                                  "rejected_prediction_tokens": counts["rejected"]}
+                                   RefineRequest(messages, draft_text, max_tokens, key, concurrent=self.inflight > 1,
+                                                 prediction=prediction, alignment=knobs["aligner"] or None),
+                                   deadline, f"aligner {route.aligner!r}", relay)
+        extra = diffpo_extra(route.base, route.aligner, draft, draft_text, ref)
+        result = ref if ref is not None else draft
+        text, finish = result.text, result.finish_reason
+        usage = response_usage(draft, ref, prediction is not None)
         cid = completion_id()
         if req.stream and relay is None:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -36,25 +36,36 @@ class DraftMetrics:
 
 
 class RefineMetrics:
+    """An aligner's answers. Each engine records what it computed: the Jacobi engines (fast, reference) their
+    passes and tokens per pass, the greedy-continuation engines (vllm, ar) the tokens they generated."""
+
     def __init__(self, name: str):
         self.requests = _counter("diffpo_refine_requests", "Answers refined by an aligner", name, by_outcome=True)
         self.latency = _histogram("diffpo_refine_latency_ms", "Time to refine one answer (ms)", name, _MS)
-        self.iterations = _histogram("diffpo_jacobi_iterations", "Jacobi passes per refined answer", name,
-                                     [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
-        self.tokens_per_pass = _histogram("diffpo_tokens_per_pass", "Answer tokens finalized per Jacobi pass", name,
+        self.iterations = _histogram("diffpo_jacobi_iterations", "Jacobi passes per refined answer (Jacobi engines)",
+                                     name, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
+        self.tokens_per_pass = _histogram("diffpo_tokens_per_pass",
+                                          "Answer tokens finalized per Jacobi pass (Jacobi engines)", name,
                                           [1, 1.25, 1.5, 2, 3, 4, 6, 8, 16, 32])
+        self.generated_tokens = _histogram("diffpo_generated_tokens",
+                                           "Tokens generated per refined answer (vLLM and ar engines)", name,
+                                           [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096])
         self.batch_size = _histogram("diffpo_refine_batch_size", "Requests refined together in one batch", name,
                                      [1, 2, 4, 8, 16, 32, 64])
 
-    def record(self, outcome: str, ms: float | None = None, passes: int | None = None,
-               tokens_per_pass: float | None = None):
+    def record(self, outcome: str, reply=None):
+        """One request's outcome; with `reply` (a `serve_app.replies.Refined`) its latency and the statistics
+        its engine computed (what it did not compute is None there and recorded nowhere)."""
         self.requests.inc(1, tags={"outcome": outcome})
-        if ms is not None:
-            self.latency.observe(ms)
-        if passes is not None:
-            self.iterations.observe(passes)
-        if tokens_per_pass is not None:
-            self.tokens_per_pass.observe(tokens_per_pass)
+        if reply is None:
+            return
+        self.latency.observe(reply.refine_ms)
+        if reply.iterations is not None:
+            self.iterations.observe(reply.iterations)
+        if reply.tokens_per_pass is not None:
+            self.tokens_per_pass.observe(reply.tokens_per_pass)
+        if reply.generated_tokens is not None:
+            self.generated_tokens.observe(reply.generated_tokens)
 
 
 class VariantMetrics:

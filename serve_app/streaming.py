@@ -15,6 +15,7 @@ import logging
 import time
 
 from .protocol import ApiError, sse_error, sse_head, sse_tail, sse_text
+from .replies import Draft, Refined
 
 log = logging.getLogger("ray.serve")
 
@@ -27,14 +28,14 @@ class Relay:
         self.started = asyncio.Event()  # the first delta arrived
         self.first_token_ms: float | None = None  # the streaming deployment's time to its first delta
 
-    async def read(self, stream, deadline: float) -> dict:
-        """Relay a deployment stream's {"delta"} events and return its {"result"}; asyncio.TimeoutError past
-        `deadline` (time.monotonic)."""
+    async def read(self, stream, deadline: float) -> Draft | Refined:
+        """Relay a deployment stream's {"delta": text} events and return its {"result"} (the deployment's reply:
+        serve_app/replies.py); asyncio.TimeoutError past `deadline` (time.monotonic)."""
         try:
             while True:
                 event = await asyncio.wait_for(stream.__anext__(), timeout=max(0.01, deadline - time.monotonic()))
                 if "result" in event:
-                    self.first_token_ms = event["result"].get("first_token_ms")
+                    self.first_token_ms = event["result"].first_token_ms
                     return event["result"]
                 self.deltas.put_nowait(event["delta"])
                 self.started.set()

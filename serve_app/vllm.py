@@ -5,14 +5,19 @@ Each model runs in an LLM server deployment built by `build_llm_deployment` (nam
 `deployment_config`), and a thin adapter deployment (``base-<name>`` / ``aligner-<name>``) gives it the interface
 the ingress calls, the same as the in-process deployments':
 
-* `VLLMBase.draft(req)` / `draft_stream(req)`: the base model's chat prompt, built by our tokenizer, sampled with
-  the request's temperature and top_p and a seed from the conversation key (streamed on bare base routes);
-* `VLLMAligner.refine(req)` / `refine_stream(req)`: DiffPO's output as one greedy continuation
-  (`pipeline.decoding.continuation`): the aligner's prompt + the `r` reserved draft tokens, greedy, cap - r
-  new tokens, the same stop ids: token for token what the Jacobi engines and the batch jobs compute.
+* `VLLMBase.draft(DraftRequest) -> Draft` / `draft_stream(req)`: the base model's chat prompt, built by our
+  tokenizer, sampled with the request's temperature and top_p and a seed from the conversation key (streamed on
+  bare base routes);
+* `VLLMAligner.refine(RefineRequest) -> Refined` / `refine_stream(req)`: DiffPO's output as one greedy
+  continuation (`pipeline.decoding.continuation`): the aligner's prompt + the `r` reserved draft tokens, greedy,
+  cap - r new tokens, the same stop ids: token for token what the Jacobi engines and the batch jobs compute.
+  No Jacobi iteration runs, so the reply's Jacobi statistics are None; it reports the tokens vLLM generated.
 
 Both send token ids to the engine's completions endpoint (`return_token_ids`) and read token ids back, so every
-engine sees the same ids and the answer text is decoded once, here, as everywhere else.
+engine sees the same ids and the answer text is decoded once, here, as everywhere else. The streaming methods
+yield ``{"delta": text}`` events, then ``{"result": <the reply>}``; the plain ones run the same code with
+``incremental=False`` (vLLM answers once, at the end) and return the reply. Nothing here imports the
+in-process deployments (serve_app/aligner.py, bases.py).
 """
 from __future__ import annotations
 
@@ -23,19 +28,19 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from pipeline.decoding.continuation import AlignerPrompts, RefineRequest, continuation, finish
+from pipeline.decoding.continuation import AlignerPrompts, RefineRequest as RowRequest, continuation, finish
 from pipeline.decoding.drafting import draft_seed
 from pipeline.decoding.jacobi import first_stop
-from pipeline.decoding.prediction import prediction_tokens
+from pipeline.decoding.prediction import prediction_tokens, prediction_usage
 from pipeline.decoding.streaming import TextStream
 from pipeline.decoding.vllm_engine import engine_setup
 from pipeline.models import is_default_model, load_model_text, resolve_model_path
 from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE, answer_ids, chat_prompt_ids
 
-from .aligner import prediction_usage
-from .config import AlignerArgs, EngineArgs, VLLMBaseArgs
+from .config import EngineArgs, VLLMAlignerArgs, VLLMBaseArgs
 from .metrics import DraftMetrics, RefineMetrics
 from .protocol import BadRequest, UpstreamError
+from .replies import Draft, DraftRequest, Refined, RefineRequest, engine_stats, finish_reason
 
 
 def llm_server(deployment: str, model: str, args: EngineArgs):
@@ -103,8 +108,8 @@ class Completions:
         raise UpstreamError(f"vLLM failed: {message}")
 
 
-async def _result(events) -> dict:
-    """The `{"result"}` of a `draft_stream` / `refine_stream` run for a caller that wants no deltas."""
+async def _result(events):
+    """The `{"result"}` of a run that yields no deltas (``incremental=False``)."""
     result = None
     async for event in events:
         result = event.get("result", result)
@@ -122,30 +127,35 @@ class VLLMBase:
         self.engine = Completions(llm, model_id)
         self.metrics = DraftMetrics(name)
 
-    async def draft(self, req: dict) -> dict:
-        return await _result(self.draft_stream(dict(req, _no_deltas=True)))
+    async def draft(self, req: DraftRequest) -> Draft:
+        return await _result(self._draft(req, incremental=False))
 
-    async def draft_stream(self, req: dict):
+    async def draft_stream(self, req: DraftRequest):
         """`{"delta": text}` events as the engine emits the answer's tokens (a bare base route streaming), then
-        `{"result": ...}`, the dict `draft` returns."""
+        `{"result": ...}`, the `Draft` that `draft` returns."""
+        async for event in self._draft(req, incremental=True):
+            yield event
+
+    async def _draft(self, req: DraftRequest, incremental: bool):
+        """`draft_stream`'s events; not `incremental`: the engine answers once, and only the result comes."""
         t0 = time.perf_counter()
         try:
-            prompt = chat_prompt_ids(self.text.tokenizer, req["messages"])
+            prompt = chat_prompt_ids(self.text.tokenizer, req.messages)
         except Exception as e:  # a template that refuses this conversation (e.g. role order)
             self.metrics.record("rejected")
             raise BadRequest(f"the base model's chat template refused the conversation: {e}") from None
-        why = self.text.too_long(len(prompt), req["max_tokens"], "the base model's", self.args.vllm.max_model_len)
+        why = self.text.too_long(len(prompt), req.max_tokens, "the base model's", self.args.vllm.max_model_len)
         if why:
             self.metrics.record("rejected")
             raise BadRequest(why)
         stops = set(self.text.stop_ids)
-        stream = None if req.get("_no_deltas") else TextStream(self.text.tokenizer)
+        stream = TextStream(self.text.tokenizer) if incremental else None
         ids, reason, first_ms = [], None, None
         try:
-            async for new, fin in self.engine.stream(prompt, req["max_tokens"], self.text.stop_ids,
-                                                     req["temperature"], req["top_p"],
-                                                     draft_seed(self.args.seed, req["key"]),
-                                                     incremental=stream is not None):
+            async for new, fin in self.engine.stream(prompt, req.max_tokens, self.text.stop_ids,
+                                                     req.temperature, req.top_p,
+                                                     draft_seed(self.args.sampling.seed, req.key),
+                                                     incremental=incremental):
                 ids += new
                 reason = fin or reason
                 if stream is not None and new:
@@ -164,12 +174,11 @@ class VLLMBase:
                 yield {"delta": rest}
         ms = (time.perf_counter() - t0) * 1000
         self.metrics.record("ok", ms, n)
-        out = {"text": text, "completion_tokens": n, "prompt_tokens": len(prompt), "draft_ms": ms, "batch_size": 1,
-               "finish_reason": "length" if reason == "length" else "stop", "first_token_ms": round(first_ms or ms, 1)}
-        if req.get("prediction") is not None:
-            out["prediction_tokens"] = prediction_tokens(answer_ids(self.text.tokenizer, req["prediction"]),
-                                                         answer)
-        yield {"result": out}
+        yield {"result": Draft(
+            text=text, completion_tokens=n, prompt_tokens=len(prompt), draft_ms=ms, batch_size=1,
+            finish_reason="length" if reason == "length" else "stop", first_token_ms=round(first_ms or ms, 1),
+            prediction_tokens=None if req.prediction is None else prediction_tokens(
+                answer_ids(self.text.tokenizer, req.prediction), answer))}
 
     def check_health(self):
         pass  # the LLM server deployment health-checks its engine
@@ -181,44 +190,48 @@ class VLLMAligner:
     """The aligner on vLLM: DiffPO's answer as the greedy continuation of prompt + reserved draft tokens."""
 
     def __init__(self, name: str, args: dict, model_id: str, llm):
-        self.name, self.args = name, AlignerArgs(**args)
+        self.name, self.args = name, VLLMAlignerArgs(**args)
         a = self.args
         self.text = load_model_text(a.model, a.trust_remote_code)
         self.prompts = AlignerPrompts(self.text, a.settings(), a.in_context, a.template or DEFAULT_CORRECTION_TEMPLATE,
                                       context_window=a.vllm.max_model_len)
         self.engine = Completions(llm, model_id)
         self.metrics = RefineMetrics(name)
-        self.mode = "vllm" + ("+in_context" if a.in_context else "")
 
-    def _encode(self, req: dict):
-        if req.get("alignment"):
+    def _encode(self, req: RefineRequest):
+        if req.alignment:
             self.metrics.record("rejected")
             raise BadRequest(f"aligner {self.name!r} runs on vLLM, which takes no per-request alignment knobs")
         try:
-            return self.prompts.encode(RefineRequest(req["messages"], req["draft"], req["key"], req["max_tokens"]))
+            return self.prompts.encode(RowRequest(req.messages, req.draft, req.key, req.max_tokens))
         except Exception as e:  # over the context window, a template that refuses the conversation ...
             self.metrics.record("rejected")
             raise BadRequest(f"the aligner cannot refine this request: {e}") from None
 
-    async def refine(self, req: dict) -> dict:
-        return await _result(self.refine_stream(dict(req, _no_deltas=True)))
+    async def refine(self, req: RefineRequest) -> Refined:
+        return await _result(self._refine(req, incremental=False))
 
-    async def refine_stream(self, req: dict):
+    async def refine_stream(self, req: RefineRequest):
         """`{"delta": text}` events as the answer's tokens arrive (the reserved draft tokens first), then
-        `{"result": ...}`, the dict `refine` returns."""
+        `{"result": ...}`, the `Refined` that `refine` returns."""
+        async for event in self._refine(req, incremental=True):
+            yield event
+
+    async def _refine(self, req: RefineRequest, incremental: bool):
+        """`refine_stream`'s events; not `incremental`: the engine answers once, and only the result comes."""
         t0 = time.perf_counter()
         item = self._encode(req)
         settings = self.args.settings()
         prompt, budget = continuation(item, settings)
         held = list(item.draft_ids[:item.reserved])
-        stream = None if req.get("_no_deltas") else TextStream(self.text.tokenizer)
+        stream = TextStream(self.text.tokenizer) if incremental else None
         first_ms, generated = None, []
         if stream is not None and held:
             first_ms = (time.perf_counter() - t0) * 1000
             delta = stream.feed(held)
             if delta:
                 yield {"delta": delta}
-        async for new, _ in self.engine.stream(prompt, budget, self.text.stop_ids, incremental=stream is not None):
+        async for new, _ in self.engine.stream(prompt, budget, self.text.stop_ids, incremental=incremental):
             generated += new
             if stream is not None and new:
                 first_ms = first_ms or (time.perf_counter() - t0) * 1000
@@ -233,12 +246,13 @@ class VLLMAligner:
             if rest:
                 yield {"delta": rest}
         ms = (time.perf_counter() - t0) * 1000
-        self.metrics.record("ok", ms, res.passes, res.tokens_per_pass)
-        out = {"text": text, "completion_tokens": len(res.token_ids), "iterations": res.passes,
-               "tokens_per_pass": round(res.tokens_per_pass, 3), "converged": True,
-               "finish_reason": "stop" if res.stop == "eos" else "length", "batch_size": 1, "mode": self.mode,
-               "refine_ms": ms, "first_token_ms": round(first_ms or ms, 1)}
-        yield {"result": out | prediction_usage(self.text.tokenizer, req, item.draft_ids, res.token_ids)}
+        out = Refined(text=text, completion_tokens=len(res.token_ids), finish_reason=finish_reason(res.stop),
+                      refine_ms=ms, batch_size=1, engine=self.args.engine, in_context=self.args.in_context,
+                      first_token_ms=round(first_ms or ms, 1), **engine_stats(res),
+                      **prediction_usage(self.text.tokenizer, req.messages, req.prediction, req.draft,
+                                         item.draft_ids, res.token_ids))
+        self.metrics.record("ok", out)
+        yield {"result": out}
 
     def check_health(self):
         pass  # the LLM server deployment health-checks its engine

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from jobs.common.config import AlignerCfg, DraftCfg
+from jobs.common.config import AlignerCfg, DraftCfg, as_engine
 from jobs.common.data import RowStage, time_budget, timeout_reason
 
 
@@ -35,12 +35,15 @@ def load_aligner(a: AlignerCfg):
 
 
 def make_refiner(lm, a: AlignerCfg, mode: str | None = None, in_context: bool | None = None):
-    """The in-process refiner (a Hugging Face engine: `mode`, else the section's engine) of an aligner section."""
+    """The in-process refiner (a Hugging Face engine: `mode`, else the section's engine) of an aligner section; on
+    another engine than the section's, the keys both take carry over (`as_engine`)."""
     from pipeline.decoding.refiner import Refiner
     from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE
 
-    return Refiner(lm, a.refine, mode=mode or a.engine, in_context=a.in_context if in_context is None else in_context,
-                   template=a.template or DEFAULT_CORRECTION_TEMPLATE, prompt_lookup=a.prompt_lookup)
+    if mode and mode != a.engine:
+        a = as_engine(a, mode)
+    return Refiner(lm, a.settings(), mode=a.engine, in_context=a.in_context if in_context is None else in_context,
+                   template=a.template or DEFAULT_CORRECTION_TEMPLATE, prompt_lookup=getattr(a, "prompt_lookup", 0))
 
 
 def refine_turns(refiner, rows: list[dict], row_timeout_s: float | None = None) -> list[list | str]:

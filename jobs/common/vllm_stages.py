@@ -25,13 +25,15 @@ import functools
 
 import pyarrow as pa
 
-from jobs.common.config import AlignerCfg, DraftCfg, EngineCfg
+from jobs.common.config import AlignerCfg, DraftCfg, KnobCfg, OnVllm
 from pipeline.decoding.vllm_engine import engine_setup
 
 REQUEST_CPUS = 0.25  # per request / collect task: tokenizing is light, and must fit in the preflight headroom
-# what one turn of the aligner yields per row (the Jacobi statistics stay with the Jacobi engines)
+# what one turn of the aligner yields per row: what vLLM computed (tokens generated, the stop token included;
+# positions run; engine seconds). No Jacobi statistics: vLLM runs no Jacobi iteration (they stay with the Jacobi
+# engines)
 RESULT = pa.struct([("token_ids", pa.list_(pa.int64())), ("text", pa.string()), ("reserved", pa.int64()),
-                    ("passes", pa.int64()), ("tokens_computed", pa.int64()), ("stop", pa.string()),
+                    ("generated_tokens", pa.int64()), ("tokens_computed", pa.int64()), ("stop", pa.string()),
                     ("wall_s", pa.float64())])
 # every field always set (a null among ints turns the column into floats on its way through Ray Data, and vLLM's
 # engine core then dies on a float seed)
@@ -42,12 +44,12 @@ REQUEST_COLUMNS = [pa.field("tokenized_prompt", pa.list_(pa.int64())), pa.field(
 
 
 # ---- engine resources and model folders ---------------------------------------------------------------------
-def bundles(sec: EngineCfg) -> list[dict[str, float]]:
+def bundles(sec: OnVllm) -> list[dict[str, float]]:
     """The placement group of one engine: `vllm.bundles`, or tp x pp bundles of the pool's num_cpus/num_gpus."""
     return sec.vllm.placement(sec.num_cpus, sec.num_gpus)
 
 
-def demand(sec: EngineCfg, engines_per_actor: int = 1) -> dict[str, float]:
+def demand(sec: OnVllm, engines_per_actor: int = 1) -> dict[str, float]:
     """Everything a vLLM stage holds at once: `concurrency` engines (x `engines_per_actor`, one per turn),
     each with its placement group (accelerator types as Ray's `accelerator_type:X` resources)."""
     total: dict[str, float] = {}
@@ -59,13 +61,13 @@ def demand(sec: EngineCfg, engines_per_actor: int = 1) -> dict[str, float]:
     return total
 
 
-def model_folder(sec: EngineCfg) -> str:
+def model_folder(sec: OnVllm) -> str:
     """The folder (or hub id) vLLM loads: the model itself, the embedded default's converted folder, or, for an
     aligner with alignment-vector knobs, the merged weights written once (`vectors.knobs.merged_folder`)."""
     from pipeline.models import resolve_model_path
 
     path, _ = resolve_model_path(sec.model)
-    if isinstance(sec, AlignerCfg) and sec.knobs:
+    if isinstance(sec, KnobCfg) and sec.knobs:
         from pipeline.vectors.knobs import merged_folder
 
         return str(merged_folder(path, sec.knob_vectors(), dict(sec.knobs)))
@@ -79,7 +81,7 @@ def _text(spec: str, trust_remote_code: bool):
     return load_model_text(spec, trust_remote_code)
 
 
-def processor(sec: EngineCfg, model: str, stage: str):
+def processor(sec: OnVllm, model: str, stage: str):
     """A Ray Data LLM processor running `model` on vLLM engines as the section says (token ids in, token ids out:
     our own tokenizer builds the prompts, so every engine sees the same ids)."""
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
@@ -224,7 +226,8 @@ def _collect_refined(batch: pa.Table, aligner: AlignerCfg, schema: pa.Schema, co
                              wall_s=max(0.0, r["time_taken_llm"] or 0.0))
                 r[column] = (r.get(column) or []) + [{
                     "token_ids": res.token_ids, "text": text.answer_text(res.token_ids),
-                    "reserved": res.reserved, "passes": res.passes, "tokens_computed": res.tokens_computed,
+                    "reserved": res.reserved, "generated_tokens": res.generated_tokens,
+                    "tokens_computed": res.tokens_computed,
                     "stop": res.stop, "wall_s": res.wall_s}]
         out.append(r)
     return pa.Table.from_pylist(out, schema=schema)
@@ -232,8 +235,8 @@ def _collect_refined(batch: pa.Table, aligner: AlignerCfg, schema: pa.Schema, co
 
 def refine(ds, aligner: AlignerCfg, turns: int, schema: pa.Schema, column: str = "refined", fail_row: bool = True):
     """Every turn's draft refined by the aligner on vLLM engines. Rows come out with `schema` plus `column`: one
-    `RESULT` per turn (token ids, text, stop reason, engine seconds). A row the aligner cannot refine gets the
-    reason in `error` (`fail_row`), or else in `<column>_error`, so that other answers of the row still count
+    `RESULT` per turn (token ids, text, tokens generated, stop reason, engine seconds). A row the aligner cannot
+    refine gets the reason in `error` (`fail_row`), or else in `<column>_error`, so that other answers of the row still count
     (evaluate's methods); the result schema is `refined_schema(schema, column, fail_row)`."""
     failed = "error" if fail_row else f"{column}_error"
     work = refined_schema(schema, column, fail_row)
@@ -247,12 +250,14 @@ def refine(ds, aligner: AlignerCfg, turns: int, schema: pa.Schema, column: str =
 
 
 def as_results(refined: list[dict] | None) -> list:
-    """A row's `RESULT`s as `RefineResult`s (passes = decoding steps; a greedy continuation is its own fixed point,
-    so converged), for the code that writes the HF engines' results."""
+    """A row's `RESULT`s as `RefineResult`s, for the code that writes the HF engines' results: what vLLM computed
+    (`generated_tokens`, tokens_computed, stop, wall_s); no Jacobi statistics (passes and converged are None, as
+    `continuation.finish` gives them)."""
     from pipeline.decoding.jacobi import RefineResult
 
-    return [RefineResult(x["token_ids"], passes=x["passes"], tokens_computed=x["tokens_computed"], stop=x["stop"],
-                         wall_s=x["wall_s"], reserved=x["reserved"], text=x["text"]) for x in refined or []]
+    return [RefineResult(x["token_ids"], passes=None, tokens_computed=x["tokens_computed"], converged=None,
+                         stop=x["stop"], wall_s=x["wall_s"], reserved=x["reserved"], text=x["text"],
+                         generated_tokens=x["generated_tokens"]) for x in refined or []]
 
 
 def refined_schema(schema: pa.Schema, column: str = "refined", fail_row: bool = True) -> pa.Schema:

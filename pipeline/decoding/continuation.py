@@ -13,8 +13,9 @@ holds that recipe once, on the tokenizer side only (no weights, no torch work):
 * `AlignerPrompts.encode`: (conversation, draft, row key) -> `RefineItem` with `r` drawn per row, or a
   ValueError that says why the row cannot be refined;
 * `continuation(item)` -> the ids to continue and how many tokens to generate;
-* `finish(item, generated)` -> the `RefineResult` the Jacobi engines would have returned (same answer, same
-  stop reason; "passes" counts decoding steps).
+* `finish(item, generated)` -> the row's `RefineResult`: the answer and stop reason the Jacobi engines would
+  have returned; no Jacobi statistics (passes and convergence are None: no Jacobi iteration ran), the number
+  of tokens the engine generated instead.
 """
 from __future__ import annotations
 
@@ -109,13 +110,13 @@ def finish(item: RefineItem, generated: list[int], stop_ids, settings: RefineSet
     held = list(item.draft_ids[:item.reserved])
     cut = first_stop(held, set(stop_ids))
     if cut is not None:  # a stop token among the reserved tokens ends the answer there (as in the Jacobi loop)
-        return RefineResult(held[:cut], 0, 0, True, "eos", wall_s, cut)
+        return RefineResult(held[:cut], None, 0, None, "eos", wall_s, cut, generated_tokens=0)
     room = item.cap(settings) - item.reserved
     gen = list(generated)[:room]
     hit = first_stop(gen, set(stop_ids))
     steps = len(gen) if hit is None else hit + 1
     stop = "timeout" if timed_out and hit is None and len(gen) < room else \
         "eos" if hit is not None else "max_new_tokens"
-    return RefineResult(held + gen[:hit], passes=steps,
-                        tokens_computed=len(item.prompt_ids) + item.reserved + steps, converged=True, stop=stop,
-                        wall_s=wall_s, reserved=item.reserved)
+    return RefineResult(held + gen[:hit], passes=None,
+                        tokens_computed=len(item.prompt_ids) + item.reserved + steps, converged=None, stop=stop,
+                        wall_s=wall_s, reserved=item.reserved, generated_tokens=steps)

@@ -43,22 +43,35 @@ class RefineItem:
 
 @dataclass
 class RefineResult:
+    """One refined answer and what the engine that computed it can tell about it. The Jacobi engines (fast,
+    reference) report passes and convergence; the greedy-continuation engines (ar, vllm) run no Jacobi
+    iteration, so those are None there, and they report `generated_tokens` instead."""
+
     token_ids: list[int]  # the answer (reserved draft tokens + refined tokens), without the stop token
-    passes: int = 0  # Jacobi (or AR) forward passes, the prefill not included
+    passes: int | None = 0  # Jacobi forward passes, the prefill not included; None: not a Jacobi engine
     tokens_computed: int = 0  # token positions run through the model, prefill included
-    converged: bool = True  # False if any block was accepted at max_iter without reaching its fixed point
+    converged: bool | None = True  # False if a block was accepted at max_iter short of its fixed point; None: not Jacobi
     stop: str = "eos"  # "eos", "max_new_tokens", or "timeout" (cut off by the caller's time budget)
     wall_s: float = 0.0
     reserved: int = 0
     text: str = ""
     extra: dict = field(default_factory=dict)
+    generated_tokens: int | None = None  # greedy-continuation engines: tokens generated, a stop token included
+
+    @property
+    def jacobi(self) -> bool:
+        """Whether a Jacobi engine computed this result (so passes, tokens per pass and convergence mean something)."""
+        return self.passes is not None
 
     @property
     def new_tokens(self) -> int:
         return len(self.token_ids) - self.reserved
 
     @property
-    def tokens_per_pass(self) -> float:
+    def tokens_per_pass(self) -> float | None:
+        """Answer tokens finalized per Jacobi pass (0.0 when no pass ran); None for a non-Jacobi engine."""
+        if self.passes is None:
+            return None
         return self.new_tokens / self.passes if self.passes else 0.0
 
 

@@ -1,55 +1,106 @@
-"""The settings of the two decoding steps, one type each: how the aligner refines (`RefineSettings`) and how a
-base model samples its drafts (`SamplingParams`). Plain dataclasses without torch, so configs (the jobs'
-`aligner.refine` / `base.sampling`, the Serve app's `refine`) can nest them cheaply; their defaults are the
-defaults everywhere."""
+"""The settings of the two decoding steps: how the aligner computes its answer and how a base model samples its
+drafts. Plain dataclasses without torch, so that the configs of the jobs and the Serve app nest them cheaply;
+their defaults and their one-line descriptions (read by `--help`) are written here and nowhere else.
+
+The aligner's settings come in three layers, one per kind of engine, so that a config section holds exactly the
+keys its engine uses:
+
+* `AnswerSettings`: what every engine needs to compute DiffPO's answer (the cap, the reserved draft tokens and
+  their seed): the greedy-continuation engines (`ar`, `vllm`) take only these;
+* `JacobiSettings`: + the Jacobi block and its pass limit (the published loop, `reference`);
+* `RefineSettings`: + the fast engine's sliding window and re-seeding (`fast`); the engines themselves take this
+  type, with the defaults for whatever a section does not have.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+
+
+def setting(default, description: str):
+    """A dataclass field with its description (what `--help` prints next to the key)."""
+    return field(default=default, metadata={"description": description})
 
 
 @dataclass
-class RefineSettings:
-    """Knobs of the Jacobi refinement. Jobs and the Serve app nest this type as `aligner.refine`, so these
-    defaults are the defaults everywhere."""
+class AnswerSettings:
+    """What every aligner engine needs to compute DiffPO's answer."""
 
     __pydantic_config__ = {"extra": "forbid"}  # read by the configs that nest it: unknown keys are errors
 
-    block_size: int = 256  # draft tokens per Jacobi block
-    max_iter: int = 300  # passes per block before the state is accepted as is (>= block_size+1 always converges)
-    max_new_tokens: int = 256  # answer length cap, reserved draft tokens included
-    reserve_tokens: int = 12  # r ~ U{0..reserve_tokens} draft tokens are held fixed; 0 disables
-    seed: int = 0  # seeds r per row (with the row key), so batching never changes r
-    # fast engine only -------------------------------------------------------------------------
-    window: int | None = 16  # tokens recomputed past the converged frontier per pass; None = whole block
-    adaptive_window: bool = True  # per row: double the window while all of it is accepted, shrink after a miss
-    reseed: bool = True  # re-align the unconverged state with the draft after an insertion/deletion
-    reseed_ngram: int = 3  # longest n-gram matched against the draft when re-aligning
+    max_new_tokens: int = setting(256, "answer length cap, reserved draft tokens included")
+    reserve_tokens: int = setting(12, "r ~ U{0..reserve_tokens} draft tokens are held fixed; 0 disables")
+    seed: int = setting(0, "seeds r per row (with the row key), so batching never changes r")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_new_tokens < 1:
+            out.append(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.reserve_tokens < 0:
+            out.append(f"reserve_tokens must be >= 0 (got {self.reserve_tokens})")
+        return out
 
     def validate(self) -> None:
-        problems = []
-        if self.block_size < 1:
-            problems.append(f"block_size must be >= 1 (got {self.block_size})")
-        if self.max_iter < 1:
-            problems.append(f"max_iter must be >= 1 (got {self.max_iter})")
-        if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
-        if self.reserve_tokens < 0:
-            problems.append(f"reserve_tokens must be >= 0 (got {self.reserve_tokens})")
-        if self.window is not None and self.window < 1:
-            problems.append(f"window must be >= 1 or null (got {self.window})")
-        if self.reseed_ngram < 1:
-            problems.append(f"reseed_ngram must be >= 1 (got {self.reseed_ngram})")
+        problems = self.problems()
         if problems:
             raise ValueError("; ".join(problems))
+
+    def full(self) -> "RefineSettings":
+        """These settings as the engines' type, the keys this layer lacks at their defaults."""
+        return RefineSettings(**asdict(self))
+
+
+@dataclass
+class JacobiSettings(AnswerSettings):
+    """+ the Jacobi block: the published loop (`reference`) and the fast engine."""
+
+    block_size: int = setting(256, "draft tokens per Jacobi block")
+    max_iter: int = setting(300, "passes per block before the state is accepted as is (>= block_size+1 always "
+                                 "converges)")
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.block_size < 1:
+            out.append(f"block_size must be >= 1 (got {self.block_size})")
+        if self.max_iter < 1:
+            out.append(f"max_iter must be >= 1 (got {self.max_iter})")
+        return out
+
+
+@dataclass
+class RefineSettings(JacobiSettings):
+    """+ the fast engine's window and re-seeding: every setting an engine reads."""
+
+    window: int | None = setting(16, "tokens recomputed past the converged frontier per pass; null = whole block")
+    adaptive_window: bool = setting(True, "per row: double the window while all of it is accepted, shrink after "
+                                          "a miss")
+    reseed: bool = setting(True, "re-align the unconverged state with the draft after an insertion/deletion")
+    reseed_ngram: int = setting(3, "longest n-gram matched against the draft when re-aligning")
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.window is not None and self.window < 1:
+            out.append(f"window must be >= 1 or null (got {self.window})")
+        if self.reseed_ngram < 1:
+            out.append(f"reseed_ngram must be >= 1 (got {self.reseed_ngram})")
+        return out
 
 
 @dataclass
 class SamplingParams:
-    """How a base model samples its drafts (jobs nest this type as `base.sampling`)."""
+    """How a base model samples its drafts (nested as `base.sampling` in the jobs and the Serve app)."""
 
     __pydantic_config__ = {"extra": "forbid"}  # read by the configs that nest it: unknown keys are errors
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.9
-    do_sample: bool = True  # False = greedy drafts
-    seed: int = 0  # with the row id and turn: a rerun draws the same samples
+    max_new_tokens: int = setting(256, "draft length cap (Serve: the most a request's max_tokens gets from this "
+                                       "base)")
+    temperature: float = setting(0.7, "sampling temperature (Serve: when a request sends none)")
+    top_p: float = setting(0.9, "nucleus sampling mass (Serve: when a request sends none)")
+    do_sample: bool = setting(True, "false = greedy drafts (Serve: when a request sends no temperature)")
+    seed: int = setting(0, "with the row id and turn (Serve: the conversation): a rerun draws the same samples")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.max_new_tokens < 1:
+            out.append(f"max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and not (0 < self.top_p <= 1 and self.temperature > 0):
+            out.append("needs temperature > 0 and 0 < top_p <= 1 (or do_sample=false)")
+        return out

@@ -18,12 +18,13 @@ class VllmSettings(BaseModel):
     Serve model). One engine runs on a placement group of tp x pp bundles."""
 
     model_config = ConfigDict(extra="forbid")
-    tensor_parallel_size: int = Field(1, ge=1)
-    pipeline_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs (workers) one engine shards each layer over")
+    pipeline_parallel_size: int = Field(1, ge=1, description="stages one engine splits the layers into")
     bundles: Optional[list[dict[str, float]]] = Field(
         None, description="placement group of one engine, one resource dict per worker; null = tp x pp bundles "
                           "of {CPU: num_cpus, GPU: num_gpus} (CPU-only bundles when num_gpus is 0)")
-    strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="placement group strategy of one engine's bundles (STRICT_PACK: all on one node)")
     accelerator_type: Optional[str] = Field(None, description="e.g. A100, H100 (Ray's accelerator_type label)")
     max_model_len: Optional[int] = Field(None, ge=1, description="null = the model's context window")
     enforce_eager: Optional[bool] = Field(None, description="null = true on CPU bundles, vLLM's default on GPUs")

@@ -189,7 +189,7 @@ def _grid(n_panels: int, n_rows: int, extra_w: float = 0.0) -> tuple[Figure, np.
 
 def _hist_bins(values: list[np.ndarray], integer: bool) -> tuple[np.ndarray, bool]:
     """Shared bins for overlaid histograms, and whether the x axis should be logarithmic (the values span more
-    than a factor 15, e.g. a few Jacobi passes next to an autoregressive aligner's hundreds)."""
+    than a factor 15, e.g. a draft close to its fixed point next to one far from it)."""
     allv = np.concatenate(values)
     lo, hi = float(allv.min()), float(allv.max())
     if lo > 0 and hi / lo > 15:
@@ -334,7 +334,8 @@ def fig_paired(r: ReportData) -> Figure | None:
 
 
 def fig_jacobi(r: ReportData) -> Figure | None:
-    """Histograms of Jacobi passes and tokens per pass, one overlaid step histogram per Jacobi method."""
+    """Histograms of Jacobi passes and tokens per pass, one overlaid step histogram per Jacobi method (the methods
+    whose engine runs Jacobi iterations; the others have null passes and are not drawn)."""
     methods = r.jacobi_methods()
     if not methods or r.df.empty:
         return None
@@ -344,7 +345,7 @@ def fig_jacobi(r: ReportData) -> Figure | None:
     for ax, (col, title, integer) in zip(axes, [("passes", "Forward passes per prompt", True),
                                                   ("tokens_per_pass", "Tokens per pass (Jacobi methods)", False)]):
         data = {m: column(r.rows(m), col).dropna().to_numpy() for m in methods}
-        data = {m: v[v > 0] for m, v in data.items()}  # 0 = not applicable (no aligner / not Jacobi)
+        data = {m: v[v > 0] for m, v in data.items()}  # 0: no pass ran (the answer ended in the reserved tokens)
         data = {m: v for m, v in data.items() if len(v)}
         if not data:
             _no_data(ax)

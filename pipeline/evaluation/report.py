@@ -4,10 +4,13 @@ JavaScript, nothing fetched from the network) plus the same figures as PNG files
     write_report(results, summary, out_dir) -> out_dir/report.html   (and out_dir/figures/*.png)
 
 `results` is the long per-(prompt, method) frame of `jobs/evaluate.py`; `summary` its aggregate (metrics
-with bootstrap intervals, latency, Jacobi statistics, paired comparisons, notes). The report only draws what
-those two already hold; it computes nothing statistical itself. Anything missing (a judge that did not
-run, a metric without values, a method without Jacobi passes, an empty frame) drops the figure, panel or
-column that would show it: the report never fails because the evaluation was partial. A figure builder
+with bootstrap intervals, latency, Jacobi statistics, generated tokens, paired comparisons, notes). Jacobi
+statistics (passes, tokens per pass, convergence) are shown only for the methods whose engine computed them
+(non-null values: the Jacobi engines); generated tokens only for the greedy-continuation engines (vLLM, HF
+generate); every other method shows "–" in those columns and is left out of the Jacobi figure. The report
+only draws what those two already hold; it computes nothing statistical itself. Anything missing (a judge that
+did not run, a metric without values, a method without Jacobi passes, an empty frame) drops the figure, panel
+or column that would show it: the report never fails because the evaluation was partial. A figure builder
 that raises is a bug and is not hidden: the exception propagates.
 
 Sections: header and caveats, per-method key numbers, quality vs latency (the trade-off figure),
@@ -174,16 +177,17 @@ class ReportData:
             if "error" not in r.columns:
                 return float("nan") if r.empty else 0.0
             return float((r["error"].fillna("").astype(str) != "").sum())
-        if key == "mean_words":
-            c = column(r, "answer_words").dropna()
+        if key in ("mean_words", "mean_generated_tokens"):
+            c = column(r, "answer_words" if key == "mean_words" else "generated_tokens").dropna()
             return float(c.mean()) if len(c) else float("nan")
         return float("nan")
 
     def jacobi_methods(self) -> list[str]:
+        """The methods a Jacobi engine ran: per-row passes, or a mean in the summary (null elsewhere)."""
         out = []
         for m in self.methods:
             p = column(self.rows(m), "passes")
-            if (p > 0).any() or num(((self.sm.get(m) or {}).get("jacobi") or {}).get("mean_passes")) > 0:
+            if p.notna().any() or finite(((self.sm.get(m) or {}).get("jacobi") or {}).get("mean_passes")):
                 out.append(m)
         return out
 
@@ -216,7 +220,7 @@ def _header(r: ReportData) -> dict:
 
 def _cards(r: ReportData) -> list[dict]:
     """One card per method: the headline metric (the first one) with its interval, then latency, tokens per
-    pass (Jacobi methods) and mean answer length."""
+    pass (Jacobi methods) or generated tokens (greedy-continuation engines), and mean answer length."""
     first = next(iter(r.metrics), None)
     cards = []
     for m in r.methods:
@@ -227,9 +231,11 @@ def _cards(r: ReportData) -> list[dict]:
             if finite(st["lo"]) and finite(st["hi"]):
                 card["ci"] = f"[{_fmt(st['lo'], k)}, {_fmt(st['hi'], k)}]"
         card["rows"].append(("latency / prompt", _fmt_s(r.latency(m, "total_s"))))
-        tpp = r.jacobi(m, "tokens_per_pass")
-        if tpp > 0:
+        tpp, gen = r.jacobi(m, "tokens_per_pass"), r.scalar(m, "mean_generated_tokens")
+        if finite(tpp):
             card["rows"].append(("tokens / pass", f"{tpp:.2f}"))
+        if finite(gen):
+            card["rows"].append(("generated tokens", f"{gen:.0f}"))
         words = r.scalar(m, "mean_words")
         if finite(words):
             card["rows"].append(("mean words", f"{words:.0f}"))
@@ -295,9 +301,12 @@ def _summary_tables(r: ReportData) -> list[dict]:
         for key, head, hb, f in [("tokens_per_pass", "tokens / pass", True, "{:.2f}"),
                                  ("mean_passes", "passes", False, "{:.1f}"),
                                  ("converged_fraction", "converged", True, "{:.0%}")]:
-            vals = [r.jacobi(m, key) if m in jm else float("nan") for m in M]
-            vals = [v if key != "tokens_per_pass" or v > 0 else float("nan") for v in vals]  # 0: not Jacobi
+            vals = [r.jacobi(m, key) if m in jm else float("nan") for m in M]  # NaN: not a Jacobi engine
             cost.append(_column(head, vals, [f.format(v) if finite(v) else "–" for v in vals], hb))
+    gen = [r.scalar(m, "mean_generated_tokens") for m in M]  # NaN: not a greedy-continuation engine
+    if any(finite(v) for v in gen):
+        cost.append(_column("generated tokens", gen, title="tokens the engine generated per prompt (vLLM, HF "
+                                                            "generate; stop tokens included)"))
     cost.append(_column("errors", [r.scalar(m, "errors") for m in M], higher=False))
     tables = [_table(r, "Quality", "summary quality", quality)] if len(quality) > 1 else []
     return tables + [_table(r, "Length, latency (seconds per prompt) and decoding", "summary cost", cost)]
@@ -338,16 +347,17 @@ def _paired(r: ReportData) -> dict | None:
 
 
 def _answer_chips(row: pd.Series, judge_cols: list[str]) -> list[dict]:
-    """The small labelled values shown with an answer: its judge values, length, latency and passes."""
+    """The small labelled values shown with an answer: its judge values, length, latency, and Jacobi passes or
+    generated tokens (whichever its engine computed)."""
     chips = []
     for col in judge_cols:
         v = num(row.get(col))
         if finite(v):
             chips.append({"name": JUDGE_COLUMNS[col], "value": _fmt(v), "unit": None})
     for col, unit, f in [("answer_words", "words", "{:.0f}"), ("total_s", "s", "{:.2f}"),
-                         ("passes", "passes", "{:.0f}")]:
+                         ("passes", "passes", "{:.0f}"), ("generated_tokens", "generated tokens", "{:.0f}")]:
         v = num(row.get(col))
-        if finite(v) and (col != "passes" or v > 0):
+        if finite(v):
             chips.append({"name": None, "value": f.format(v), "unit": unit})
     return chips
 

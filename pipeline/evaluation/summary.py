@@ -1,6 +1,12 @@
 """From per-row evaluation results (one row per prompt and method) to the summary: every metric with a
 bootstrap interval, win rates and length-controlled win rates, paired tests against the baseline method,
-latency and Jacobi statistics.
+latency, and what each method's engine computed.
+
+Per method, the engine's own statistics only (each over the method's rows whose engine computes it, None when
+none did): ``jacobi`` (mean_passes, tokens_per_pass, converged_fraction) from the Jacobi engines (rows with a
+non-null ``passes``), None values for a method whose engine runs no Jacobi iteration (vLLM, HF generate) or no
+aligner at all (draft, best_of_n); ``mean_generated_tokens`` from the greedy-continuation engines (rows with a
+non-null ``generated_tokens``), None elsewhere.
 
 Metrics (each present only when its judge ran):
 * ``offline_sim``  similarity to the reference answer (offline judge), mean over prompts;
@@ -52,6 +58,17 @@ def _pref(a: float, b: float) -> float:
     return 1.0 if a > b else 0.0 if a < b else 0.5
 
 
+def _jacobi(g: pd.DataFrame) -> dict:
+    """Jacobi statistics over the rows a Jacobi engine refined (non-null passes); None values when there are none."""
+    passes = (pd.to_numeric(g["passes"], errors="coerce") if "passes" in g else pd.Series(dtype=float)).dropna()
+    if passes.empty:
+        return {"mean_passes": None, "tokens_per_pass": None, "converged_fraction": None}
+    j, total = g.loc[passes.index], int(passes.sum())
+    return {"mean_passes": float(passes.mean()),
+            "tokens_per_pass": float(j["new_tokens"].sum() / total) if total else 0.0,
+            "converged_fraction": float(j["converged"].astype(bool).mean())}
+
+
 def summarize(df: pd.DataFrame, baseline: str = "draft", n_boot: int = 1000, seed: int = 0) -> dict:
     """The summary dict of an evaluation (see `pipeline/evaluation/report.py` for how it is shown)."""
     ok = df[df["error"] == ""]
@@ -98,10 +115,9 @@ def summarize(df: pd.DataFrame, baseline: str = "draft", n_boot: int = 1000, see
         lat["total_s_p50"] = float(g["total_s"].median()) if len(g) else 0.0
         lat["total_s_p90"] = float(g["total_s"].quantile(0.9)) if len(g) else 0.0
         rec["latency"] = lat
-        passes = int(g["passes"].sum())
-        rec["jacobi"] = {"mean_passes": float(g["passes"].mean()) if len(g) else 0.0,
-                         "tokens_per_pass": float(g["new_tokens"].sum() / passes) if passes else 0.0,
-                         "converged_fraction": float(g["converged"].mean()) if len(g) else 0.0}
+        rec["jacobi"] = _jacobi(g)
+        gen = pd.to_numeric(g["generated_tokens"], errors="coerce").dropna() if "generated_tokens" in g else []
+        rec["mean_generated_tokens"] = float(gen.mean()) if len(gen) else None
         present |= set(rec["metrics"])
         out["methods"][m] = rec
     order = ["offline_sim", "offline_lc", "offline_win", "length_only", "llm_score", "llm_pref", "llm_lc",

@@ -68,6 +68,9 @@ def test_job_handles_formats_bad_rows_and_exports(tmp_path, tiny_dirs, ray_local
     mt = ok.set_index("id").loc["81"]
     assert len(mt["draft_turns"]) == 2 and len(mt["aligned_turns"]) == 2
     assert (ok["passes"] > 0).all() and (ok["tokens_per_pass"] >= 1.0).all()
+    assert ok["converged"].notna().all() and ok["generated_tokens"].isna().all(), "a Jacobi engine: its statistics"
+    assert s["mean_passes"] > 0 and s["tokens_per_pass"] >= 1.0 and s["converged_fraction"] is not None
+    assert s["mean_generated_tokens"] is None and s["rows_by_mode"] == {"fast": len(ok)}
     fc = [json.loads(x) for x in open(out / "fastchat_answers.jsonl")]
     assert {r["question_id"] for r in fc} >= {1, 2} and all(r["choices"][0]["turns"] for r in fc)
     ae = json.loads((out / "alpaca_eval_outputs.json").read_text())
@@ -185,7 +188,13 @@ def test_vllm_job_formats_bad_rows_exports_kill_and_resume(tmp_path, vllm_tiny, 
     assert rows.loc["2", "draft"] == "Red and blue." and rows.loc["2", "draft_s"] == 0.0, "given drafts are kept"
     assert set(ok["mode"]) <= {"fast", "vllm"} and (ok["mode"] == "vllm").sum() >= 10, "killed on HF, done on vLLM"
     assert (ok["new_tokens"] > 0).all() and (ok["refine_s"] > 0).all()
-    assert s["mode"] == "vllm" and s["converged_fraction"] == 1.0
+    assert s["mode"] == "vllm" and s["mean_generated_tokens"] > 0
+    on_vllm = ok[ok["mode"] == "vllm"]  # vLLM runs no Jacobi iteration: its generated tokens, no Jacobi statistics
+    assert on_vllm[["passes", "tokens_per_pass", "converged"]].isna().all().all()
+    assert (on_vllm["generated_tokens"] > 0).all() and (on_vllm["generated_tokens"] >= on_vllm["new_tokens"]).all()
+    on_fast = ok[ok["mode"] == "fast"]  # the killed run's rows keep the fast engine's Jacobi statistics
+    assert (on_fast["passes"] > 0).all() and on_fast["generated_tokens"].isna().all()
+    assert s["rows_by_mode"] == {m: int((ok["mode"] == m).sum()) for m in sorted(set(ok["mode"]))}
     fc = [json.loads(x) for x in open(out / "fastchat_answers.jsonl")]
     assert {r["question_id"] for r in fc} >= {1, 2}
     assert {r["instruction"] for r in json.loads((out / "alpaca_eval_outputs.json").read_text())} >= {"Say hi."}
@@ -200,3 +209,67 @@ def test_vllm_job_formats_bad_rows_exports_kill_and_resume(tmp_path, vllm_tiny, 
             req = RefineRequest(conversation(row, k, list(r["draft_turns"])), r["draft_turns"][k],
                                 key=rid if k == 0 else f"{rid}#{k}")
             assert fast.refine([req])[0].text == aligned, f"row {rid} turn {k}: vLLM job == fast engine"
+
+
+def _drafted(rid: str, turns=("Say hi.",), drafts=("Hello.",)) -> dict:
+    return {"id": rid, "turns": list(turns), "history": [], "drafts": list(drafts), "meta": None, "references": [],
+            "error": None, "draft_s": 0.5}
+
+
+def test_output_rows_and_summary_hold_only_what_the_engine_computed(tmp_path):
+    """vLLM (and ar) rows: null passes / tokens_per_pass / converged, their generated tokens instead; Jacobi rows the
+    other way round; the summary's Jacobi statistics are null for a vLLM run, set for a fast one. No Ray, no model."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.align_dataset import (DRAFTED_SCHEMA, OUTPUT_SCHEMA, AlignDatasetConfig, RefineStage, VllmOutputStage,
+                                    engine_summary, finalize)
+    from jobs.common import vllm_stages
+    from pipeline.decoding.jacobi import RefineResult
+
+    cfg = load_config(AlignDatasetConfig, "conf/align_dataset.yaml", [f"output.path={tmp_path}", "aligner.engine=vllm"])
+
+    # the vLLM stage's rows, as vllm_stages.refine hands them over (one RESULT per turn)
+    result = lambda ids, gen: {"token_ids": ids, "text": "Hi.", "reserved": 1, "generated_tokens": gen,  # noqa: E731
+                               "tokens_computed": 20 + gen, "stop": "eos", "wall_s": 0.2}
+    rows = [dict(_drafted("1"), refined=[result([1, 2, 3], 3)]),
+            dict(_drafted("2", ["a?", "b?"], ["A.", "B."]), refined=[result([1, 2], 2), result([1, 2, 3, 4], 4)]),
+            dict(_drafted("3"), refined=None, error="draft stage: boom")]
+    table = pa.Table.from_pylist(rows, schema=vllm_stages.refined_schema(DRAFTED_SCHEMA))
+    out = VllmOutputStage(cfg.aligner)(table)
+    assert out.schema == OUTPUT_SCHEMA
+    by = {r["id"]: r for r in out.to_pylist()}
+    for rid, gen, new in (("1", 3, 2), ("2", 6, 4)):
+        r = by[rid]
+        assert r["passes"] is None and r["tokens_per_pass"] is None and r["converged"] is None, "no Jacobi iteration"
+        assert r["generated_tokens"] == gen and r["new_tokens"] == new and r["mode"] == "vllm"
+        assert r["refine_s"] == pytest.approx(0.2 * len(r["aligned_turns"]))
+    assert by["3"]["error"] == "draft stage: boom" and by["3"]["passes"] is None
+
+    # a Jacobi engine's rows: passes, tokens per pass and convergence; no generated tokens
+    fast = object.__new__(RefineStage)  # its output only: no model
+    fast.mode, fast.jacobi = "fast", True
+    jac = fast.output(_drafted("4"), [RefineResult([9, 8, 7, 6], passes=2, tokens_computed=30, converged=True,
+                                                   reserved=1, text="x")], 0.3)
+    assert jac["passes"] == 2 and jac["tokens_per_pass"] == 1.5 and jac["converged"] is True
+    assert jac["generated_tokens"] is None
+    ar = fast.output(_drafted("5"), [RefineResult([9, 8], passes=None, converged=None, reserved=0, text="y",
+                                                  generated_tokens=3)], 0.3)
+    assert ar["passes"] is None and ar["tokens_per_pass"] is None and ar["converged"] is None
+    assert ar["generated_tokens"] == 3, "the results say which engine ran, whatever the stage was told"
+
+    # summary.json of a vLLM run: no Jacobi statistic, the generated tokens and engine seconds instead
+    parts = tmp_path / "_parts"
+    parts.mkdir()
+    pq.write_table(out, parts / "p0.parquet")
+    s, ok = finalize(cfg, tmp_path, parts, rows_in=3, started=0.0, processed=3)
+    assert s["mean_passes"] is None and s["tokens_per_pass"] is None and s["converged_fraction"] is None
+    assert s["mean_generated_tokens"] == 4.5 and s["mean_refine_s"] == pytest.approx(0.3)
+    assert s["rows_out"] == 2 and s["error_rows"] == 1 and s["mode"] == "vllm" and s["rows_by_mode"] == {"vllm": 2}
+    assert json.loads((tmp_path / "summary.json").read_text()) == s
+    aligned = pq.read_table(tmp_path / "aligned.parquet").to_pylist()
+    assert [r["passes"] for r in aligned] == [None, None] and [r["generated_tokens"] for r in aligned] == [3, 6]
+    # ... and of a fast run: the Jacobi statistics, no generated tokens
+    s = engine_summary([jac, dict(jac, id="6", passes=4, new_tokens=5, converged=False)])
+    assert s["mean_passes"] == 3.0 and s["tokens_per_pass"] == round(8 / 6, 3) and s["converged_fraction"] == 0.5
+    assert s["mean_generated_tokens"] is None and s["rows_by_mode"] == {"fast": 2}

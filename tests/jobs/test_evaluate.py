@@ -66,6 +66,11 @@ def test_evaluate_job_end_to_end(tmp_path, tiny_dirs, tiny_rm, ray_local):
     judged = df[(df["id"] != "24") | (df["method"] != "draft")]  # all but the huge draft (below)
     assert df["offline_sim"].notna().all() and judged["rm_score"].notna().all() and judged["rm_pref"].between(0, 1).all()
     assert (df.loc[df["method"] == "refine", "passes"] > 0).all()
+    jac = df["method"].isin(["refine", "refine_reference", "in_context"])  # on the fast / reference Jacobi engines
+    assert df.loc[jac, "passes"].notna().all() and df.loc[jac, "generated_tokens"].isna().all()
+    assert df.loc[~jac, ["passes", "tokens_per_pass", "converged"]].isna().all().all(), "no Jacobi iteration there"
+    assert (df.loc[df["method"] == "aligner_ar", "generated_tokens"] > 0).all(), "HF generate: its generated tokens"
+    assert df.loc[df["method"].isin(["draft", "best_of_n"]), "generated_tokens"].isna().all()
     err = {(e["id"], e["method"]): e["error"] for e in errors}
     assert {i for i, _ in err} == {"8", "16", "20", "24", "bench.jsonl:9"} and "empty prompt" in err[("8", "draft")]
     for i in ("16", "20"):  # refused before generate, alone or inside a multi-turn history
@@ -81,6 +86,11 @@ def test_evaluate_job_end_to_end(tmp_path, tiny_dirs, tiny_rm, ray_local):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["baseline"] == "draft" and {"offline_sim", "rm_score", "length_only"} <= set(summary["metrics"])
     assert any(p["method"] == "refine" and p["metric"] == "offline_sim" for p in summary["paired"])
+    meth = summary["methods"]
+    assert meth["refine"]["jacobi"]["tokens_per_pass"] > 0 and meth["refine"]["mean_generated_tokens"] is None
+    for m in ("aligner_ar", "draft", "best_of_n"):
+        assert set(meth[m]["jacobi"].values()) == {None}, m
+    assert meth["aligner_ar"]["mean_generated_tokens"] > 0 and meth["draft"]["mean_generated_tokens"] is None
     fc = [json.loads(x) for x in (out / "exports/fastchat/refine.jsonl").read_text().splitlines()]
     assert {x["question_id"] for x in fc} == {0, 4, 12, 24} and fc[0]["model_id"] == "diffpo-refine"
     ae = json.loads((out / "exports/alpaca_eval/draft.json").read_text())
@@ -100,6 +110,46 @@ def test_evaluate_job_end_to_end(tmp_path, tiny_dirs, tiny_rm, ray_local):
                                   df2.drop(columns=["draft_s", "refine_s", "total_s"]).reset_index(drop=True),
                                   check_dtype=False)
     assert s2["n_prompts"] == 4
+
+
+def test_method_rows_and_summary_hold_only_what_the_engine_computed(capsys):
+    """Per method, only what its engine computed: Jacobi statistics from a Jacobi engine (refine on fast), the
+    generated tokens from vLLM (in_context on vllm) and HF generate, neither for the draft; the summary and the
+    printed table the same (null / "-" where the engine does not compute it). No Ray, no model."""
+    import pyarrow as pa
+
+    from jobs.common import vllm_stages
+    from jobs.evaluate import LONG_SCHEMA, MethodStage, print_table
+    from pipeline.decoding.jacobi import RefineResult
+    from pipeline.evaluation.summary import summarize
+
+    stage = object.__new__(MethodStage)  # its rows only: no model
+    stage.benchmark = "mini"
+    rows = []
+    for i in range(4):
+        r = {"id": str(i), "turns": [f"q{i}?"], "history": [], "meta": None, "references": [f"ref {i}"], "error": None}
+        vllm = vllm_stages.as_results([{"token_ids": [1, 2, 3], "text": "a b", "reserved": 1, "generated_tokens": 3 + i,
+                                        "tokens_computed": 20, "stop": "eos", "wall_s": 0.1}])
+        fast = [RefineResult([1, 2, 3, 4, 5], passes=2, tokens_computed=30, converged=i != 0, reserved=1, text="a b c")]
+        rows += [stage._row(r, "draft", ["a"], 0.5), stage._row(r, "in_context", ["a b"], 0.5, 0.1, vllm),
+                 stage._row(r, "refine", ["a b c"], 0.5, 0.3, fast)]
+    by = {(r["id"], r["method"]): r for r in rows}
+    d, v, f = by[("1", "draft")], by[("1", "in_context")], by[("1", "refine")]
+    assert [d[k] for k in ("passes", "tokens_per_pass", "converged", "generated_tokens")] == [None] * 4
+    assert [v[k] for k in ("passes", "tokens_per_pass", "converged")] == [None] * 3 and v["generated_tokens"] == 4
+    assert (f["passes"], f["tokens_per_pass"], f["converged"], f["generated_tokens"]) == (2, 2.0, True, None)
+    df = pa.Table.from_pylist(rows, schema=LONG_SCHEMA).to_pandas()
+    df["error"] = df["error"].fillna("")
+    s = summarize(df, "draft", n_boot=10)
+    nothing = {"mean_passes": None, "tokens_per_pass": None, "converged_fraction": None}
+    assert s["methods"]["draft"]["jacobi"] == s["methods"]["in_context"]["jacobi"] == nothing
+    assert s["methods"]["refine"]["jacobi"] == {"mean_passes": 2.0, "tokens_per_pass": 2.0, "converged_fraction": 0.75}
+    assert s["methods"]["in_context"]["mean_generated_tokens"] == 4.5
+    assert s["methods"]["draft"]["mean_generated_tokens"] is None and s["methods"]["refine"]["mean_generated_tokens"] is None
+    print_table(s)
+    table = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert table["draft"][-2:] == ["-", "-"] and table["in_context"][-2:] == ["-", "4.5"]
+    assert table["refine"][-2:] == ["2.00", "-"]
 
 
 @pytest.mark.parametrize("override,msg", [
@@ -169,3 +219,6 @@ def test_evaluate_on_vllm_engines(tmp_path, vllm_tiny, ray_local):
         want = fast.refine([RefineRequest([{"role": "user", "content": r["instruction"]}], r["output"], key=str(r["id"]))])
         assert by[(str(r["id"]), "in_context")]["answer"] == want[0].text, "vLLM == fast engine"
     assert s["n_prompts"] == 3 and (df.loc[df["method"] == "in_context", "refine_s"] > 0).all()
+    ic = df[df["method"] == "in_context"]  # vLLM runs no Jacobi iteration: its generated tokens, no Jacobi statistics
+    assert ic[["passes", "tokens_per_pass", "converged"]].isna().all().all() and (ic["generated_tokens"] > 0).all()
+    assert set(s["methods"]["in_context"]["jacobi"].values()) == {None} and s["methods"]["in_context"]["mean_generated_tokens"] > 0

@@ -84,5 +84,27 @@ def test_refine_requests_hold_r_draft_tokens_and_results_start_with_them(vllm_ti
     by = {r["id"]: r for r in t.to_pylist()}
     assert len(by["mt"]["refined"]) == 2 and len(by["one"]["refined"]) == 1 and by["bad"]["refined"] is None
     res = vs.as_results(by["mt"]["refined"])
-    assert res[1].token_ids[-2:] == [40, 41] and res[1].stop == "eos" and res[1].passes == 3
+    assert res[1].token_ids[-2:] == [40, 41] and res[1].stop == "eos" and res[1].generated_tokens == 3
+    assert res[1].passes is None and res[1].converged is None and res[1].tokens_per_pass is None, \
+        "vLLM runs no Jacobi iteration: no Jacobi statistics"
     assert res[1].token_ids[:-2] == item.draft_ids[:item.reserved], "the reserved draft tokens come first"
+
+
+def test_finish_reports_generated_tokens_and_no_jacobi_statistics():
+    """`continuation.finish` (vLLM stages, the refiner's ar mode): the answer, the stop reason and the tokens the
+    engine generated (a stop token included); passes, convergence and tokens per pass are None: no Jacobi
+    iteration ran."""
+    from pipeline.decoding.continuation import finish
+    from pipeline.decoding.jacobi import RefineItem
+    from pipeline.decoding.settings import RefineSettings
+
+    s, stop = RefineSettings(max_new_tokens=8), [0]
+    item = RefineItem(prompt_ids=[5, 6, 7], draft_ids=[20, 21, 22], reserved=2)
+    res = finish(item, [30, 31, 0, 99], stop, s, wall_s=0.25)
+    assert res.token_ids == [20, 21, 30, 31] and res.stop == "eos" and res.generated_tokens == 3
+    assert res.passes is None and res.converged is None and res.tokens_per_pass is None and not res.jacobi
+    assert res.tokens_computed == 3 + 2 + 3 and res.wall_s == 0.25 and res.new_tokens == 2
+    res = finish(item, list(range(30, 40)), stop, s)  # no stop token: cut at the cap (8 - 2 reserved)
+    assert res.stop == "max_new_tokens" and res.generated_tokens == 6 and res.passes is None
+    res = finish(RefineItem(prompt_ids=[5], draft_ids=[20, 0, 22], reserved=3), [30], stop, s)
+    assert res.token_ids == [20] and res.stop == "eos" and res.generated_tokens == 0 and res.converged is None

@@ -112,6 +112,9 @@ def test_openai_client_chat_stream_and_models(server, expected):
     assert r.usage.completion_tokens <= 24 and r.usage.prompt_tokens > 0
     assert extra["iterations"] >= 1 and extra["tokens_per_pass"] > 0 and extra["base"] == "tiny"
     assert extra["draft_ms"] > 0 and extra["refine_ms"] > 0
+    # a Jacobi engine: its own statistics, no greedy-continuation count; `mode` is the old name of `engine`
+    assert isinstance(extra["converged"], bool) and extra["generated_tokens"] is None
+    assert extra["engine"] == extra["mode"] == "fast"
 
     stream = c.chat.completions.create(model="diffpo-tiny", messages=MSGS, max_tokens=24, temperature=0, stream=True,
                                        stream_options={"include_usage": True})
@@ -191,24 +194,25 @@ def test_refine_stream_through_a_handle_batches_and_refuses_bad_requests(server,
     from ray import serve
 
     from serve_app.protocol import BadRequest, conversation_key
+    from serve_app.replies import Refined, RefineRequest
 
     handle = serve.get_deployment_handle("aligner-jacobi", app_name="diffpo").options(stream=True)
     convs = [[{"role": "user", "content": f"Tell me about topic {i}."}] for i in range(4)]
     drafts = ["Sure. " * i + "Here it is" for i in range(4)]
-    gens = [handle.refine_stream.remote({"messages": m, "draft": d, "max_tokens": MAX_NEW, "key": conversation_key(m),
-                                         "concurrent": True}) for m, d in zip(convs, drafts)]
+    gens = [handle.refine_stream.remote(RefineRequest(m, d, MAX_NEW, conversation_key(m), concurrent=True))
+            for m, d in zip(convs, drafts)]
     batch_sizes = []
     for m, d, gen in zip(convs, drafts, gens):
         events = list(gen)
         *deltas, last = events
         res = last["result"]
+        assert isinstance(res, Refined) and res.engine == "fast" and res.iterations >= 1
         assert all(set(e) == {"delta"} for e in deltas)
-        assert "".join(e["delta"] for e in deltas) == res["text"] == expected(m, d, MAX_NEW)
-        batch_sizes.append(res["batch_size"])
+        assert "".join(e["delta"] for e in deltas) == res.text == expected(m, d, MAX_NEW)
+        batch_sizes.append(res.batch_size)
     assert max(batch_sizes) > 1, f"concurrent streams are refined together: {batch_sizes}"
     with pytest.raises(BadRequest, match="context window"):
-        list(handle.refine_stream.remote({"messages": [{"role": "user", "content": "x" * 5000}], "draft": "",
-                                          "max_tokens": 8, "key": "k"}))
+        list(handle.refine_stream.remote(RefineRequest([{"role": "user", "content": "x" * 5000}], "", 8, "k")))
 
 
 def test_remote_base_over_http_matches_in_process_base(server, expected):
@@ -542,3 +546,6 @@ def test_deployments_export_their_metrics(server):
     assert ray_metric("ray_diffpo_refine_requests_total", model="jacobi", outcome="ok") > 0
     assert ray_metric("ray_diffpo_refine_batch_size_count", model="jacobi") > 0
     assert ray_metric("ray_diffpo_jacobi_iterations_sum", model="jacobi") > 0
+    assert ray_metric("ray_diffpo_tokens_per_pass_count", model="jacobi") > 0
+    # a Jacobi engine records no greedy-continuation counts (exported with the above: no need to wait)
+    assert ray_metric("ray_diffpo_generated_tokens_count", timeout_s=0, model="jacobi") == 0

@@ -76,6 +76,11 @@ def test_vllm_graph_answers_what_the_jacobi_engine_computes(server, expected):
     r = c.chat.completions.create(model="diffpo-vllm", messages=MSGS, max_tokens=40)
     extra = r.model_extra["diffpo"]
     assert extra["mode"] == "vllm" and extra["draft_source"] == "base" and extra["draft"]
+    assert extra["engine"] == extra["mode"], "`mode` is the old name of `engine`"
+    # no Jacobi iteration ran: no Jacobi statistics, the tokens vLLM generated instead (at most the cap, and with
+    # the r <= 12 reserved draft tokens they make up the answer)
+    assert extra["iterations"] is None and extra["tokens_per_pass"] is None and extra["converged"] is None
+    assert r.usage.completion_tokens - 12 <= extra["generated_tokens"] <= 40
     assert r.choices[0].message.content == expected(MSGS, extra["draft"], 40), "vLLM aligner == fast Jacobi engine"
     assert 0 < r.usage.completion_tokens <= 40 and r.usage.prompt_tokens > 0
 
@@ -278,3 +283,8 @@ def test_vllm_adapters_export_their_metrics(server):
     assert ray_metric("ray_diffpo_refine_requests_total", model="aligner", outcome="ok") > 0
     assert ray_metric("ray_diffpo_draft_requests_total", model="tiny", outcome="rejected") > 0  # over the window
     assert ray_metric("ray_diffpo_refine_latency_ms_count", model="aligner") > 0
+    # vLLM runs no Jacobi iteration: it records the tokens it generated, never Jacobi passes (exported together
+    # with the count above, so no need to wait for them)
+    assert ray_metric("ray_diffpo_generated_tokens_count", model="aligner") > 0
+    assert ray_metric("ray_diffpo_jacobi_iterations_count", timeout_s=0, model="aligner") == 0
+    assert ray_metric("ray_diffpo_tokens_per_pass_count", timeout_s=0, model="aligner") == 0

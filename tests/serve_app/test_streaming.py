@@ -5,6 +5,7 @@ import json
 import pytest
 
 from serve_app.protocol import ApiError, chat_completion
+from serve_app.replies import Refined
 from serve_app.streaming import Relay, live_chunks
 
 
@@ -37,7 +38,9 @@ def events(chunks: list[str]) -> list:
 async def run(deltas, answer, fail: Exception | None = None, include_usage=True):
     """A request task that relays `deltas` and ends with `answer` (or raises `fail` after the deltas)."""
     relay = Relay()
-    stream = FakeStream([{"delta": d} for d in deltas] + [{"result": {"first_token_ms": 12.0}}])
+    reply = Refined(text=answer, completion_tokens=5, finish_reason="stop", refine_ms=50.0, batch_size=1,
+                    engine="fast", first_token_ms=12.0)
+    stream = FakeStream([{"delta": d} for d in deltas] + [{"result": reply}])
 
     async def request():
         await relay.read(stream, deadline=float("inf"))

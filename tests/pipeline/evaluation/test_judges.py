@@ -139,8 +139,8 @@ def _frame(n=60, seed=0):
                           ("longer", base_sim - 0.05, words + 80)):
             rows.append({"id": str(i), "method": m, "answer_words": w, "reference_words": 100, "offline_sim": sim,
                          "draft_s": 1.0, "refine_s": 0.0 if m == "draft" else 0.5, "total_s": 1.0 if m == "draft" else 1.5,
-                         "passes": 0 if m == "draft" else 40, "new_tokens": 0 if m == "draft" else 80,
-                         "converged": True, "error": ""})
+                         "passes": None if m == "draft" else 40, "new_tokens": 0 if m == "draft" else 80,
+                         "converged": None if m == "draft" else True, "generated_tokens": None, "error": ""})
     return pd.DataFrame(rows)
 
 
@@ -156,6 +156,9 @@ def test_summary_separates_closeness_from_length():
     assert p[("offline_sim", "closer")]["diff"] == pytest.approx(0.1) and p[("offline_sim", "closer")]["p_value"] < 0.01
     assert p[("offline_sim", "longer")]["diff"] == pytest.approx(-0.05)
     assert s["methods"]["closer"]["jacobi"]["tokens_per_pass"] == pytest.approx(2.0)
+    assert s["methods"]["closer"]["jacobi"]["mean_passes"] == 40 and s["methods"]["closer"]["jacobi"]["converged_fraction"] == 1
+    assert s["methods"]["draft"]["jacobi"] == {"mean_passes": None, "tokens_per_pass": None, "converged_fraction": None}
+    assert s["methods"]["closer"]["mean_generated_tokens"] is None, "no greedy-continuation engine ran"
     assert s["methods"]["closer"]["latency"]["total_s"] == pytest.approx(1.5)
     assert list(s["metrics"])[0] == "offline_sim" and "offline_lc" in s["metrics"]
 

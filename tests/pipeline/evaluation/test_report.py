@@ -30,14 +30,17 @@ FEW = {k: METRICS[k] for k in ("offline_sim", "length_only")}  # fewer panels: f
 
 
 def synthetic(n: int = 40, methods=METHODS, judge_cols=JUDGE_COLS, metrics=METRICS, seed: int = 0):
-    """A results frame and summary shaped like jobs/evaluate.py's output."""
+    """A results frame and summary shaped like jobs/evaluate.py's output: Jacobi statistics only for the methods
+    on a Jacobi engine (refine, refine_reference, in_context), generated tokens only for aligner_ar (HF generate),
+    neither for draft and best_of_n (null)."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
         ref_words = int(rng.integers(80, 400))
         for j, m in enumerate(methods):
             jac = m in ("refine", "refine_reference", "in_context")
-            passes = int(rng.integers(3, 30)) if jac else (int(rng.integers(50, 300)) if m == "aligner_ar" else 0)
+            passes = int(rng.integers(3, 30)) if jac else None
+            gen = int(rng.integers(50, 300)) if m == "aligner_ar" else None
             new = int(rng.integers(100, 400))
             draft_s = 0.0 if m == "draft" and i % 2 else float(rng.uniform(0.5, 2.0))
             refine_s = float(rng.uniform(0.5, 3.0)) * (j > 0)
@@ -47,8 +50,9 @@ def synthetic(n: int = 40, methods=METHODS, judge_cols=JUDGE_COLS, metrics=METRI
                    "reference": "" if i == 5 else f"Reference answer {i}. " + "ref " * ref_words,
                    "answer_words": int(rng.integers(50, 450)), "reference_words": 0 if i == 5 else ref_words,
                    "draft_s": draft_s, "refine_s": refine_s, "total_s": draft_s + refine_s, "passes": passes,
-                   "new_tokens": new, "tokens_per_pass": new / passes if jac else 0.0,
-                   "converged": bool(rng.random() > 0.1), "error": "timeout" if (i == 7 and m == "refine") else ""}
+                   "new_tokens": new, "tokens_per_pass": new / passes if jac else None,
+                   "converged": bool(rng.random() > 0.1) if jac else None, "generated_tokens": gen,
+                   "error": "timeout" if (i == 7 and m == "refine") else ""}
             vals = {"offline_sim": rng.uniform(0.4, 0.95), "llm_score": float(rng.integers(1, 11)),
                     "llm_pref": float(rng.choice([0, 0.5, 1])), "rm_score": rng.normal(j * 0.2, 1),
                     "rm_pref": rng.uniform(0, 1)}
@@ -70,14 +74,16 @@ def synthetic(n: int = 40, methods=METHODS, judge_cols=JUDGE_COLS, metrics=METRI
                 mean = float(v.mean()) + 0.01 * j
                 ms[k] = {"mean": mean, "lo": mean - 0.02 * (1 + abs(mean)), "hi": mean + 0.02 * (1 + abs(mean)),
                          "n": n}
-        jac = r.passes.gt(0).any()
+        jac = r.passes.notna().any()
         smeth[m] = {"n": len(r), "errors": int((r.error != "").sum()), "metrics": ms,
                     "latency": {"draft_s": r.draft_s.mean(), "refine_s": r.refine_s.mean(),
                                 "total_s": r.total_s.mean(), "total_s_p50": r.total_s.median(),
                                 "total_s_p90": r.total_s.quantile(0.9)},
-                    "jacobi": {"mean_passes": float(r.passes.mean()) if jac else 0,
-                               "tokens_per_pass": float(r.tokens_per_pass.mean()) if jac else 0,
-                               "converged_fraction": float(r.converged.mean())},
+                    "jacobi": {"mean_passes": float(r.passes.mean()) if jac else None,
+                               "tokens_per_pass": float(r.tokens_per_pass.mean()) if jac else None,
+                               "converged_fraction": float(r.converged.astype(bool).mean()) if jac else None},
+                    "mean_generated_tokens": float(r.generated_tokens.mean()) if r.generated_tokens.notna().any()
+                    else None,
                     "mean_words": float(r.answer_words.mean())}
     paired = []
     base = methods[0]
@@ -246,3 +252,43 @@ def test_rerun_removes_stale_figures(tmp_path):
 def test_format(v, kind, out):
     from pipeline.evaluation.report import _fmt
     assert _fmt(v, kind) == out
+
+
+def test_jacobi_statistics_only_for_methods_on_a_jacobi_engine(tmp_path):
+    """Passes, tokens per pass and convergence belong to the Jacobi engines: the other methods (aligner_ar on HF
+    generate, draft, best_of_n) have null values in the summary and "–" in the report, aligner_ar its generated
+    tokens instead, and the Jacobi figure draws the Jacobi methods only."""
+    from pipeline.evaluation.report import ReportData, _answer_chips, _cards, _summary_tables
+
+    df, _ = synthetic(n=12, metrics=FEW)
+    s = summarize(df, "draft", n_boot=10, seed=0)
+    jacobi = ["refine", "refine_reference", "in_context"]
+    for m in METHODS:
+        j = s["methods"][m]["jacobi"]
+        if m in jacobi:
+            assert j["mean_passes"] > 0 and j["tokens_per_pass"] > 0 and 0 <= j["converged_fraction"] <= 1
+            assert s["methods"][m]["mean_generated_tokens"] is None
+        else:
+            assert j == {"mean_passes": None, "tokens_per_pass": None, "converged_fraction": None}, m
+    ar = df[(df.method == "aligner_ar") & (df.error == "")]
+    assert s["methods"]["aligner_ar"]["mean_generated_tokens"] == pytest.approx(ar.generated_tokens.mean())
+    assert s["methods"]["draft"]["mean_generated_tokens"] is None
+
+    r = ReportData(df[df.error == ""], s)
+    assert r.jacobi_methods() == jacobi
+    cost = _summary_tables(r)[-1]
+    heads = [c["head"] for c in cost["columns"]]
+    assert {"tokens / pass", "passes", "converged", "generated tokens"} <= set(heads)
+    cells = {row["method"]: {h: c["text"] for h, c in zip(heads, row["cells"])} for row in cost["rows"]}
+    for m in METHODS:
+        jac_cells = [cells[m][h] for h in ("tokens / pass", "passes", "converged")]
+        assert all(t != "–" for t in jac_cells) if m in jacobi else jac_cells == ["–"] * 3, (m, jac_cells)
+        assert (cells[m]["generated tokens"] != "–") == (m == "aligner_ar"), m
+    cards = {c["method"]: dict(c["rows"]) for c in _cards(r)}
+    assert "tokens / pass" in cards["refine"] and "tokens / pass" not in cards["aligner_ar"]
+    assert "generated tokens" in cards["aligner_ar"] and "generated tokens" not in cards["draft"]
+    units = lambda m: {c["unit"] for c in _answer_chips(df[df.method == m].iloc[0], [])}  # noqa: E731
+    assert "passes" in units("refine") and "passes" not in units("aligner_ar") | units("draft")
+    assert "generated tokens" in units("aligner_ar")
+    write_report(df[df.error == ""], s, tmp_path)
+    assert (tmp_path / "figures" / "jacobi.png").exists()
