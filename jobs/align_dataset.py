@@ -28,6 +28,7 @@ from jobs.common.config import (AlignerCfg, DataRayCfg, DraftCfg, Section, VllmA
 from jobs.common.data import InputCfg
 from jobs.common.runtime import run_job
 from jobs.common.stages import DraftStage, load_aligner, make_refiner, refine_turns
+from pipeline.config.stages import JACOBI_ENGINES
 from pipeline.records import META, MESSAGE, ROW_SCHEMA, error_row, normalize
 
 
@@ -64,11 +65,10 @@ OUTPUT_SCHEMA = pa.schema([
 # tokens_per_pass and converged, and leave generated_tokens null; the greedy-continuation engines (ar, vllm) run no
 # Jacobi iteration, so those three are null and generated_tokens (tokens the engine generated, stop tokens
 # included, summed over turns) is set. new_tokens, tokens_computed, stop and refine_s: every engine.
-JACOBI_ENGINES = ("fast", "reference")
 
 
 def mode_name(a: AlignerCfg) -> str:
-    return a.engine + ("+in_context" if a.in_context else "")
+    return a.label
 
 
 class RefineStage(data.RowStage):

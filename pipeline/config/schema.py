@@ -267,10 +267,14 @@ def validate(schema: type[BaseModel], tree: dict, where: str = "") -> BaseModel:
     try:
         cfg = schema.model_validate(tree, context={"config_validate": True})
     except ValidationError as e:
-        raise ConfigError(problems + type_problems(schema, e) + ([where] if where else [])) from None
+        order = list(schema.model_fields)  # problems in the schema's order of sections, then unknown sections
+        problems = sorted(problems + type_problems(schema, e), key=lambda p: order.index(p.split(".")[0].split(":")[0])
+                          if p.split(".")[0].split(":")[0] in order else len(order))
+        raise ConfigError(problems + ([where] if where else [])) from None
+    keys = bool(problems)
     problems += section_problems(cfg)
     if problems:
-        raise ConfigError(problems + ([where] if where else []))
+        raise ConfigError(problems + ([where] if where and keys else []))
     return cfg
 
 

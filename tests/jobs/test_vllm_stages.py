@@ -5,7 +5,7 @@ import pyarrow as pa
 
 from jobs.align_dataset import DRAFTED_SCHEMA
 from jobs.common import vllm_stages as vs
-from jobs.common.config import AlignerCfg, DraftCfg
+from jobs.common.config import VllmAlignerCfg, VllmDraftCfg
 from pipeline.decoding.continuation import AlignerPrompts, RefineRequest, continuation
 from pipeline.decoding.drafting import draft_seed
 from pipeline.models import load_model_text
@@ -31,7 +31,7 @@ def _engine(table: pa.Table, answers: dict) -> pa.Table:
 
 
 def test_multi_turn_drafting_feeds_each_answer_into_the_next_prompt(vllm_tiny):
-    base = DraftCfg(model=str(vllm_tiny))
+    base = VllmDraftCfg(model=str(vllm_tiny))
     text = load_model_text(str(vllm_tiny))
     tok = text.tokenizer
     work = DRAFTED_SCHEMA.append(pa.field("_answers", pa.list_(pa.string())))
@@ -62,7 +62,7 @@ def test_multi_turn_drafting_feeds_each_answer_into_the_next_prompt(vllm_tiny):
 
 
 def test_refine_requests_hold_r_draft_tokens_and_results_start_with_them(vllm_tiny):
-    aligner = AlignerCfg(model=str(vllm_tiny))
+    aligner = VllmAlignerCfg(model=str(vllm_tiny))
     text = load_model_text(str(vllm_tiny))
     rows = _rows()
     rows[0]["drafts"], rows[1]["drafts"] = ["Leaves fall slowly down.", "Gray sky, the leaves are gone."], ["Hello there!"]

@@ -39,7 +39,7 @@ def server(ray_local, tiny_dirs):
         "aligners": {
             "jacobi": {"model": tiny, "engine": "fast", "refine": {"max_new_tokens": MAX_NEW, "window": 8},
                        "max_batch_size": 8, "batch_wait_timeout_s": 0.05},
-            "tight": {"model": tiny, "refine": {"max_new_tokens": MAX_NEW}, "max_batch_size": 1},
+            "tight": {"model": tiny, "engine": "fast", "refine": {"max_new_tokens": MAX_NEW}, "max_batch_size": 1},
         },
         "models": {
             "diffpo-tiny": {"base": "tiny", "aligner": "jacobi"},

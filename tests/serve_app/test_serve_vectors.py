@@ -38,10 +38,10 @@ def vec_server(ray_local, tiny_dirs, tmp_path_factory):
         "bases": {"tiny": {"engine": "hf", "model": base, "vectors": {"style": paths["two"][1]},
                            "batch_wait_timeout_s": 0.05}},
         "aligners": {
-            "knob": {"model": base, "refine": {"max_new_tokens": MAX_NEW}, "vectors": {"one": paths["one"][1],
-                                                                                       "two": paths["two"][1]},
+            "knob": {"model": base, "engine": "fast", "refine": {"max_new_tokens": MAX_NEW},
+                     "vectors": {"one": paths["one"][1], "two": paths["two"][1]},
                      "knob_bounds": {"min": -1, "max": 2}, "variant_cache_size": 2, "batch_wait_timeout_s": 0.05},
-            "plain": {"model": base, "refine": {"max_new_tokens": MAX_NEW}},
+            "plain": {"model": base, "engine": "fast", "refine": {"max_new_tokens": MAX_NEW}},
         },
         "models": {"diffpo-knob": {"base": "tiny", "aligner": "knob"},
                    "diffpo-plain": {"base": "tiny", "aligner": "plain"},
