@@ -34,7 +34,7 @@ from jobs.common.config import (DataRayCfg, EndpointCfg, HFDraftCfg, ModelCfg, O
                                 StageCfg, VllmDraftCfg, by_engine, expand, load_config)
 from jobs.common.runtime import run_job
 from jobs.common.stages import make_drafter
-from pipeline.decoding.settings import RefineSettings
+from pipeline.decoding.settings import RefineSettings, setting
 from pipeline.models import is_default_model
 from pipeline.training.states import (ROW_SCHEMA, STATES_SCHEMA, TARGETS, DROP_REASONS, column_scores, error_row,
                                       filter_answers, merge_flat, normalize_record, ranked_row, split_of)
@@ -206,12 +206,12 @@ class TrajectoryRefine(RefineSettings):
     own, not a default instance, so that setting one key keeps the others' defaults). Only block_size,
     max_iter, max_new_tokens and reserve_tokens can change: the rest give the published loop's states (the
     whole block every pass, no re-seeding), and the job's `seed` is the seed."""
-    block_size: int = 32
-    max_iter: int = 64
-    reserve_tokens: int = 0
-    window: int | None = None
-    adaptive_window: bool = False
-    reseed: bool = False
+    block_size: int = setting(32, "draft tokens per Jacobi block of a recorded trajectory")
+    max_iter: int = setting(64, "passes per block before the state is accepted as is")
+    reserve_tokens: int = setting(0, "draft tokens held fixed (r); trajectories start from the whole answer")
+    window: int | None = setting(None, "fixed: the whole block every pass (the published loop's states)")
+    adaptive_window: bool = setting(False, "fixed: off")
+    reseed: bool = setting(False, "fixed: off (no re-seeding)")
 
 
 class TrajectoryCfg(StageCfg):
