@@ -129,7 +129,7 @@ class VllmOutputStage(RefineStage):
 # ---- finalize --------------------------------------------------------------------------------------------
 def engine_summary(ok: list[dict]) -> dict:
     """What the engines computed, over the aligned rows: each statistic over the rows whose engine computes it,
-    null when no row's did (so a vllm or ar run has null Jacobi statistics, a fast or reference run a null
+    and absent when no row's did (a vllm or ar run has no Jacobi statistic, a fast or reference run no
     mean_generated_tokens).
 
     mean_passes, tokens_per_pass, converged_fraction: Jacobi passes per row, answer tokens per pass, the fraction
@@ -142,11 +142,12 @@ def engine_summary(ok: list[dict]) -> dict:
     jac = [r for r in ok if r["passes"] is not None]
     gen = [r for r in ok if r["generated_tokens"] is not None]
     passes = sum(r["passes"] for r in jac)
+    jacobi = {"mean_passes": round(passes / len(jac), 2),
+              "tokens_per_pass": round(sum(r["new_tokens"] for r in jac) / max(1, passes), 3),
+              "converged_fraction": round(sum(bool(r["converged"]) for r in jac) / len(jac), 4)} if jac else {}
+    generated = {"mean_generated_tokens": round(sum(r["generated_tokens"] for r in gen) / len(gen), 2)} if gen else {}
     return {
-        "mean_passes": round(passes / len(jac), 2) if jac else None,
-        "tokens_per_pass": round(sum(r["new_tokens"] for r in jac) / max(1, passes), 3) if jac else None,
-        "converged_fraction": round(sum(bool(r["converged"]) for r in jac) / len(jac), 4) if jac else None,
-        "mean_generated_tokens": round(sum(r["generated_tokens"] for r in gen) / len(gen), 2) if gen else None,
+        **jacobi, **generated,
         "mean_refine_s": mean("refine_s"), "mean_draft_s": mean("draft_s"),
         "rows_by_mode": {m: sum(r["mode"] == m for r in ok) for m in sorted({r["mode"] for r in ok})},
     }

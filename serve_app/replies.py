@@ -18,13 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pipeline.config.stages import engine_label  # noqa: F401 (the label is built there, once)
+
 if TYPE_CHECKING:  # the type only: pipeline.decoding.jacobi imports torch
     from pipeline.decoding.jacobi import RefineResult
-
-
-def engine_label(engine: str, in_context: bool) -> str:
-    """The engine as the response names it: ``fast``, ``vllm``, ``ar+in_context`` ..."""
-    return engine + ("+in_context" if in_context else "")
 
 
 # ---- requests --------------------------------------------------------------------------------------------

@@ -140,9 +140,11 @@ def _paths(tp, prefix: str = "") -> list[str]:
 
 
 # ---- 1. keys ---------------------------------------------------------------------------------------------
-def key_problems(tp, tree, prefix: str = "", alts: dict[str, Any] | None = None, tag: str | None = None) -> list[str]:
+def key_problems(tp, tree, prefix: str = "", alts: dict[str, Any] | None = None, tag: str | None = None,
+                 found: list[tuple] | None = None, at: tuple = ()) -> list[str]:
     """Every key of `tree` that `tp` does not have, explained. `alts`: inside a model stage, the other engines'
-    types at the same place (engine -> type), `tag` the stage's engine."""
+    types at the same place (engine -> type), `tag` the stage's engine. `found` collects each such key's path
+    in the tree (for `without`)."""
     kind, x = _unwrap(tp)
     if kind == "engines":
         if not isinstance(tree, dict):
@@ -151,26 +153,39 @@ def key_problems(tp, tree, prefix: str = "", alts: dict[str, Any] | None = None,
         if chosen not in x.variants:
             return [f"{prefix}engine: must be one of {', '.join(x.variants)} (got {chosen!r})"]
         others = {t: v for t, v in x.variants.items() if t != chosen}
-        return key_problems(x.variants[chosen], tree, prefix, others, chosen)
+        return key_problems(x.variants[chosen], tree, prefix, others, chosen, found, at)
     if kind in ("model", "dataclass") and isinstance(tree, dict):
         fields, out = _fields(x), []
-        alt_fields = {t: _fields(a) for t, a in (alts or {}).items() if _unwrap(a)[0] in ("model", "dataclass")}
-        alt_fields = {t: {n: f for n, f in fs.items()} for t, fs in
-                      ((t, _fields(_unwrap(a)[1])) for t, a in (alts or {}).items()
-                       if _unwrap(a)[0] in ("model", "dataclass"))}
+        alt_fields = {t: _fields(_unwrap(a)[1]) for t, a in (alts or {}).items()
+                      if _unwrap(a)[0] in ("model", "dataclass")}
         for key, value in tree.items():
             key = str(key)
             if key in fields:
                 sub_alts = {t: fs[key][0] for t, fs in alt_fields.items() if key in fs}
-                out += key_problems(fields[key][0], value, f"{prefix}{key}.", sub_alts, tag)
+                out += key_problems(fields[key][0], value, f"{prefix}{key}.", sub_alts, tag, found, at + (key,))
             else:
                 out.append(f"{prefix}{key}: {_unknown(x, key, prefix, alt_fields, alts or {}, tag)}")
+                if found is not None:
+                    found.append(at + (key,))
         return out
     if kind == "list" and isinstance(tree, list):
-        return [p for i, v in enumerate(tree) for p in key_problems(x, v, f"{prefix}{i}.")]
+        return [p for i, v in enumerate(tree) for p in key_problems(x, v, f"{prefix}{i}.", found=found, at=at + (i,))]
     if kind == "dict" and isinstance(tree, dict):
-        return [p for k, v in tree.items() for p in key_problems(x, v, f"{prefix}{k}.")]
+        return [p for k, v in tree.items() for p in key_problems(x, v, f"{prefix}{k}.", found=found, at=at + (k,))]
     return []
+
+
+def without(tree, paths: list[tuple]):
+    """A copy of a config tree without the keys at `paths` (so that what is left is still checked)."""
+    import copy
+
+    out = copy.deepcopy(tree)
+    for path in paths:
+        node = out
+        for step in path[:-1]:
+            node = node[step]
+        node.pop(path[-1], None)
+    return out
 
 
 def _unknown(cls, key: str, prefix: str, alt_fields: dict, alts: dict, tag: str | None) -> str:
@@ -263,9 +278,10 @@ def section_problems(node, prefix: str = "") -> list[str]:
 def validate(schema: type[BaseModel], tree: dict, where: str = "") -> BaseModel:
     """The typed config of `tree`, or a ConfigError listing every problem (`where`: e.g. the file, for the last
     line of the error)."""
-    problems = key_problems(schema, tree)
-    try:
-        cfg = schema.model_validate(tree, context={"config_validate": True})
+    unknown: list[tuple] = []
+    problems = key_problems(schema, tree, found=unknown)
+    try:  # the rest is checked as if the keys explained above were not there: every problem in one error
+        cfg = schema.model_validate(without(tree, unknown), context={"config_validate": True})
     except ValidationError as e:
         order = list(schema.model_fields)  # problems in the schema's order of sections, then unknown sections
         problems = sorted(problems + type_problems(schema, e), key=lambda p: order.index(p.split(".")[0].split(":")[0])

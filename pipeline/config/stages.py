@@ -145,8 +145,8 @@ class AlignerKeys(Section):
 
     @property
     def label(self) -> str:
-        """The engine and prompt in one word, as outputs and replies name them: "fast", "vllm+in_context" ..."""
-        return self.engine + ("+in_context" if self.in_context else "")
+        """`engine_label` of this section."""
+        return engine_label(self.engine, self.in_context)
 
 
 class FastAligner(InProcess, AlignerKeys):
@@ -176,3 +176,8 @@ class VllmAligner(OnVllm, AlignerKeys):
 
 
 JACOBI_ENGINES = ("fast", "reference")  # the engines whose results carry Jacobi passes and convergence
+
+
+def engine_label(engine: str, in_context: bool) -> str:
+    """An aligner's engine and prompt in one word, as outputs and responses name them: "fast", "vllm+in_context"."""
+    return engine + ("+in_context" if in_context else "")

@@ -70,7 +70,7 @@ def test_job_handles_formats_bad_rows_and_exports(tmp_path, tiny_dirs, ray_local
     assert (ok["passes"] > 0).all() and (ok["tokens_per_pass"] >= 1.0).all()
     assert ok["converged"].notna().all() and ok["generated_tokens"].isna().all(), "a Jacobi engine: its statistics"
     assert s["mean_passes"] > 0 and s["tokens_per_pass"] >= 1.0 and s["converged_fraction"] is not None
-    assert s["mean_generated_tokens"] is None and s["rows_by_mode"] == {"fast": len(ok)}
+    assert "mean_generated_tokens" not in s and s["rows_by_mode"] == {"fast": len(ok)}
     fc = [json.loads(x) for x in open(out / "fastchat_answers.jsonl")]
     assert {r["question_id"] for r in fc} >= {1, 2} and all(r["choices"][0]["turns"] for r in fc)
     ae = json.loads((out / "alpaca_eval_outputs.json").read_text())
@@ -263,7 +263,7 @@ def test_output_rows_and_summary_hold_only_what_the_engine_computed(tmp_path):
     parts.mkdir()
     pq.write_table(out, parts / "p0.parquet")
     s, ok = finalize(cfg, tmp_path, parts, rows_in=3, started=0.0, processed=3)
-    assert s["mean_passes"] is None and s["tokens_per_pass"] is None and s["converged_fraction"] is None
+    assert not {"mean_passes", "tokens_per_pass", "converged_fraction"} & set(s), "no Jacobi statistic on vLLM"
     assert s["mean_generated_tokens"] == 4.5 and s["mean_refine_s"] == pytest.approx(0.3)
     assert s["rows_out"] == 2 and s["error_rows"] == 1 and s["mode"] == "vllm" and s["rows_by_mode"] == {"vllm": 2}
     assert json.loads((tmp_path / "summary.json").read_text()) == s
@@ -272,4 +272,4 @@ def test_output_rows_and_summary_hold_only_what_the_engine_computed(tmp_path):
     # ... and of a fast run: the Jacobi statistics, no generated tokens
     s = engine_summary([jac, dict(jac, id="6", passes=4, new_tokens=5, converged=False)])
     assert s["mean_passes"] == 3.0 and s["tokens_per_pass"] == round(8 / 6, 3) and s["converged_fraction"] == 0.5
-    assert s["mean_generated_tokens"] is None and s["rows_by_mode"] == {"fast": 2}
+    assert "mean_generated_tokens" not in s and s["rows_by_mode"] == {"fast": 2}
