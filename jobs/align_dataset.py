@@ -29,6 +29,7 @@ from jobs.common.data import InputCfg
 from jobs.common.runtime import run_job
 from jobs.common.stages import DraftStage, load_aligner, make_refiner, refine_turns
 from pipeline.config.stages import JACOBI_ENGINES
+from pipeline.decoding.draft_prefix import needs_full_draft
 from pipeline.records import META, MESSAGE, ROW_SCHEMA, error_row, normalize
 
 
@@ -53,18 +54,22 @@ class AlignDatasetConfig(BaseModel):
 
 
 # ---- rows ------------------------------------------------------------------------------------------------
-DRAFTED_SCHEMA = ROW_SCHEMA.append(pa.field("draft_s", pa.float64()))
+DRAFTED_SCHEMA = pa.schema(list(ROW_SCHEMA) + [pa.field("draft_s", pa.float64()), pa.field("draft_prefix", pa.bool_()),
+                                                pa.field("draft_tokens", pa.int64())])
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("draft", pa.string()), ("aligned", pa.string()),
     ("turns", pa.list_(pa.string())), ("draft_turns", pa.list_(pa.string())),
     ("aligned_turns", pa.list_(pa.string())), ("history", pa.list_(MESSAGE)), ("meta", META),
     ("mode", pa.string()), ("passes", pa.int64()), ("new_tokens", pa.int64()), ("tokens_per_pass", pa.float64()),
     ("tokens_computed", pa.int64()), ("converged", pa.bool_()), ("generated_tokens", pa.int64()), ("stop", pa.string()),
-    ("draft_s", pa.float64()), ("refine_s", pa.float64()), ("error", pa.string())])
+    ("draft_s", pa.float64()), ("refine_s", pa.float64()), ("draft_prefix", pa.bool_()), ("draft_tokens", pa.int64()),
+    ("error", pa.string())])
 # What each engine tells about a row, and nothing else: the Jacobi engines (fast, reference) fill passes,
 # tokens_per_pass and converged, and leave generated_tokens null; the greedy-continuation engines (ar, vllm) run no
 # Jacobi iteration, so those three are null and generated_tokens (tokens the engine generated, stop tokens
-# included, summed over turns) is set. new_tokens, tokens_computed, stop and refine_s: every engine.
+# included, summed over turns) is set. new_tokens, tokens_computed, stop and refine_s: every engine. draft_tokens: the
+# base tokens drafted for the row (0 for given drafts); draft_prefix: its last turn's draft is only the prefix the
+# aligned answer depends on (base.drafts=as_needed before an aligner on vllm or ar, docs/decoding.md).
 
 
 def mode_name(a: AlignerCfg) -> str:
@@ -110,7 +115,8 @@ class RefineStage(data.RowStage):
                 "tokens_computed": sum(x.tokens_computed for x in res),
                 "converged": (bool(res) and all(x.converged for x in res)) if jacobi else None,
                 "generated_tokens": None if jacobi else sum(x.generated_tokens or 0 for x in res),
-                "stop": ",".join(x.stop for x in res),
+                "stop": ",".join(x.stop for x in res), "draft_prefix": bool(r.get("draft_prefix")),
+                "draft_tokens": r.get("draft_tokens") or 0,
                 "draft_s": r.get("draft_s") or 0.0, "refine_s": per_turn_s * len(res), "error": r.get("error")}
 
 
@@ -148,7 +154,7 @@ def engine_summary(ok: list[dict]) -> dict:
     generated = {"mean_generated_tokens": round(sum(r["generated_tokens"] for r in gen) / len(gen), 2)} if gen else {}
     return {
         **jacobi, **generated,
-        "mean_refine_s": mean("refine_s"), "mean_draft_s": mean("draft_s"),
+        "mean_refine_s": mean("refine_s"), "mean_draft_s": mean("draft_s"), "mean_draft_tokens": mean("draft_tokens"),
         "rows_by_mode": {m: sum(r["mode"] == m for r in ok) for m in sorted({r["mode"] for r in ok})},
     }
 
@@ -178,6 +184,47 @@ def finalize(cfg: AlignDatasetConfig, out: Path, parts: Path, rows_in: int, star
 
 
 # ---- main ------------------------------------------------------------------------------------------------
+def prefix_aligner(cfg: AlignDatasetConfig):
+    """The aligner section to draft prefixes for (`base.drafts=as_needed`, a vLLM base whose seeded samples are
+    the same whatever their length cap, an aligner that reads only the draft's first r tokens), or None."""
+    a = cfg.aligner
+    if cfg.base.drafts != "as_needed" or cfg.base.engine != "vllm" or needs_full_draft(a.engine, a.in_context):
+        return None
+    return a
+
+
+def run_stages(cfg: AlignDatasetConfig, todo: pa.Table, parts: Path, prefix_for) -> None:
+    """draft (rows without drafts) -> refine -> write the parts, for the rows of `todo`."""
+    needs_drafts = any(d is None and not e for d, e in zip(todo.column("drafts").to_pylist(),
+                                                           todo.column("error").to_pylist()))
+    turns = vllm_stages.max_turns(todo)
+    data.preflight({"base": cfg.base, "aligner": cfg.aligner} if needs_drafts else {"aligner": cfg.aligner}, turns)
+    rows = todo.append_column("draft_s", pa.array([0.0] * todo.num_rows))
+    rows = rows.append_column("draft_prefix", pa.array([False] * todo.num_rows))
+    ds = data.blocks(rows.append_column("draft_tokens", pa.array([0] * todo.num_rows, pa.int64())),
+                     cfg.output.rows_per_file)
+    if needs_drafts and cfg.base.engine == "vllm":
+        ds = vllm_stages.draft(ds, cfg.base, turns, DRAFTED_SCHEMA, prefix_for=prefix_for)
+    elif needs_drafts:
+        ds = data.map_stage(ds, DraftStage, cfg.base, base=cfg.base, schema=DRAFTED_SCHEMA,
+                            threads=cfg.ray.torch_threads)
+    if cfg.aligner.engine == "vllm":
+        ds = vllm_stages.refine(ds, cfg.aligner, turns, DRAFTED_SCHEMA)
+        ds = ds.map_batches(lambda b: VllmOutputStage(cfg.aligner)(b), batch_format="pyarrow",
+                            num_cpus=vllm_stages.REQUEST_CPUS)
+    else:
+        ds = data.map_stage(ds, RefineStage, cfg.aligner, aligner=cfg.aligner, threads=cfg.ray.torch_threads)
+    if prefix_for is not None:  # unwritten, so that the second pass drafts them in full
+        ds = ds.map_batches(_settled_only, batch_format="pyarrow", num_cpus=vllm_stages.REQUEST_CPUS)
+    data.write_parts(ds, parts)
+
+
+def _settled_only(batch: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.invert(pc.fill_null(pc.equal(batch.column("error"), vllm_stages.PREFIX_REDO), False)))
+
+
 def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     cfg = load_config(AlignDatasetConfig, "conf/align_dataset.yaml", argv)
@@ -198,26 +245,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[align_dataset] {rows.num_rows} input rows, {rows.num_rows - todo.num_rows} already done in {parts}, "
           f"{todo.num_rows} to do", flush=True)
 
+    processed, prefix_for = todo.num_rows, prefix_aligner(cfg)
     if todo.num_rows:
-        needs_drafts = any(d is None and not e for d, e in zip(todo.column("drafts").to_pylist(),
-                                                               todo.column("error").to_pylist()))
-        turns = vllm_stages.max_turns(todo)
-        data.preflight({"base": cfg.base, "aligner": cfg.aligner} if needs_drafts else {"aligner": cfg.aligner}, turns)
-        ds = data.blocks(todo.append_column("draft_s", pa.array([0.0] * todo.num_rows)), cfg.output.rows_per_file)
-        if needs_drafts and cfg.base.engine == "vllm":
-            ds = vllm_stages.draft(ds, cfg.base, turns, DRAFTED_SCHEMA)
-        elif needs_drafts:
-            ds = data.map_stage(ds, DraftStage, cfg.base, base=cfg.base, schema=DRAFTED_SCHEMA,
-                                threads=cfg.ray.torch_threads)
-        if cfg.aligner.engine == "vllm":
-            ds = vllm_stages.refine(ds, cfg.aligner, turns, DRAFTED_SCHEMA)
-            ds = ds.map_batches(lambda b: VllmOutputStage(cfg.aligner)(b), batch_format="pyarrow",
-                                num_cpus=vllm_stages.REQUEST_CPUS)
-        else:
-            ds = data.map_stage(ds, RefineStage, cfg.aligner, aligner=cfg.aligner, threads=cfg.ray.torch_threads)
-        data.write_parts(ds, parts)
+        run_stages(cfg, todo, parts, prefix_for)
+    if prefix_for is not None:  # rows whose drafted prefix did not settle were left unwritten: draft them in full
+        again = data.not_done(rows, data.done_ids(parts))
+        if again.num_rows:
+            print(f"[align_dataset] {again.num_rows} row(s) whose draft prefix did not decide the answer: "
+                  "drafting them in full", flush=True)
+            run_stages(cfg, again, parts, None)
 
-    summary, ok = finalize(cfg, out, parts, rows.num_rows, started, todo.num_rows)
+    summary, ok = finalize(cfg, out, parts, rows.num_rows, started, processed)
     print("[align_dataset] summary:\n" + json.dumps(summary, indent=2), flush=True)
     for r in ok[:cfg.show_samples]:
         print(f"\n--- id {r['id']} ---\nPROMPT : {r['prompt'][:200]}\nDRAFT  : {r['draft'][:300]}\n"

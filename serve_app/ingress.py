@@ -31,10 +31,12 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.decoding.draft_prefix import needs_full_draft, prefix_goal
+
 from .config import AppArgs
 from .protocol import (ApiError, BadRequest, UpstreamError, chat_completion, completion_id, conversation_key,
                        error_body, parse_chat_request, sse_chunks)
-from .replies import Draft, DraftRequest, Refined, RefineRequest, diffpo_extra, response_usage
+from .replies import Draft, DraftPrefix, DraftRequest, Refined, RefineRequest, diffpo_extra, response_usage
 from .streaming import Relay, live_chunks
 
 log = logging.getLogger("ray.serve")
@@ -222,6 +224,18 @@ class Ingress:
         others = sorted(m for m, r in self.args.models.items() if name in self.args.knob_owners(r))
         return why + (f"; models that serve {name!r}: {others}" if others else "")
 
+    def _prefix(self, route, key: str) -> DraftPrefix | None:
+        """What the base drafts for an aligner that reads only the draft's first r tokens (`base.drafts:
+        as_needed`, a vLLM base, an aligner on vllm or ar without the draft in context): the prefix that decides
+        them (tokens 0: none at all), or None for the whole draft."""
+        base = self.args.bases[route.base]
+        if route.aligner is None or base.engine != "vllm" or base.drafts != "as_needed":
+            return None
+        al = self.args.aligners[route.aligner]
+        if needs_full_draft(al.engine, al.in_context):
+            return None
+        return DraftPrefix(al.model, al.trust_remote_code, prefix_goal(key, al.refine).tokens)
+
     async def _complete(self, req, route, messages, key, max_tokens, deadline, knobs=None, relay=None):
         knobs = knobs or {"base": {}, "aligner": {}}
         sampling = self.args.bases[route.base].sampling  # the base's defaults, the same as in the batch jobs
@@ -236,13 +250,16 @@ class Ingress:
                 raise ApiError(400, f"alignment knobs {sorted(knobs['base'])} are the base model's, which a request "
                                     "with a prediction skips", param="alignment", code="invalid_alignment")
             draft_text = prediction
+        elif (prefix := self._prefix(route, key)) is not None and prefix.tokens == 0:
+            draft = Draft("", 0, None, "stop", 0.0, batch_size=0, prefix=True)  # r = 0: the answer reads no draft
+            draft_text = ""
         else:  # on a bare base a prediction never changes the answer: the base only counts it
             live = relay if route.aligner is None else None  # a bare base on vLLM streams its own tokens
             base = self.bases[route.base]
             draft = await self._call(base.draft if live is None else base.draft_stream,
                                      DraftRequest(messages, draft_cap, temperature, top_p, key,
                                                   concurrent=self.inflight > 1, prediction=prediction,
-                                                  alignment=knobs["base"] or None), deadline,
+                                                  alignment=knobs["base"] or None, prefix=prefix), deadline,
                                      f"base model {route.base!r}", live)
             draft_text = draft.text
         ref: Refined | None = None
@@ -250,7 +267,8 @@ class Ingress:
             aligner = self.aligners[route.aligner]
             ref = await self._call(aligner.refine if relay is None else aligner.refine_stream,
                                    RefineRequest(messages, draft_text, max_tokens, key, concurrent=self.inflight > 1,
-                                                 prediction=prediction, alignment=knobs["aligner"] or None),
+                                                 prediction=prediction, alignment=knobs["aligner"] or None,
+                                                 count_prompt=draft is not None and draft.batch_size == 0),
                                    deadline, f"aligner {route.aligner!r}", relay)
         extra = diffpo_extra(route.base, route.aligner, draft, draft_text, ref)
         result = ref if ref is not None else draft

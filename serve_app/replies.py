@@ -25,6 +25,16 @@ if TYPE_CHECKING:  # the type only: pipeline.decoding.jacobi imports torch
 
 
 # ---- requests --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DraftPrefix:
+    """Draft only a prefix: as much as decides the first r tokens of this aligner's answer
+    (`pipeline.decoding.draft_prefix`)."""
+
+    model: str  # the aligner's model (its tokenizer reads the prefix)
+    trust_remote_code: bool
+    tokens: int  # aligner tokens the prefix must reach (r + margin)
+
+
 @dataclass
 class DraftRequest:
     """What a base drafts (or, on a bare route, answers)."""
@@ -37,6 +47,7 @@ class DraftRequest:
     concurrent: bool = False  # the ingress is serving other requests too (opens the batch window)
     prediction: str | None = None  # OpenAI Predicted Outputs text: counted against the answer, never used
     alignment: dict | tuple | None = None  # the base's alignment knobs ({name: λ}; normalized by the base)
+    prefix: DraftPrefix | None = None  # draft only what the aligner's answer depends on (vLLM bases)
 
 
 @dataclass
@@ -50,6 +61,7 @@ class RefineRequest:
     concurrent: bool = False
     prediction: str | None = None  # the client's prediction (then also the draft): counted against the answer
     alignment: dict | None = None  # the aligner's alignment knobs
+    count_prompt: bool = False  # report the conversation's prompt tokens (no base ran to count them)
 
 
 # ---- replies ---------------------------------------------------------------------------------------------
@@ -66,6 +78,7 @@ class Draft:
     first_token_ms: float | None = None  # time to the first token (vLLM bases)
     prediction_tokens: dict | None = None  # {accepted, rejected}, with a prediction (where the base counts it)
     alignment: dict | None = None  # the knob variant that drafted it (cache outcome, switch time)
+    prefix: bool = False  # only the start of a draft: as much as the aligner's answer depends on
 
 
 @dataclass
@@ -115,14 +128,15 @@ def diffpo_extra(base: str, aligner: str | None, draft: Draft | None, draft_text
     engine (``vllm``, ``fast+in_context`` ...); ``mode`` is its old name, kept for clients that read it.
     ``iterations`` / ``tokens_per_pass`` / ``converged`` are null unless a Jacobi engine refined the answer,
     ``generated_tokens`` unless a greedy-continuation engine (vllm, ar) did."""
-    extra = {"base": base, "aligner": aligner, "draft_source": "prediction" if draft is None else "base",
+    source = "prediction" if draft is None else "none" if draft.batch_size == 0 else "base"
+    extra = {"base": base, "aligner": aligner, "draft_source": source,
              "draft_ms": 0.0 if draft is None else round(draft.draft_ms, 1)}
     if draft is not None and draft.alignment:
         extra.setdefault("alignment", {})["base"] = draft.alignment
     if refined is not None:
         if refined.alignment:
             extra.setdefault("alignment", {})["aligner"] = refined.alignment
-        extra.update(draft=draft_text, iterations=refined.iterations, tokens_per_pass=refined.tokens_per_pass,
+        extra.update(draft=draft_text, draft_prefix=draft is not None and draft.prefix, iterations=refined.iterations, tokens_per_pass=refined.tokens_per_pass,
                      converged=refined.converged, generated_tokens=refined.generated_tokens,
                      refine_ms=round(refined.refine_ms, 1), engine=refined.label, mode=refined.label,
                      refine_batch_size=refined.batch_size)

@@ -21,14 +21,17 @@ in-process deployments (serve_app/aligner.py, bases.py).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from ray import serve
 
 from pipeline.decoding.continuation import AlignerPrompts, RefineRequest as RowRequest, continuation, finish
+from pipeline.decoding.draft_prefix import PrefixGoal, base_budget, settles, tokens_ratio
 from pipeline.decoding.drafting import draft_seed
 from pipeline.decoding.jacobi import first_stop
 from pipeline.decoding.prediction import prediction_tokens, prediction_usage
@@ -59,6 +62,11 @@ def llm_server(deployment: str, model: str, args: EngineArgs):
                        runtime_env={"env_vars": e.env} if e.env else None,
                        deployment_config=dict(args.deployment_config))
     return build_llm_deployment(config, override_serve_options={"name": deployment})
+
+
+@functools.lru_cache(maxsize=4)
+def _model_text(spec: str, trust_remote_code: bool):
+    return load_model_text(spec, trust_remote_code)
 
 
 class Completions:
@@ -128,7 +136,20 @@ class VLLMBase:
         self.metrics = DraftMetrics(name)
 
     async def draft(self, req: DraftRequest) -> Draft:
-        return await _result(self._draft(req, incremental=False))
+        """The draft, or with `req.prefix` only its start, as far as the aligner's answer depends on it: a budget
+        from the two tokenizers, then the whole draft (`req.max_tokens`) if that prefix did not settle. Seeded
+        sampling gives the same first tokens whatever the cap, so the prefix is the start of the whole draft."""
+        if req.prefix is None:
+            return await _result(self._draft(req, incremental=False))
+        p = req.prefix
+        aligner = _model_text(p.model, p.trust_remote_code).tokenizer
+        goal = PrefixGoal(0, p.tokens)
+        budget = base_budget(goal, tokens_ratio(self.text.tokenizer, aligner), req.max_tokens)
+        out = await _result(self._draft(replace(req, max_tokens=budget, prefix=None), incremental=False))
+        whole = out.finish_reason != "length" or budget >= req.max_tokens
+        if settles(aligner, out.text, goal, whole):
+            return replace(out, prefix=not whole)
+        return await _result(self._draft(replace(req, prefix=None), incremental=False))
 
     async def draft_stream(self, req: DraftRequest):
         """`{"delta": text}` events as the engine emits the answer's tokens (a bare base route streaming), then
@@ -251,6 +272,8 @@ class VLLMAligner:
                       first_token_ms=round(first_ms or ms, 1), **engine_stats(res),
                       **prediction_usage(self.text.tokenizer, req.messages, req.prediction, req.draft,
                                          item.draft_ids, res.token_ids))
+        if req.count_prompt and out.prompt_tokens is None:
+            out.prompt_tokens = len(chat_prompt_ids(self.text.tokenizer, req.messages))
         self.metrics.record("ok", out)
         yield {"result": out}
 

@@ -101,6 +101,7 @@ class DraftStage(RowStage):
                 else:
                     answers[id(r)].append(o[0])
                     r["draft_s"] += o[2]
+                    r["draft_tokens"] = (r.get("draft_tokens") or 0) + o[1]
             turn += 1
             todo = [r for r in todo if not r.get("error") and turn < len(r["turns"])]
         for r in rows:

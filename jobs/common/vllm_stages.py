@@ -40,7 +40,11 @@ RESULT = pa.struct([("token_ids", pa.list_(pa.int64())), ("text", pa.string()), 
 SAMPLING = pa.struct([("max_tokens", pa.int64()), ("temperature", pa.float64()), ("top_p", pa.float64()),
                       ("seed", pa.int64()), ("stop_token_ids", pa.list_(pa.int64())), ("detokenize", pa.bool_())])
 REQUEST_COLUMNS = [pa.field("tokenized_prompt", pa.list_(pa.int64())), pa.field("sampling_params", SAMPLING),
-                   pa.field("_reserved", pa.int64()), pa.field("_cap", pa.int64()), pa.field("_skip", pa.bool_())]
+                   pa.field("_reserved", pa.int64()), pa.field("_cap", pa.int64()), pa.field("_skip", pa.bool_()),
+                   pa.field("_goal", pa.int64())]
+# the error of a row whose drafted prefix did not decide the aligner's first r tokens: the job leaves it unwritten
+# and drafts it again in full (`draft(prefix_for=...)`)
+PREFIX_REDO = "draft prefix did not settle"
 
 
 # ---- engine resources and model folders ---------------------------------------------------------------------
@@ -107,11 +111,11 @@ def _map(ds, fn, **kwargs):
 def _without_engine_columns(table: pa.Table, schema: pa.Schema) -> list[dict]:
     return table.select([c for c in table.column_names if c in schema.names or c in
                          ("generated_tokens", "time_taken_llm", "__inference_error__", "_reserved", "_cap", "_skip",
-                          "prompt_token_ids")]).to_pylist()
+                          "_goal", "prompt_token_ids")]).to_pylist()
 
 
 def _placeholder(stop_id: int) -> dict:
-    return {"tokenized_prompt": [stop_id], "_reserved": 0, "_cap": 1, "_skip": True,
+    return {"tokenized_prompt": [stop_id], "_reserved": 0, "_cap": 1, "_skip": True, "_goal": -1,
             "sampling_params": {"max_tokens": 1, "temperature": 0.0, "top_p": 1.0, "seed": 0,
                                 "stop_token_ids": [], "detokenize": False}}
 
@@ -121,7 +125,19 @@ def _error(stage: str, why: str) -> str:
 
 
 # ---- the base model drafts ------------------------------------------------------------------------------------
-def _draft_requests(batch: pa.Table, base: DraftCfg, turn: int, schema: pa.Schema) -> pa.Table:
+@functools.lru_cache(maxsize=4)
+def _ratio(base: str, base_trust: bool, aligner: str, aligner_trust: bool) -> float:
+    from pipeline.decoding.draft_prefix import tokens_ratio
+
+    return tokens_ratio(_text(base, base_trust).tokenizer, _text(aligner, aligner_trust).tokenizer)
+
+
+def _turn_key(row: dict, turn: int) -> str:
+    return str(row["id"]) if turn == 0 else f"{row['id']}#{turn}"  # how the aligner keys a row's turns
+
+
+def _draft_requests(batch: pa.Table, base: DraftCfg, turn: int, schema: pa.Schema, prefix_for=None) -> pa.Table:
+    from pipeline.decoding.draft_prefix import base_budget, prefix_goal
     from pipeline.decoding.drafting import draft_seed
     from pipeline.prompts import chat_prompt_ids
     from pipeline.records import conversation
@@ -143,40 +159,74 @@ def _draft_requests(batch: pa.Table, base: DraftCfg, turn: int, schema: pa.Schem
         if why:
             out.append({**r, **_placeholder(text.stop_ids[0]), "error": _error("draft stage", why)})
             continue
-        params = {"max_tokens": s.max_new_tokens, "temperature": s.temperature if s.do_sample else 0.0,
+        cap, goal = s.max_new_tokens, -1
+        if prefix_for is not None and turn == len(r["turns"]) - 1:  # earlier turns' drafts are in later prompts
+            g = prefix_goal(_turn_key(r, turn), prefix_for.refine)
+            if g.skip:  # r = 0: the answer reads none of the draft
+                out.append({**r, **_placeholder(text.stop_ids[0]), "_goal": 0})
+                continue
+            goal = g.tokens
+            cap = base_budget(g, _ratio(base.model, base.trust_remote_code, prefix_for.model,
+                                        prefix_for.trust_remote_code), s.max_new_tokens)
+        params = {"max_tokens": cap, "temperature": s.temperature if s.do_sample else 0.0,
                   "top_p": s.top_p if s.do_sample else 1.0, "seed": draft_seed(s.seed, f"{r['id']}#{turn}"),
                   "stop_token_ids": list(text.stop_ids), "detokenize": False}
         out.append({**r, "tokenized_prompt": ids, "sampling_params": params, "_reserved": 0,
-                    "_cap": s.max_new_tokens, "_skip": False})
+                    "_cap": cap, "_skip": False, "_goal": goal})
     return pa.Table.from_pylist(out, schema=pa.schema(list(schema) + REQUEST_COLUMNS))
 
 
-def _collect_drafts(batch: pa.Table, base: DraftCfg, turn: int, schema: pa.Schema, last: bool) -> pa.Table:
+def _collect_drafts(batch: pa.Table, base: DraftCfg, turn: int, schema: pa.Schema, last: bool,
+                    prefix_for=None) -> pa.Table:
+    from pipeline.decoding.draft_prefix import PrefixGoal, settles
+
     text = _text(base.model, base.trust_remote_code)
     out = []
     for r in _without_engine_columns(batch, schema):
-        if not r["_skip"]:
+        goal = r.get("_goal")
+        goal = -1 if goal is None else goal
+        if goal == 0:  # a prefix of nothing: this turn's answer reads no draft token
+            r["_answers"] = (r.get("_answers") or []) + [""]
+            r["draft_prefix"] = True
+        elif not r["_skip"]:
             if r.get("__inference_error__"):
                 r["error"] = _error("draft stage", f"vLLM: {r['__inference_error__']}")
             else:
-                r["_answers"] = (r.get("_answers") or []) + [text.answer_text(r["generated_tokens"] or [])]
+                generated = list(r["generated_tokens"] or [])
+                answer = text.answer_text(generated)
+                r["_answers"] = (r.get("_answers") or []) + [answer]
                 r["draft_s"] = (r.get("draft_s") or 0.0) + max(0.0, r["time_taken_llm"] or 0.0)
+                r["draft_tokens"] = (r.get("draft_tokens") or 0) + len(generated)
+                if goal > 0:
+                    whole = (len(generated) < r["_cap"] or any(t in text.stop_ids for t in generated)
+                             or r["_cap"] >= base.sampling.max_new_tokens)
+                    al = _text(prefix_for.model, prefix_for.trust_remote_code).tokenizer
+                    r["draft_prefix"] = not whole
+                    if not settles(al, answer, PrefixGoal(0, goal), whole):
+                        r["error"] = PREFIX_REDO
         if last and r["drafts"] is None and not r.get("error"):
             r["drafts"] = r.get("_answers") or []
         out.append(r)
     return pa.Table.from_pylist(out, schema=schema)
 
 
-def draft(ds, base: DraftCfg, turns: int, schema: pa.Schema):
+def draft(ds, base: DraftCfg, turns: int, schema: pa.Schema, prefix_for=None):
     """Drafts for the rows without drafts (`drafts` is null), turn by turn, on vLLM engines. `schema`: the rows'
-    schema (it must hold `draft_s`); the rows come out with the same schema and `drafts` filled in."""
+    schema (it must hold `draft_s`); the rows come out with the same schema and `drafts` filled in.
+
+    `prefix_for` (an aligner section whose answer reads only the draft's first r tokens,
+    `draft_prefix.needs_full_draft`): a row's last turn is drafted only as far as that aligner's answer depends
+    on it (nothing where r = 0), the earlier turns in full (later prompts hold them); a `draft_prefix` column in
+    `schema` says which drafts are prefixes. A prefix that did not settle gets the error `PREFIX_REDO`: the job
+    leaves the row unwritten and drafts it again in full."""
     work = schema.append(pa.field("_answers", pa.list_(pa.string())))
     ds = _map(ds, _add_columns, fields=[work.field("_answers")])
     model = model_folder(base)
     for turn in range(turns):
-        ds = _map(ds, _draft_requests, base=base, turn=turn, schema=work)
+        ds = _map(ds, _draft_requests, base=base, turn=turn, schema=work, prefix_for=prefix_for)
         ds = processor(base, model, f"draft turn {turn}")(ds)
-        ds = _map(ds, _collect_drafts, base=base, turn=turn, schema=work, last=turn == turns - 1)
+        ds = _map(ds, _collect_drafts, base=base, turn=turn, schema=work, last=turn == turns - 1,
+                  prefix_for=prefix_for)
     return _map(ds, _select, schema=schema)
 
 

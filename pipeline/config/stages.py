@@ -100,6 +100,11 @@ class EndpointKeys(Section):
 # ---- the base model -----------------------------------------------------------------------------------------
 class Drafts(Section):
     sampling: SamplingParams = Field(default_factory=SamplingParams)
+    drafts: Literal["as_needed", "full"] = Field(
+        "as_needed", description="as_needed: before an aligner that reads only the draft's first r tokens (engine "
+                                 "vllm or ar, in_context false) the base writes just enough for them, and nothing "
+                                 "where r = 0 (vLLM bases; the answer is the same) | full: always the whole draft "
+                                 "(e.g. to keep the drafts)")
 
 
 class HFBase(InProcess, Drafts):

@@ -16,14 +16,12 @@ returns what `generate(do_sample=False)` would; the draft only changes how many 
 """
 from __future__ import annotations
 
-import hashlib
-import random
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.decoding.settings import RefineSettings
+from pipeline.decoding.settings import RefineSettings, reserve_count, reserve_draw  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -73,14 +71,6 @@ class RefineResult:
         if self.passes is None:
             return None
         return self.new_tokens / self.passes if self.passes else 0.0
-
-
-def reserve_count(key: str, seed: int, reserve_tokens: int, draft_len: int) -> int:
-    """r ~ U{0..reserve_tokens}, deterministic in (seed, row key), never longer than the draft."""
-    if reserve_tokens <= 0:
-        return 0
-    h = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return min(random.Random(h).randint(0, reserve_tokens), draft_len)
 
 
 def first_stop(tokens: list[int], stop_ids) -> int | None:

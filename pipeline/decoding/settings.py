@@ -13,6 +13,8 @@ keys its engine uses:
 """
 from __future__ import annotations
 
+import hashlib
+import random
 from dataclasses import asdict, dataclass, field
 
 
@@ -47,6 +49,19 @@ class AnswerSettings:
     def full(self) -> "RefineSettings":
         """These settings as the engines' type, the keys this layer lacks at their defaults."""
         return RefineSettings(**asdict(self))
+
+
+def reserve_draw(key: str, seed: int, reserve_tokens: int) -> int:
+    """r ~ U{0..reserve_tokens}, deterministic in (seed, row key): known before any draft exists."""
+    if reserve_tokens <= 0:
+        return 0
+    h = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return random.Random(h).randint(0, reserve_tokens)
+
+
+def reserve_count(key: str, seed: int, reserve_tokens: int, draft_len: int) -> int:
+    """The reserved draft tokens of a row: its draw r, never more than the draft has."""
+    return min(reserve_draw(key, seed, reserve_tokens), draft_len)
 
 
 @dataclass

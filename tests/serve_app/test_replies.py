@@ -29,7 +29,7 @@ def refined(engine="fast", **kw) -> Refined:
 
 def test_a_vllm_reply_has_null_jacobi_stats_and_its_own_count():
     extra = diffpo_extra("tiny", "aligner", draft(), "Blue.", refined("vllm"))
-    assert ALIGNER_KEYS | {"engine", "generated_tokens"} == set(extra)
+    assert ALIGNER_KEYS | {"engine", "generated_tokens", "draft_prefix"} == set(extra)
     assert extra["iterations"] is None and extra["tokens_per_pass"] is None and extra["converged"] is None
     assert extra["generated_tokens"] == 13
     assert extra["engine"] == extra["mode"] == "vllm"

@@ -31,10 +31,12 @@ def server(ray_local, vllm_tiny):
     port = free_port()
     tiny = str(vllm_tiny)
     args = AppArgs(**{
-        "bases": {"tiny": {"engine": "vllm", "model": tiny, **ENGINE}},
+        "bases": {"tiny": {"engine": "vllm", "model": tiny, **ENGINE},
+                  "tiny-full": {"engine": "vllm", "model": tiny, "drafts": "full", **ENGINE}},  # the same server
         "aligners": {"aligner": {"engine": "vllm", "model": tiny, "refine": {"max_new_tokens": MAX_NEW}, **ENGINE},
                      "tight": {"engine": "vllm", "model": tiny, "refine": {"max_new_tokens": MAX_NEW}, **ENGINE}},
         "models": {"diffpo-vllm": {"base": "tiny", "aligner": "aligner"}, "tiny": {"base": "tiny"},
+                   "diffpo-full": {"base": "tiny-full", "aligner": "aligner"},
                    "diffpo-tight": {"base": "tiny", "aligner": "tight"}},
         "max_tokens_cap": MAX_NEW, "default_max_tokens": 16, "request_timeout_s": 45,  # under the proxy's 60 s
         "api_key_env": TEST_API_KEY_ENV,
@@ -42,7 +44,8 @@ def server(ray_local, vllm_tiny):
     })
     light = {"ray_actor_options": {"num_cpus": 0.05}}
     tight = {"ray_actor_options": {"num_cpus": 0.05}, "max_ongoing_requests": 1, "max_queued_requests": 1}
-    url = run_serve_app(build_graph(args, {"Ingress": light, "base-tiny": light, "aligner-aligner": light,
+    url = run_serve_app(build_graph(args, {"Ingress": light, "base-tiny": light, "base-tiny-full": light,
+                                           "aligner-aligner": light,
                                            "aligner-tight": tight}), "diffpo", port)
     deadline = time.time() + 600  # the ingress answers first; the engines take a minute or two to start
     while serve.status().applications["diffpo"].status != "RUNNING":
@@ -73,9 +76,10 @@ def client(server):
 
 def test_vllm_graph_answers_what_the_jacobi_engine_computes(server, expected):
     c = client(server)
-    r = c.chat.completions.create(model="diffpo-vllm", messages=MSGS, max_tokens=40)
+    r = c.chat.completions.create(model="diffpo-full", messages=MSGS, max_tokens=40)  # base.drafts: full
     extra = r.model_extra["diffpo"]
     assert extra["mode"] == "vllm" and extra["draft_source"] == "base" and extra["draft"]
+    assert extra["draft_prefix"] is False
     assert extra["engine"] == extra["mode"], "`mode` is the old name of `engine`"
     # no Jacobi iteration ran: no Jacobi statistics, the tokens vLLM generated instead (at most the cap, and with
     # the r <= 12 reserved draft tokens they make up the answer)
@@ -87,6 +91,35 @@ def test_vllm_graph_answers_what_the_jacobi_engine_computes(server, expected):
     # the bare base: the same sampling seed for the same conversation, so the same draft
     bare = c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=40)
     assert bare.choices[0].message.content == extra["draft"]
+
+    # the default (base.drafts: as_needed): the base writes only the prefix the answer depends on, same answer
+    p = c.chat.completions.create(model="diffpo-vllm", messages=MSGS, max_tokens=40)
+    assert p.choices[0].message.content == r.choices[0].message.content
+    assert p.choices[0].message.content == expected(MSGS, p.model_extra["diffpo"]["draft"], 40)
+    assert len(p.model_extra["diffpo"]["draft"]) <= len(extra["draft"])
+
+
+def test_prefix_drafts_over_http_give_the_answers_of_full_drafts(server):
+    """Held-out AlpacaEval instructions (real data), sampled drafts (the base's default temperature, a seed per
+    conversation): the route whose base drafts only the prefix answers what the full-draft route answers."""
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[3] / "shared" / "data" / "alpaca_eval" / "eval_set.jsonl"
+    if not data.exists():
+        pytest.skip(f"needs the AlpacaEval data at {data} (../shared/data, see its README)")
+    prompts = [json.loads(x)["instruction"] for x in open(data) if json.loads(x)["id"] % 4 == 0][:8]
+    c = client(server)
+    prefixes = 0
+    for q in prompts:
+        msgs = [{"role": "user", "content": q}]
+        full = c.chat.completions.create(model="diffpo-full", messages=msgs, max_tokens=32)
+        part = c.chat.completions.create(model="diffpo-vllm", messages=msgs, max_tokens=32)
+        assert part.choices[0].message.content == full.choices[0].message.content, q
+        a, b = full.model_extra["diffpo"], part.model_extra["diffpo"]
+        assert not a["draft_prefix"] and len(b["draft"]) <= len(a["draft"])
+        assert b["draft_source"] == ("none" if b["draft"] == "" and b["draft_ms"] == 0.0 else "base")
+        prefixes += b["draft_prefix"]
+    assert prefixes >= 4, "most drafts are prefixes"
 
 
 def test_vllm_graph_aligns_a_clients_prediction_and_streams_it(server, expected):
