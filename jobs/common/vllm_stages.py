@@ -91,7 +91,9 @@ def processor(sec: OnVllm, model: str, stage: str):
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     v = sec.vllm
-    e = engine_setup(v, sec.dtype, sec.trust_remote_code, sec.num_cpus, sec.num_gpus)
+    on_cpu = not any(b.get("GPU") for b in bundles(sec))  # a GPU cluster's model folder may not be on this node
+    e = engine_setup(v, sec.dtype, sec.trust_remote_code, sec.num_cpus, sec.num_gpus,
+                     _text(model, sec.trust_remote_code).context_window if on_cpu else None)
     cfg = vLLMEngineProcessorConfig(
         model_source=model, engine_kwargs=e.engine_kwargs, batch_size=sec.batch_size, concurrency=sec.concurrency,
         max_concurrent_batches=v.max_concurrent_batches, accelerator_type=v.accelerator_type,

@@ -53,9 +53,15 @@ class EngineSetup:
 
 
 def engine_setup(v: VllmSettings, dtype: str, trust_remote_code: bool, num_cpus: float,
-                 num_gpus: float) -> EngineSetup:
+                 num_gpus: float, context_window: int | None = None) -> EngineSetup:
     """What one engine needs: float32 and eager mode on CPU bundles unless said otherwise (the CPU kernels'
-    safe choice), the KV cache size as vLLM's CPU build reads it, the rest passed through."""
+    safe choice), the KV cache size as vLLM's CPU build reads it, the rest passed through.
+
+    CPU engines also run without chunked prefill: when a prompt's prefill is split over steps, vLLM discards the
+    token sampled for it and rewinds the request's seeded generator (`set_offset`), which a CPU generator cannot
+    do ("CPU Generator does not use offset": the engine dies, and the stage retries it forever). Every prompt is
+    then prefilled in one step, so the step's token budget must hold the longest one (`max_model_len`, else the
+    model's `context_window`)."""
     bundles = v.placement(num_cpus, num_gpus)
     on_gpu = any(b.get("GPU") for b in bundles)
     dtype = {"auto": "auto" if on_gpu else "float32", "fp32": "float32", "bf16": "bfloat16",
@@ -67,6 +73,9 @@ def engine_setup(v: VllmSettings, dtype: str, trust_remote_code: bool, num_cpus:
         kw["max_model_len"] = v.max_model_len
     if v.speculative_config:
         kw["speculative_config"] = dict(v.speculative_config)
+    if not on_gpu:
+        kw["enable_chunked_prefill"] = False
+        kw["max_num_batched_tokens"] = max(2048, v.max_model_len or context_window or 0)
     kw.update(v.engine_kwargs)
     env = {} if on_gpu else {"VLLM_CPU_KVCACHE_SPACE": str(v.cpu_kv_cache_gib)}
     return EngineSetup(bundles, kw, env, on_gpu)

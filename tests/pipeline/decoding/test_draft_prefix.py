@@ -55,3 +55,18 @@ def test_hf_generate_draws_the_same_first_tokens_whatever_the_cap(tiny_dirs, arc
         for (_, _, _, long_ids), (_, _, _, ids) in zip(full, short):
             assert ids == long_ids[:len(ids)] and (len(ids) == cap or len(ids) == len(long_ids))
     torch.manual_seed(0)
+
+
+def test_cpu_engines_prefill_each_prompt_whole():
+    """vLLM rewinds a seeded request's generator after a chunked prefill step; CPU generators cannot (the engine
+    dies), so CPU engines run without chunked prefill and a step holds the longest prompt."""
+    from pipeline.decoding.vllm_engine import VllmSettings, engine_setup
+
+    cpu = engine_setup(VllmSettings(), "auto", False, 1.0, 0.0, context_window=8192).engine_kwargs
+    assert cpu["enable_chunked_prefill"] is False and cpu["max_num_batched_tokens"] == 8192
+    short = engine_setup(VllmSettings(max_model_len=512), "auto", False, 1.0, 0.0, 8192).engine_kwargs
+    assert short["max_num_batched_tokens"] == 2048
+    gpu = engine_setup(VllmSettings(), "auto", False, 1.0, 1.0).engine_kwargs
+    assert "enable_chunked_prefill" not in gpu, "GPU generators rewind: vLLM's defaults"
+    mine = engine_setup(VllmSettings(engine_kwargs={"enable_chunked_prefill": True}), "auto", False, 1, 0).engine_kwargs
+    assert mine["enable_chunked_prefill"] is True, "engine_kwargs win"
