@@ -251,7 +251,7 @@ class Ingress:
                                     "with a prediction skips", param="alignment", code="invalid_alignment")
             draft_text = prediction
         elif (prefix := self._prefix(route, key)) is not None and prefix.tokens == 0:
-            draft = Draft("", 0, None, "stop", 0.0, batch_size=0, prefix=True)  # r = 0: the answer reads no draft
+            draft = Draft("", 0, None, "stop", 0.0, batch_size=0, prefix=True, drafted=False)  # r = 0: reads none
             draft_text = ""
         else:  # on a bare base a prediction never changes the answer: the base only counts it
             live = relay if route.aligner is None else None  # a bare base on vLLM streams its own tokens
@@ -268,7 +268,7 @@ class Ingress:
             ref = await self._call(aligner.refine if relay is None else aligner.refine_stream,
                                    RefineRequest(messages, draft_text, max_tokens, key, concurrent=self.inflight > 1,
                                                  prediction=prediction, alignment=knobs["aligner"] or None,
-                                                 count_prompt=draft is not None and draft.batch_size == 0),
+                                                 count_prompt=draft is not None and not draft.drafted),
                                    deadline, f"aligner {route.aligner!r}", relay)
         extra = diffpo_extra(route.base, route.aligner, draft, draft_text, ref)
         result = ref if ref is not None else draft

@@ -79,6 +79,7 @@ class Draft:
     prediction_tokens: dict | None = None  # {accepted, rejected}, with a prediction (where the base counts it)
     alignment: dict | None = None  # the knob variant that drafted it (cache outcome, switch time)
     prefix: bool = False  # only the start of a draft: as much as the aligner's answer depends on
+    drafted: bool = True  # False: no base call (r = 0: the aligner's answer reads no draft token)
 
 
 @dataclass
@@ -128,7 +129,7 @@ def diffpo_extra(base: str, aligner: str | None, draft: Draft | None, draft_text
     engine (``vllm``, ``fast+in_context`` ...); ``mode`` is its old name, kept for clients that read it.
     ``iterations`` / ``tokens_per_pass`` / ``converged`` are null unless a Jacobi engine refined the answer,
     ``generated_tokens`` unless a greedy-continuation engine (vllm, ar) did."""
-    source = "prediction" if draft is None else "none" if draft.batch_size == 0 else "base"
+    source = "prediction" if draft is None else "base" if draft.drafted else "none"
     extra = {"base": base, "aligner": aligner, "draft_source": source,
              "draft_ms": 0.0 if draft is None else round(draft.draft_ms, 1)}
     if draft is not None and draft.alignment:

@@ -164,3 +164,13 @@ def test_each_engine_records_its_own_statistics(refine_metrics):
     assert m.generated_tokens.name == "diffpo_generated_tokens" and m.generated_tokens.seen == [13]
     assert m.latency.seen == [45.678, 45.678]
     assert m.requests.seen == [(1, {"outcome": "ok"}), (1, {"outcome": "ok"}), (1, {"outcome": "rejected"})]
+
+
+def test_a_prefix_draft_says_it_is_one_and_no_draft_says_none():
+    prefix = diffpo_extra("tiny", "aligner", draft(prefix=True), "Blu", refined("vllm"))
+    assert prefix["draft_prefix"] is True and prefix["draft_source"] == "base" and prefix["draft"] == "Blu"
+    none = diffpo_extra("tiny", "aligner", draft(text="", prefix=True, drafted=False, draft_ms=0.0), "",
+                        refined("vllm"))
+    assert none["draft_source"] == "none" and none["draft"] == "" and none["draft_ms"] == 0.0
+    whole = diffpo_extra("tiny", "aligner", draft(), "Blue.", refined("fast"))
+    assert whole["draft_prefix"] is False
