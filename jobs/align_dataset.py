@@ -72,10 +72,6 @@ OUTPUT_SCHEMA = pa.schema([
 # aligned answer depends on (base.drafts=as_needed before an aligner on vllm or ar, docs/decoding.md).
 
 
-def mode_name(a: AlignerCfg) -> str:
-    return a.label
-
-
 class RefineStage(data.RowStage):
     """Refines every turn's draft with the aligner on a Hugging Face engine (all turns of the batch in one call)."""
 
@@ -88,7 +84,7 @@ class RefineStage(data.RowStage):
         torch.set_num_threads(threads)
         self.refiner = make_refiner(load_aligner(aligner), aligner)
         self.row_timeout_s = aligner.row_timeout_s
-        self.mode, self.jacobi = mode_name(aligner), aligner.engine in JACOBI_ENGINES
+        self.mode, self.jacobi = aligner.label, aligner.engine in JACOBI_ENGINES
 
     def process(self, rows: list[dict]) -> list[dict]:
         t0 = time.perf_counter()
@@ -125,7 +121,7 @@ class VllmOutputStage(RefineStage):
     RefineStage writes the HF engines' (refine_s = the engine's seconds on the row)."""
 
     def __init__(self, aligner: AlignerCfg):
-        self.mode, self.jacobi = mode_name(aligner), False
+        self.mode, self.jacobi = aligner.label, False
 
     def process(self, rows: list[dict]) -> list[dict]:
         results = [vllm_stages.as_results(r["refined"]) for r in rows]
@@ -176,7 +172,7 @@ def finalize(cfg: AlignDatasetConfig, out: Path, parts: Path, rows_in: int, star
     summary = {
         "rows_in": rows_in, "rows_out": len(ok), "error_rows": len(bad), "rows_processed_this_run": processed,
         "wall_s": round(wall, 2), "rows_per_s": round(processed / wall, 4) if wall > 0 else 0.0,
-        **engine_summary(ok), "mode": mode_name(cfg.aligner),
+        **engine_summary(ok), "mode": cfg.aligner.label,
         "output": str(path), "errors": str(out / "errors.jsonl"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -125,11 +125,6 @@ EngineArgs = OnVllm  # the keys that make an engine setting (models with the sam
 ENGINE_KEYS = set(OnVllm.model_fields) | set(LLMServerArgs.model_fields)
 
 
-def base_args(args: dict):
-    """A base's args (a dict from `model_dump`) as its section."""
-    return TypeAdapter(BaseArgs).validate_python(args)
-
-
 def aligner_args(args: dict):
     """An aligner's args (a dict from `model_dump`) as its section."""
     return TypeAdapter(AlignerArgs).validate_python(args)
