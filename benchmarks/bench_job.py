@@ -72,7 +72,7 @@ def main():
 
     t = time.perf_counter()
     job([f"input.path={src}", f"output.path={tmp / 'out'}", f"aligner.refine.max_new_tokens={max_new}",
-         "aligner.concurrency=2", "aligner.num_cpus=0.5", "aligner.batch_size=4", "output.rows_per_file=4",
+         "aligner.concurrency=2", "aligner.num_cpus=0.5", "aligner.batch_size=4", "output.rows_per_block=4",
          "ray.progress_bars=false", "show_samples=0"])
     t_job = time.perf_counter() - t
     ray.shutdown()

@@ -2,29 +2,33 @@
 
     python -m jobs.align_dataset                                   # embedded default: demo prompts, SmolLM2
     python -m jobs.align_dataset input.path=prompts.jsonl aligner.engine=reference base.engine=hf
+    python -m jobs.align_dataset input.path=s3://bucket/prompts/ output.path=s3://bucket/aligned/
     python -m jobs.align_dataset --help                            # every key, its default and what it does
     ray job submit --working-dir . -- python -m jobs.align_dataset ray.address=auto input.path=/data/x.parquet
 
-Outputs in `output.path`:
-  aligned.parquet|jsonl   one row per input row that could be processed (`OUTPUT_SCHEMA`)
-  errors.jsonl            every other row, with the reason
-  summary.json, config.yaml, and optionally fastchat_answers.jsonl / alpaca_eval_outputs.json
-  _parts/                 what Ray Data wrote so far: a killed job rerun with the same output path skips the ids
-                          found there and never writes a row twice.
+Rows stream from storage to storage: Ray's workers read the input files, run the model stages and write the
+outputs block by block (`jobs.common.blocks`); the driver holds file and block names, never the rows. Outputs in
+`output.path` (a folder or a URI):
+  rows/                   the aligned rows, a Parquet dataset: a file per block of the input (`OUTPUT_SCHEMA`)
+  errors/                 the rows that could not be processed, with the reason (id, error, prompt)
+  summary.json            counts and engine statistics over the whole output; config.yaml
+  aligned.parquet|jsonl, errors.jsonl, fastchat_answers.jsonl, alpaca_eval_outputs.json: single-file exports of
+                          those folders, streamed (output.single_file, output.fastchat_answers, ...)
+A killed job rerun with the same output path lists rows/, skips the blocks written whole and redoes the others.
 """
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobs.common import data, vllm_stages
+from jobs.common import blocks, data, exports, storage, vllm_stages
 from jobs.common.config import (AlignerCfg, DataRayCfg, DraftCfg, Section, VllmAlignerCfg, VllmDraftCfg, expand,
-                                load_config)
+                                formerly, load_config)
 from jobs.common.data import InputCfg
 from jobs.common.runtime import run_job
 from jobs.common.stages import DraftStage, load_aligner, make_refiner, refine_turns
@@ -35,12 +39,15 @@ from pipeline.records import META, MESSAGE, ROW_SCHEMA, error_row, normalize
 
 # ---- config schema ---------------------------------------------------------------------------------------
 class OutputCfg(Section):
-    path: str = "outputs/align_dataset"
-    format: Literal["parquet", "jsonl"] = Field("parquet", description="aligned rows; errors go to errors.jsonl")
+    path: str = Field("outputs/align_dataset", description="a folder or a URI (s3://, gs://, hdfs://)")
+    rows_per_block: int = Field(1000, ge=1, description="input rows per block: a file of the output, the unit a "
+                                                        "killed job redoes", json_schema_extra=formerly("rows_per_file"))
+    single_file: bool = Field(True, description="also export rows/ and errors/ as aligned.<format> and errors.jsonl "
+                                                "(streamed through the driver: for benchmark-sized outputs)")
+    format: Literal["parquet", "jsonl"] = Field("parquet", description="of the single-file export")
     fastchat_answers: bool = Field(False, description="also write fastchat_answers.jsonl (MT-bench answer format)")
     alpaca_eval_outputs: bool = Field(False, description="also write alpaca_eval_outputs.json (AlpacaEval format)")
     model_id: str = Field("diffpo-aligned", description="model name written into those exports")
-    rows_per_file: int = Field(4, ge=1, description="rows per part file: the unit a killed job redoes")
 
 
 class AlignDatasetConfig(BaseModel):
@@ -128,55 +135,68 @@ class VllmOutputStage(RefineStage):
         return [self.output(r, res, 0.0) | {"refine_s": sum(x.wall_s for x in res)} for r, res in zip(rows, results)]
 
 
-# ---- finalize --------------------------------------------------------------------------------------------
-def engine_summary(ok: list[dict]) -> dict:
-    """What the engines computed, over the aligned rows: each statistic over the rows whose engine computes it,
-    and absent when no row's did (a vllm or ar run has no Jacobi statistic, a fast or reference run no
-    mean_generated_tokens).
+# ---- summary ---------------------------------------------------------------------------------------------
+STAT_COLUMNS = ["mode", "passes", "new_tokens", "converged", "generated_tokens", "refine_s", "draft_s", "draft_tokens"]
+
+
+def _sum(col) -> float:
+    return pc.sum(col).as_py() or 0
+
+
+def row_stats(ok: pa.Table) -> dict:
+    """What the summary adds up over the aligned rows of a piece of the output (`BlockSink`'s `stats`)."""
+    jac = ok.filter(pc.invert(pc.is_null(ok.column("passes"))))
+    gen = ok.filter(pc.invert(pc.is_null(ok.column("generated_tokens"))))
+    modes = pc.value_counts(ok.column("mode")).to_pylist() if ok.num_rows else []
+    return {"jacobi_rows": jac.num_rows, "passes": _sum(jac.column("passes")),
+            "jacobi_new_tokens": _sum(jac.column("new_tokens")),
+            "converged_rows": _sum(pc.cast(pc.fill_null(jac.column("converged"), False), pa.int64())),
+            "generated_rows": gen.num_rows, "generated_tokens": _sum(gen.column("generated_tokens")),
+            "refine_s": _sum(ok.column("refine_s")), "draft_s": _sum(ok.column("draft_s")),
+            "draft_tokens": _sum(ok.column("draft_tokens")),
+            "rows_by_mode": {m["values"]: m["counts"] for m in modes}}
+
+
+def engine_summary(t: dict) -> dict:
+    """What the engines computed, over the aligned rows (`t`: `row_stats` summed over the output): each statistic
+    over the rows whose engine computes it, and absent when no row's did (a vllm or ar run has no Jacobi
+    statistic, a fast or reference run no mean_generated_tokens).
 
     mean_passes, tokens_per_pass, converged_fraction: Jacobi passes per row, answer tokens per pass, the fraction
     of rows whose every block reached its fixed point (rows a Jacobi engine refined); mean_generated_tokens:
     tokens a greedy-continuation engine (ar, vllm) generated per row; mean_refine_s, mean_draft_s: every row;
     rows_by_mode: how many rows each engine refined (a rerun with another engine finishes what a killed run
     started: the statistics then cover each engine's rows)."""
-    n = len(ok)
-    mean = lambda k: round(sum(r[k] for r in ok) / n, 3) if n else 0.0  # noqa: E731
-    jac = [r for r in ok if r["passes"] is not None]
-    gen = [r for r in ok if r["generated_tokens"] is not None]
-    passes = sum(r["passes"] for r in jac)
-    jacobi = {"mean_passes": round(passes / len(jac), 2),
-              "tokens_per_pass": round(sum(r["new_tokens"] for r in jac) / max(1, passes), 3),
-              "converged_fraction": round(sum(bool(r["converged"]) for r in jac) / len(jac), 4)} if jac else {}
-    generated = {"mean_generated_tokens": round(sum(r["generated_tokens"] for r in gen) / len(gen), 2)} if gen else {}
-    return {
-        **jacobi, **generated,
-        "mean_refine_s": mean("refine_s"), "mean_draft_s": mean("draft_s"), "mean_draft_tokens": mean("draft_tokens"),
-        "rows_by_mode": {m: sum(r["mode"] == m for r in ok) for m in sorted({r["mode"] for r in ok})},
-    }
+    n = t.get("rows_out", 0)
+    mean = lambda k: round(t.get(k, 0) / n, 3) if n else 0.0  # noqa: E731
+    jac, gen, passes = t.get("jacobi_rows", 0), t.get("generated_rows", 0), t.get("passes", 0)
+    jacobi = {"mean_passes": round(passes / jac, 2),
+              "tokens_per_pass": round(t.get("jacobi_new_tokens", 0) / max(1, passes), 3),
+              "converged_fraction": round(t.get("converged_rows", 0) / jac, 4)} if jac else {}
+    generated = {"mean_generated_tokens": round(t.get("generated_tokens", 0) / gen, 2)} if gen else {}
+    return {**jacobi, **generated, "mean_refine_s": mean("refine_s"), "mean_draft_s": mean("draft_s"),
+            "mean_draft_tokens": mean("draft_tokens"), "rows_by_mode": dict(sorted(t.get("rows_by_mode", {}).items()))}
 
 
-def finalize(cfg: AlignDatasetConfig, out: Path, parts: Path, rows_in: int, started: float, processed: int):
-    rows = data.sorted_rows(data.read_parts(parts), OUTPUT_SCHEMA)
-    ids = [r["id"] for r in rows]
-    if len(set(ids)) != len(ids):
-        raise RuntimeError(f"internal error: ids written twice: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
-    ok, bad = [r for r in rows if not r["error"]], [r for r in rows if r["error"]]
-    path = out / f"aligned.{cfg.output.format}"
-    data.write_table(ok, OUTPUT_SCHEMA.remove(OUTPUT_SCHEMA.get_field_index("error")), path)
-    data.write_jsonl(out / "errors.jsonl", ({"id": r["id"], "error": r["error"], "prompt": r["prompt"]} for r in bad))
-    if cfg.output.fastchat_answers:
-        data.write_fastchat(out / "fastchat_answers.jsonl", ok, cfg.output.model_id, "aligned_turns")
-    if cfg.output.alpaca_eval_outputs:
-        data.write_alpaca_eval(out / "alpaca_eval_outputs.json", ok, cfg.output.model_id, "aligned")
-    wall = time.perf_counter() - started
-    summary = {
-        "rows_in": rows_in, "rows_out": len(ok), "error_rows": len(bad), "rows_processed_this_run": processed,
-        "wall_s": round(wall, 2), "rows_per_s": round(processed / wall, 4) if wall > 0 else 0.0,
-        **engine_summary(ok), "mode": cfg.aligner.label,
-        "output": str(path), "errors": str(out / "errors.jsonl"),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary, ok
+def export(cfg: AlignDatasetConfig, out: str) -> dict[str, str]:
+    """The single-file exports of rows/ and errors/ that the config asks for (streamed, a block at a time)."""
+    o, files = cfg.output, {}
+    rows, errors = storage.join(out, "rows"), storage.join(out, "errors")
+    writers = []
+    if o.single_file:
+        files["output"] = storage.join(out, f"aligned.{o.format}")
+        writers.append(exports.table_writer(files["output"], OUTPUT_SCHEMA.remove(OUTPUT_SCHEMA.get_field_index("error"))))
+    if o.fastchat_answers:
+        files["fastchat_answers"] = storage.join(out, "fastchat_answers.jsonl")
+        writers.append(exports.fastchat_writer(files["fastchat_answers"], o.model_id, "aligned_turns"))
+    if o.alpaca_eval_outputs:
+        files["alpaca_eval_outputs"] = storage.join(out, "alpaca_eval_outputs.json")
+        writers.append(exports.alpaca_eval_writer(files["alpaca_eval_outputs"], o.model_id, "aligned"))
+    exports.stream(rows, writers)
+    if o.single_file:
+        files["errors"] = storage.join(out, "errors.jsonl")
+        exports.stream(errors, [exports.table_writer(files["errors"], None)])
+    return files
 
 
 # ---- main ------------------------------------------------------------------------------------------------
@@ -189,74 +209,88 @@ def prefix_aligner(cfg: AlignDatasetConfig):
     return a
 
 
-def run_stages(cfg: AlignDatasetConfig, todo: pa.Table, parts: Path, prefix_for) -> None:
-    """draft (rows without drafts) -> refine -> write the parts, for the rows of `todo`."""
-    needs_drafts = any(d is None and not e for d, e in zip(todo.column("drafts").to_pylist(),
-                                                           todo.column("error").to_pylist()))
-    turns = vllm_stages.max_turns(todo)
-    data.preflight({"base": cfg.base, "aligner": cfg.aligner} if needs_drafts else {"aligner": cfg.aligner}, turns)
-    rows = todo.append_column("draft_s", pa.array([0.0] * todo.num_rows))
-    rows = rows.append_column("draft_prefix", pa.array([False] * todo.num_rows))
-    ds = data.blocks(rows.append_column("draft_tokens", pa.array([0] * todo.num_rows, pa.int64())),
-                     cfg.output.rows_per_file)
-    if needs_drafts and cfg.base.engine == "vllm":
-        ds = vllm_stages.draft(ds, cfg.base, turns, DRAFTED_SCHEMA, prefix_for=prefix_for)
-    elif needs_drafts:
+def run_stages(cfg: AlignDatasetConfig, todo, info: blocks.InputInfo, out: str, prefix_for) -> dict:
+    """draft (rows without drafts) -> refine -> write the blocks, for the rows of `todo`; returns the sink's totals."""
+    data.preflight({"base": cfg.base, "aligner": cfg.aligner} if info.to_draft else {"aligner": cfg.aligner},
+                   info.turns)
+    ds = todo.map_batches(_draft_columns, batch_format="pyarrow", num_cpus=blocks.READ_CPUS)
+    schema = blocks.keyed(DRAFTED_SCHEMA)
+    if info.to_draft and cfg.base.engine == "vllm":
+        ds = vllm_stages.draft(ds, cfg.base, info.turns, schema, prefix_for=prefix_for)
+    elif info.to_draft:
         ds = data.map_stage(ds, DraftStage, cfg.base, base=cfg.base, schema=DRAFTED_SCHEMA,
                             threads=cfg.ray.torch_threads)
     if cfg.aligner.engine == "vllm":
-        ds = vllm_stages.refine(ds, cfg.aligner, turns, DRAFTED_SCHEMA)
-        ds = ds.map_batches(lambda b: VllmOutputStage(cfg.aligner)(b), batch_format="pyarrow",
-                            num_cpus=vllm_stages.REQUEST_CPUS)
+        ds = vllm_stages.refine(ds, cfg.aligner, info.turns, schema)
+        ds = ds.map_batches(_vllm_output, batch_format="pyarrow", num_cpus=vllm_stages.REQUEST_CPUS,
+                            fn_kwargs={"aligner": cfg.aligner})
     else:
         ds = data.map_stage(ds, RefineStage, cfg.aligner, aligner=cfg.aligner, threads=cfg.ray.torch_threads)
-    if prefix_for is not None:  # unwritten, so that the second pass drafts them in full
-        ds = ds.map_batches(_settled_only, batch_format="pyarrow", num_cpus=vllm_stages.REQUEST_CPUS)
-    data.write_parts(ds, parts)
+    sink = blocks.BlockSink(storage.join(out, "rows"), storage.join(out, "errors"),
+                            OUTPUT_SCHEMA.remove(OUTPUT_SCHEMA.get_field_index("error")), ERROR_COLUMNS, row_stats,
+                            keep=_settled if prefix_for is not None else None)  # the others: drafted in full next
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": data.WRITE_CPUS})
+    return sink.totals
 
 
-def _settled_only(batch: pa.Table) -> pa.Table:
-    import pyarrow.compute as pc
+def _vllm_output(batch: pa.Table, aligner: AlignerCfg) -> pa.Table:
+    return VllmOutputStage(aligner)(batch)
 
-    return batch.filter(pc.invert(pc.fill_null(pc.equal(batch.column("error"), vllm_stages.PREFIX_REDO), False)))
+
+ERROR_COLUMNS = ["id", "error", "prompt"]
+
+
+def _draft_columns(batch: pa.Table) -> pa.Table:
+    n = batch.num_rows
+    return (batch.append_column("draft_s", pa.array([0.0] * n)).append_column("draft_prefix", pa.array([False] * n))
+            .append_column("draft_tokens", pa.array([0] * n, pa.int64())))
+
+
+def _settled(batch: pa.Table):
+    return pc.invert(pc.fill_null(pc.equal(batch.column("error"), vllm_stages.PREFIX_REDO), False))
 
 
 def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     cfg = load_config(AlignDatasetConfig, "conf/align_dataset.yaml", argv)
-    out = Path(expand(cfg.output.path))
-    parts = out / "_parts"
-    parts.mkdir(parents=True, exist_ok=True)
+    out = expand(cfg.output.path)
     data.start_data_job("align_dataset", cfg, out)
 
     from pipeline.records import load_drafts
 
     i = cfg.input
-    drafts = load_drafts(str(data.resolve_path(i.drafts_path))) if i.drafts_path else None
-    rows = data.read_rows(data.input_files(i.path), lambda rec, fid: normalize(rec, fid, i.format, i.id_field, drafts),
-                          error_row, ROW_SCHEMA)
-    rows = rows.slice(0, i.limit) if i.limit else rows
-    data.check_unique_ids(rows, "set input.id_field to a unique field")
-    todo = data.not_done(rows, data.done_ids(parts))
-    print(f"[align_dataset] {rows.num_rows} input rows, {rows.num_rows - todo.num_rows} already done in {parts}, "
-          f"{todo.num_rows} to do", flush=True)
-
-    processed, prefix_for = todo.num_rows, prefix_aligner(cfg)
-    if todo.num_rows:
-        run_stages(cfg, todo, parts, prefix_for)
-    if prefix_for is not None:  # rows whose drafted prefix did not settle were left unwritten: draft them in full
-        again = data.not_done(rows, data.done_ids(parts))
-        if again.num_rows:
-            print(f"[align_dataset] {again.num_rows} row(s) whose draft prefix did not decide the answer: "
+    drafts = load_drafts(i.drafts_path) if i.drafts_path else None
+    parser = blocks.Parser(lambda rec, fid: normalize(rec, fid, i.format, i.id_field, drafts), error_row,
+                           ROW_SCHEMA, cfg.output.rows_per_block)
+    job = blocks.BlockJob("align_dataset", out, data.input_files(i.path), data.input_root(i.path), parser, i.limit)
+    totals: dict[str, dict] = {}
+    for attempt, prefix_for in enumerate([prefix_aligner(cfg), None]):
+        todo, info = job.todo()
+        if attempt and info.rows:
+            print(f"[align_dataset] {info.rows} row(s) in blocks whose draft prefix did not decide the answer: "
                   "drafting them in full", flush=True)
-            run_stages(cfg, again, parts, None)
+        if info.rows:
+            totals |= run_stages(cfg, todo, info, out, prefix_for)
+        if prefix_for is None:
+            break
+    totals = job.finish(totals, STAT_COLUMNS, row_stats)
 
-    summary, ok = finalize(cfg, out, parts, rows.num_rows, started, processed)
+    files = export(cfg, out)
+    wall = time.perf_counter() - started
+    summary = {
+        "rows_in": totals["rows_in"], "rows_out": totals.get("rows_out", 0), "error_rows": totals.get("error_rows", 0),
+        "rows_processed_this_run": job.processed, "blocks": totals["blocks"], "wall_s": round(wall, 2),
+        "rows_per_s": round(job.processed / wall, 4) if wall > 0 else 0.0,
+        **engine_summary(totals), "mode": cfg.aligner.label,
+        "rows": storage.display(storage.join(out, "rows")), "errors": storage.display(storage.join(out, "errors")),
+        **{k: storage.display(v) for k, v in files.items()},
+    }
+    storage.write_text(storage.join(out, "summary.json"), json.dumps(summary, indent=2))
     print("[align_dataset] summary:\n" + json.dumps(summary, indent=2), flush=True)
-    for r in ok[:cfg.show_samples]:
+    for r in exports.first_rows(storage.join(out, "rows"), cfg.show_samples):
         print(f"\n--- id {r['id']} ---\nPROMPT : {r['prompt'][:200]}\nDRAFT  : {r['draft'][:300]}\n"
               f"ALIGNED: {r['aligned'][:300]}")
-    print(f"\n[align_dataset] aligned rows: {summary['output']}\n[align_dataset] error rows:   {summary['errors']}")
+    print(f"\n[align_dataset] aligned rows: {summary['rows']}\n[align_dataset] error rows:   {summary['errors']}")
     return summary
 
 

@@ -170,22 +170,25 @@ def _draft_field(rec: dict, keys=DRAFT_KEYS):
     return None
 
 
+def parse_line(raw: bytes, n: int, source: str):
+    """(record or None, fallback id, error reason or None) of line `n` (1-based) of a JSONL file."""
+    fid = f"{source}:{n}"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, fid, f"line {n} is not valid UTF-8 ({e.reason} at byte {e.start})"
+    try:
+        return json.loads(text), fid, None
+    except json.JSONDecodeError as e:
+        return None, fid, f"line {n} is not valid JSON: {e.msg}"
+
+
 def parse_lines(data: bytes, source: str):
     """Yield (record or None, fallback id, error reason or None) for each non-blank line of a JSONL file."""
     data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as some tools write
     for n, raw in enumerate(data.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        fid = f"{source}:{n}"
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield None, fid, f"line {n} is not valid UTF-8 ({e.reason} at byte {e.start})"
-            continue
-        try:
-            yield json.loads(text), fid, None
-        except json.JSONDecodeError as e:
-            yield None, fid, f"line {n} is not valid JSON: {e.msg}"
+        if raw.strip():
+            yield parse_line(raw, n, source)
 
 
 def parse_json_array(data: bytes, source: str):

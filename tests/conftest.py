@@ -10,6 +10,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.s3server import s3_server  # noqa: F401,E402  (the fixture, registered here once)
+
 TEST_API_KEY_ENV, TEST_API_KEY = "DIFFPO_TEST_API_KEY", "test-key-123"  # set in every Ray worker of the session
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -97,8 +99,9 @@ def default_lm():
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the whole session (2 CPUs, loopback only)."""
+def ray_local(s3_server):
+    """One local Ray for the whole session (2 CPUs, loopback only). After the S3 server: its endpoint and
+    credentials are in the environment that Ray's workers inherit (tests/s3server.py)."""
     import ray
 
     root = str(Path(__file__).resolve().parents[1])

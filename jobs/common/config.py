@@ -15,7 +15,7 @@ from typing import Optional
 
 from pydantic import BaseModel, Field
 
-from pipeline.config.schema import (REPO, ConfigError, Section, by_engine, describe, engines_of, expand,  # noqa: F401
+from pipeline.config.schema import (REPO, ConfigError, Section, by_engine, describe, formerly, engines_of, expand,  # noqa: F401
                                     load_config, to_yaml, validate)
 from pipeline.config.stages import (ARAligner, EndpointKeys, FastAligner, HFBase, InProcess, ModelSource,  # noqa: F401
                                     OnVllm, OpenAIBase, ReferenceAligner, VllmAligner, VllmBase, missing_local_model)

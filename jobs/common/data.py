@@ -37,17 +37,20 @@ WRITE_CPUS = 0.25  # per write task, so writes fit in that headroom
 
 
 # ---- start ---------------------------------------------------------------------------------------------------
-def start_data_job(name: str, cfg, out: Path):
+def start_data_job(name: str, cfg, out: str):
     """Record the resolved config next to the outputs (and print it), start or join Ray and set this driver's
-    Ray Data context (progress bars; order preserved so that `limit` picks the same rows on every run).
-    Returns the context for job-specific settings, which must come before the first read."""
+    Ray Data context (progress: bars on a terminal, a compact line per stage every ~30 s in a log; order preserved
+    so that `limit` picks the same rows on every run). `out`: a local folder or a URI. Returns the context for
+    job-specific settings, which must come before the first read."""
     from ray.data import DataContext
 
-    from jobs.common.runtime import init_ray
+    from jobs.common import storage
+    from jobs.common.runtime import init_ray, quiet_progress_log
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    storage.make_dir(out)
+    storage.write_text(storage.join(out, "config.yaml"), to_yaml(cfg))
     print(f"[{name}] resolved config:\n" + to_yaml(cfg), flush=True)
+    quiet_progress_log()
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
@@ -100,14 +103,18 @@ def preflight(pools: dict[str, PoolCfg], turns: int = 1) -> None:
 
 # ---- reading -------------------------------------------------------------------------------------------------
 def input_files(path: str, demo: Path = DEMO_PROMPTS) -> list[str]:
-    """The input files at `path` (a file, or every JSONL/JSON/Parquet file under a folder, .gz too);
-    "demo" = the bundled demo file."""
+    """The input files at `path` (a file, or every JSONL/JSON/Parquet file under a folder, .gz too; a local path
+    or a URI); "demo" = the bundled demo file."""
+    from jobs.common import storage
+
     if path == "demo":
         return [str(demo)]
-    p = resolve_path(path)
-    if p.is_dir():
-        return sorted(str(f) for f in p.rglob("*") if f.is_file() and f.name.endswith(INPUT_EXTS))
-    return [str(p)] if p.is_file() else []
+    return storage.list_files(path, INPUT_EXTS)
+
+
+def input_root(path: str, demo: Path = DEMO_PROMPTS) -> str:
+    """What the input files' names are taken relative to (their blocks' names): the folder, or the file."""
+    return str(demo) if path == "demo" else path
 
 
 class InputCfg(Section):
@@ -120,10 +127,12 @@ class InputCfg(Section):
     limit: Optional[int] = Field(None, ge=1, description="only the first N rows")
 
     def check(self) -> list[str]:
+        from jobs.common import storage
+
         problems = []
         if not input_files(self.path):
             problems.append(f"path: no .jsonl/.json/.parquet input (.gz too) found at {self.path!r}")
-        if self.drafts_path and not resolve_path(self.drafts_path).exists():
+        if self.drafts_path and not storage.exists(self.drafts_path):
             problems.append(f"drafts_path: file not found: {self.drafts_path}")
         return problems
 
@@ -278,7 +287,10 @@ class RowStage:
         return out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
+        from jobs.common.blocks import KEY_NAMES, with_keys
+
+        keys = batch.select([c for c in KEY_NAMES if c in batch.column_names])
+        rows = batch.drop_columns(keys.column_names).to_pylist()
         todo = [not r.get("error") for r in rows]  # decided before `process`, which may mark rows it fails
         good = [r for r, t in zip(rows, todo) if t]
         try:
@@ -286,7 +298,7 @@ class RowStage:
         except Exception as e:  # noqa: BLE001 - a batch of one that raises
             done = iter([self.passthrough(dict(good[0], error=f"{self.name}: {type(e).__name__}: {e}"[:1000]))])
         out = [next(done) if t else self.passthrough(r) for r, t in zip(rows, todo)]
-        return pa.Table.from_pylist(out, schema=self.schema)
+        return with_keys(pa.Table.from_pylist(out, schema=self.schema), keys)  # the block columns, as they came
 
 
 def map_stage(ds, stage: type, pool: PoolCfg, **kwargs):

@@ -156,7 +156,7 @@ def test_vllm_job_formats_bad_rows_exports_kill_and_resume(tmp_path, vllm_tiny, 
     src = write_jsonl(tmp_path / "in.jsonl", lines)
     out = tmp_path / "out"
     common = [f"input.path={src}", f"output.path={out}", f"base.model={vllm_tiny}", f"aligner.model={vllm_tiny}",
-              "base.sampling.max_new_tokens=40", "aligner.refine.max_new_tokens=48", "output.rows_per_file=2",
+              "base.sampling.max_new_tokens=40", "aligner.refine.max_new_tokens=48", "output.rows_per_block=2",
               "output.fastchat_answers=true", "output.alpaca_eval_outputs=true", *VLLM]
     # first run: the first 20 rows on the HF engines, one row per call, killed half-way
     slow = ["input.limit=20", "base.batch_size=1", "aligner.batch_size=1", "base.engine=hf", "aligner.engine=fast"]
@@ -164,14 +164,14 @@ def test_vllm_job_formats_bad_rows_exports_kill_and_resume(tmp_path, vllm_tiny, 
     proc = subprocess.Popen([sys.executable, "-m", "jobs.align_dataset", f"ray.address={addr}", *common, *slow],
                             cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    parts = out / "_parts"
+    written = out / "rows"
     deadline = time.time() + 400
-    while time.time() < deadline and len(list(parts.glob("*.parquet"))) < 1:
+    while time.time() < deadline and len(list(written.glob("*.parquet"))) < 1:
         assert proc.poll() is None, "the job ended before it could be killed; make it slower"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert list(parts.glob("*.parquet")), "the job wrote no part before the kill"
+    assert list(written.glob("*.parquet")), "the job wrote no block before the kill"
 
     s = run_job(common)  # the rerun, at full speed
     ok = pd.read_parquet(out / "aligned.parquet")
@@ -220,10 +220,10 @@ def test_output_rows_and_summary_hold_only_what_the_engine_computed(tmp_path):
     """vLLM (and ar) rows: null passes / tokens_per_pass / converged, their generated tokens instead; Jacobi rows the
     other way round; the summary's Jacobi statistics are null for a vLLM run, set for a fast one. No Ray, no model."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow.compute  # noqa: F401
 
     from jobs.align_dataset import (DRAFTED_SCHEMA, OUTPUT_SCHEMA, AlignDatasetConfig, RefineStage, VllmOutputStage,
-                                    engine_summary, finalize)
+                                    engine_summary, row_stats)
     from jobs.common import vllm_stages
     from pipeline.decoding.jacobi import RefineResult
 
@@ -258,18 +258,14 @@ def test_output_rows_and_summary_hold_only_what_the_engine_computed(tmp_path):
     assert ar["passes"] is None and ar["tokens_per_pass"] is None and ar["converged"] is None
     assert ar["generated_tokens"] == 3, "the results say which engine ran, whatever the stage was told"
 
-    # summary.json of a vLLM run: no Jacobi statistic, the generated tokens and engine seconds instead
-    parts = tmp_path / "_parts"
-    parts.mkdir()
-    pq.write_table(out, parts / "p0.parquet")
-    s, ok = finalize(cfg, tmp_path, parts, rows_in=3, started=0.0, processed=3)
+    # the summary of a vLLM run: no Jacobi statistic, the generated tokens and engine seconds instead
+    ok_rows = out.filter(pa.compute.is_null(out.column("error")))
+    s = engine_summary({"rows_out": ok_rows.num_rows, **row_stats(ok_rows)})
     assert not {"mean_passes", "tokens_per_pass", "converged_fraction"} & set(s), "no Jacobi statistic on vLLM"
     assert s["mean_generated_tokens"] == 4.5 and s["mean_refine_s"] == pytest.approx(0.3)
-    assert s["rows_out"] == 2 and s["error_rows"] == 1 and s["mode"] == "vllm" and s["rows_by_mode"] == {"vllm": 2}
-    assert json.loads((tmp_path / "summary.json").read_text()) == s
-    aligned = pq.read_table(tmp_path / "aligned.parquet").to_pylist()
-    assert [r["passes"] for r in aligned] == [None, None] and [r["generated_tokens"] for r in aligned] == [3, 6]
+    assert s["rows_by_mode"] == {"vllm": 2}
     # ... and of a fast run: the Jacobi statistics, no generated tokens
-    s = engine_summary([jac, dict(jac, id="6", passes=4, new_tokens=5, converged=False)])
+    fast_rows = pa.Table.from_pylist([jac, dict(jac, id="6", passes=4, new_tokens=5, converged=False)], schema=OUTPUT_SCHEMA)
+    s = engine_summary({"rows_out": 2, **row_stats(fast_rows)})
     assert s["mean_passes"] == 3.0 and s["tokens_per_pass"] == round(8 / 6, 3) and s["converged_fraction"] == 0.5
     assert "mean_generated_tokens" not in s and s["rows_by_mode"] == {"fast": 2}

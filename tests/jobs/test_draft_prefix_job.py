@@ -14,7 +14,7 @@ from jobs.common.config import REPO
 EVAL_SET = REPO.parent / "shared" / "data" / "alpaca_eval" / "eval_set.jsonl"
 VLLM = ["base.engine=vllm", "aligner.engine=vllm", "base.num_cpus=0.25", "aligner.num_cpus=0.25",
         "ray.progress_bars=false", "show_samples=0", "base.sampling.max_new_tokens=64",
-        "aligner.refine.max_new_tokens=48", "output.rows_per_file=4"]
+        "aligner.refine.max_new_tokens=48", "output.rows_per_block=4"]
 
 
 def heldout_prompts(path: Path, n: int) -> Path:
