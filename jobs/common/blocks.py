@@ -14,7 +14,7 @@ named ``<block>.p<first row>.n<rows>.t<block rows>.parquet``, written atomically
 together through the stages as a rule, so a block is one file; if a block reaches the writer in pieces, each
 piece is its own file and the names still add up. A block is complete when the `n` of its files in the rows
 folder add up to its `t` exactly: a rerun lists the rows folder (one listing, O(blocks)), skips the complete
-blocks, and deletes the files of the others (a kill between pieces, or rows a stage held back) before redoing them,
+blocks, and deletes the files of the others (a kill between pieces) before redoing them,
 so a kill at any moment loses nothing and writes nothing twice.
 """
 from __future__ import annotations
@@ -264,15 +264,12 @@ class BlockSink(Datasink):
     Parquet file in the rows folder, its error rows as one in the errors folder (written first: the rows file
     says the piece is done). Each write task returns, per file, what the job's summary adds up (`rows_out`,
     `error_rows` and `stats(ok rows)`: numbers, or dicts of numbers), gathered in `self.totals` (file -> stats:
-    O(blocks) in the driver) when the write completes.
-
-    `keep(table)` -> a mask of the rows to write at all: the others are left out, so their block is incomplete and
-    redone by the next pass (the prefix drafts that did not settle)."""
+    O(blocks) in the driver) when the write completes."""
 
     def __init__(self, rows_uri: str, errors_uri: str, schema: pa.Schema, error_columns: list[str],
-                 stats: Callable[[pa.Table], dict], keep: Callable | None = None):
+                 stats: Callable[[pa.Table], dict]):
         self.rows_uri, self.errors_uri = rows_uri, errors_uri
-        self.schema, self.error_columns, self.stats, self.keep = schema, error_columns, stats, keep
+        self.schema, self.error_columns, self.stats = schema, error_columns, stats
         self.totals: dict = {}
 
     def get_name(self) -> str:
@@ -289,8 +286,6 @@ class BlockSink(Datasink):
         if not tables:
             return total
         t = pa.concat_tables(tables, promote_options="permissive")
-        if self.keep is not None:
-            t = t.filter(self.keep(t))
         for block in pc.unique(t.column("_block")).to_pylist():
             piece = t.filter(pc.equal(t.column("_block"), block)).sort_by("_row")
             n, first, of = piece.num_rows, piece.column("_row")[0].as_py(), piece.column("_total")[0].as_py()

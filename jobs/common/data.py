@@ -60,22 +60,34 @@ def start_data_job(name: str, cfg, out: str):
 
 def pool_demand(pool: PoolCfg, turns: int = 1) -> dict[str, float]:
     """The resources a stage's pool holds at once: `concurrency` actors of num_cpus/num_gpus, or, for a stage on
-    vLLM (`engine=vllm`), its engines' placement groups (one engine pool per conversation turn)."""
+    vLLM (`engine=vllm`), its processors' stage actors (one per turn and engine; the engines are counted by
+    `preflight`, once per engine pool)."""
     if getattr(pool, "engine", None) == "vllm":
-        from jobs.common.vllm_stages import demand
+        from jobs.common.vllm_stages import STAGE_ACTOR_CPUS
 
-        return demand(pool, turns)
+        return {"CPU": STAGE_ACTOR_CPUS * pool.concurrency * turns}
     return {"CPU": pool.num_cpus * pool.concurrency, "GPU": pool.num_gpus * pool.concurrency}
 
 
 def preflight(pools: dict[str, PoolCfg], turns: int = 1) -> None:
     """Refuse stages the cluster cannot hold: Ray Data would otherwise wait forever, silently, for a CPU to run
     its read/write tasks, for GPUs that do not exist, or for an accelerator type no node has. `pools`: config key
-    -> pool section; `turns`: the most turns of any row (a vLLM stage runs one engine pool per turn)."""
+    -> pool section; `turns`: the most turns of any row (a vLLM stage runs a processor per turn). Sections on vLLM
+    with the same engine settings share one engine pool (`vllm_stages.Engines`), counted once."""
     import ray
 
     have = ray.cluster_resources()
     asks = {k: pool_demand(p, turns) for k, p in pools.items()}
+    shared: dict[str, list[str]] = {}  # engine pool -> the config keys it serves
+    for k, p in pools.items():
+        if getattr(p, "engine", None) == "vllm":
+            from jobs.common.vllm_stages import engine_key
+
+            shared.setdefault(engine_key(p), []).append(k)
+    for keys in shared.values():
+        from jobs.common.vllm_stages import demand
+
+        asks[" & ".join(keys) + " engines"] = demand(pools[keys[0]])
     want: dict[str, float] = {}
     for a in asks.values():
         for r, x in a.items():
@@ -88,7 +100,7 @@ def preflight(pools: dict[str, PoolCfg], turns: int = 1) -> None:
         problems.append(f"the stages ask for {want.get('CPU', 0.0):g} CPUs ({detail('CPU')}) but the cluster has "
                         f"{cpus:g}, and {HEADROOM_CPUS:g} must stay free for reading and writing. Lower num_cpus "
                         f"(fractions work, e.g. {first}.num_cpus={pools[first].num_cpus / 2:g}) or concurrency"
-                        + (" (a vLLM stage runs one engine pool per conversation turn)" if turns > 1 else "") + ".")
+                        + ".")
     if want.get("GPU", 0.0) > gpus:
         problems.append(f"the stages ask for {want['GPU']:g} GPUs ({detail('GPU')}) but the cluster has {gpus:g}; "
                         "set num_gpus=0 (and no GPU in vllm.bundles) on CPU-only clusters")

@@ -1,9 +1,12 @@
-"""Model stages on vLLM engines through Ray Data LLM (`ray.data.llm.build_processor`): drafting with the base
-model and refining with the aligner, for the batch jobs.
+"""Model stages on vLLM engines for the batch jobs: drafting with the base model and refining with the aligner,
+through Ray Data LLM's processors calling the job's own engine pool (`Engines`).
 
-Each stage is, per conversation turn, three steps over the dataset:
+One engine pool per model for the whole job: `Engines` starts a Ray Serve LLM deployment (serve_app/llm_server.py,
+`concurrency` replicas, each one vLLM engine on its placement group) per distinct engine setting, so every turn,
+the prefix drafts' second round, and both stages when the base and the aligner are the same model with the same
+settings, use the same engines. Each stage is, per conversation turn, three steps over the dataset:
 
-    requests (CPU tasks: our tokenizer builds the token ids)  ->  vLLM processor  ->  collect (CPU tasks)
+    requests (CPU tasks: our tokenizer builds the token ids)  ->  Serve deployment processor  ->  collect (CPU tasks)
 
 * The aligner's request is DiffPO's exact output as one greedy continuation (`pipeline.decoding.continuation`):
   its chat prompt (or the correction prompt with the draft in context) + the row's `r` reserved draft tokens,
@@ -11,10 +14,11 @@ Each stage is, per conversation turn, three steps over the dataset:
   generated. That is token for token what the Jacobi engines converge to.
 * The base model's request is its chat prompt with the configured sampling, seeded per row and turn, so a
   rerun draws the same drafts and batching never changes them. Turn k+1 of a conversation holds the drafted
-  answer of turn k, so turns run one after the other: one processor (one engine pool) per turn.
+  answer of turn k, so turns run one after the other (the same engines).
 * Rows never get lost: a row that arrives with an error, or has no turn k, sends a one-token placeholder
   request and passes through; a row whose prompt does not fit the context window, or that the engine
-  refuses, becomes an error row with the reason (`should_continue_on_error`).
+  refuses, becomes an error row with the reason. A replica that dies (its node lost) is replaced by Serve, and
+  the batches it held are sent again (`actor_task_retry_on_errors`): nothing is lost, nothing written twice.
 
 The per-row time budget (`row_timeout_s`) belongs to the Hugging Face engines; a vLLM request is bounded by its
 token cap, and continuous batching keeps one long row from holding the others.
@@ -47,22 +51,36 @@ REQUEST_COLUMNS = [pa.field("tokenized_prompt", pa.list_(pa.int64())), pa.field(
 PREFIX_REDO = "draft prefix did not settle"
 
 
-# ---- engine resources and model folders ---------------------------------------------------------------------
+# ---- the job's engines ----------------------------------------------------------------------------------------
+STAGE_ACTOR_CPUS = 0.1  # a processor's stage actor only awaits the engine's answers
+REPLICA_CPUS = 0.1  # the LLM server replica actor (its engine workers hold the bundles)
+
+
 def bundles(sec: OnVllm) -> list[dict[str, float]]:
     """The placement group of one engine: `vllm.bundles`, or tp x pp bundles of the pool's num_cpus/num_gpus."""
     return sec.vllm.placement(sec.num_cpus, sec.num_gpus)
 
 
-def demand(sec: OnVllm, engines_per_actor: int = 1) -> dict[str, float]:
-    """Everything a vLLM stage holds at once: `concurrency` engines (x `engines_per_actor`, one per turn),
-    each with its placement group (accelerator types as Ray's `accelerator_type:X` resources)."""
-    total: dict[str, float] = {}
+def demand(sec: OnVllm) -> dict[str, float]:
+    """Everything an engine pool holds at once: `concurrency` engines, each with its placement group (and its
+    replica actor; accelerator types as Ray's `accelerator_type:X` resources)."""
+    total: dict[str, float] = {"CPU": REPLICA_CPUS * sec.concurrency}
     for b in bundles(sec):
         for k, x in b.items():
-            total[k] = total.get(k, 0.0) + x * sec.concurrency * engines_per_actor
+            total[k] = total.get(k, 0.0) + x * sec.concurrency
     if sec.vllm.accelerator_type:
         total[f"accelerator_type:{sec.vllm.accelerator_type}"] = 0.001
     return total
+
+
+def engine_key(sec: OnVllm) -> str:
+    """What makes an engine pool: sections with the same key share one (the model folder, the engine settings and
+    the number of engines)."""
+    import json
+
+    keys = set(OnVllm.model_fields) - {"model"}
+    return json.dumps({"folder": model_folder(sec), "concurrency": sec.concurrency,
+                       **sec.model_dump(include=keys, mode="json")}, sort_keys=True)
 
 
 def model_folder(sec: OnVllm) -> str:
@@ -78,6 +96,72 @@ def model_folder(sec: OnVllm) -> str:
     return path
 
 
+class Engines:
+    """A job's vLLM engine pools: one Ray Serve LLM deployment per distinct engine setting (`engine_key`), each its
+    own Serve application (no HTTP: the job's stages call it through handles), started by `start()` and deleted by
+    `stop()` (also on errors: use it as a context manager). `name(sec)`: the deployment serving a section."""
+
+    def __init__(self, job: str, sections: list[OnVllm]):
+        import uuid
+
+        self.prefix = f"diffpo-{job}-{uuid.uuid4().hex[:6]}"
+        self.pools: dict[str, tuple[str, OnVllm]] = {}
+        for sec in sections:
+            key = engine_key(sec)
+            if key not in self.pools:
+                self.pools[key] = (f"{self.prefix}-llm{len(self.pools)}", sec)
+        self.started: list[str] = []
+
+    def name(self, sec: OnVllm) -> str:
+        return self.pools[engine_key(sec)][0]
+
+    def demand(self) -> dict[str, dict[str, float]]:
+        """The resources each pool holds (for the preflight): pools shared by several sections counted once."""
+        return {name: demand(sec) for name, sec in self.pools.values()}
+
+    def start(self) -> "Engines":
+        import time
+
+        import ray
+        from ray import serve
+
+        from serve_app.llm_server import llm_server
+
+        # a batch whose replica died (its node lost) is sent again once Serve has replaced it
+        ctx = ray.data.DataContext.get_current()
+        ctx.actor_task_retry_on_errors = list({*(ctx.actor_task_retry_on_errors or []), ray.exceptions.ActorDiedError})
+        serve.start(proxy_location="Disabled")
+        apps = []
+        for name, sec in self.pools.values():
+            options = {"num_replicas": sec.concurrency, "ray_actor_options": {"num_cpus": REPLICA_CPUS},
+                       "max_ongoing_requests": 100_000, "health_check_period_s": 10}
+            apps.append((name, llm_server(name, model_folder(sec), sec, options)))
+            print(f"[vllm] {name}: {sec.concurrency} engine(s) of {model_folder(sec)}, bundles {bundles(sec)}",
+                  flush=True)
+        t0 = time.perf_counter()
+        self.started = [name for name, _ in apps]
+        # deployed together, so that the engines start side by side; returns once every one is running
+        serve.run_many([serve.RunTarget(app, name=name, route_prefix=None) for name, app in apps])
+        print(f"[vllm] {len(apps)} engine pool(s) ready in {time.perf_counter() - t0:.0f} s", flush=True)
+        return self
+
+    def stop(self) -> None:
+        from ray import serve
+
+        for name in self.started:
+            try:
+                serve.delete(name)
+            except Exception as e:  # noqa: BLE001 - the engines go with the cluster anyway
+                print(f"[vllm] could not delete {name}: {e}", flush=True)
+        self.started = []
+
+    def __enter__(self):
+        return self.start() if self.pools else self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
 @functools.lru_cache(maxsize=4)
 def _text(spec: str, trust_remote_code: bool):
     from pipeline.models import load_model_text
@@ -85,35 +169,73 @@ def _text(spec: str, trust_remote_code: bool):
     return load_model_text(spec, trust_remote_code)
 
 
-def processor(sec: OnVllm, model: str, stage: str):
-    """A Ray Data LLM processor running `model` on vLLM engines as the section says (token ids in, token ids out:
-    our own tokenizer builds the prompts, so every engine sees the same ids)."""
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+# the columns the Serve processor adds to a row (its response, merged in); ours that share a name are renamed
+# around it
+RESPONSE_COLUMNS = ("object", "created", "model", "choices", "usage", "service_tier", "system_fingerprint",
+                    "kv_transfer_params", "ec_transfer_params", "metrics", "request_id", "batch_uuid", "time_taken",
+                    "request_kwargs", "method", "dtype", "idx_in_batch")
 
-    v = sec.vllm
-    on_cpu = not any(b.get("GPU") for b in bundles(sec))  # a GPU cluster's model folder may not be on this node
-    e = engine_setup(v, sec.dtype, sec.trust_remote_code, sec.num_cpus, sec.num_gpus,
-                     _text(model, sec.trust_remote_code).context_window if on_cpu else None)
-    cfg = vLLMEngineProcessorConfig(
-        model_source=model, engine_kwargs=e.engine_kwargs, batch_size=sec.batch_size, concurrency=sec.concurrency,
-        max_concurrent_batches=v.max_concurrent_batches, accelerator_type=v.accelerator_type,
-        placement_group_config={"bundles": e.bundles, "strategy": v.strategy},
-        runtime_env={"env_vars": e.env} if e.env else None, should_continue_on_error=True,
-        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False)
-    print(f"[vllm] {stage}: {sec.concurrency} engine(s) of {model}, bundles {e.bundles}, engine args "
-          f"{e.engine_kwargs}", flush=True)
+
+def _request(row: dict, model: str) -> dict:
+    s = row["sampling_params"]
+    return {"method": "completions", "dtype": "CompletionRequest",
+            "request_kwargs": {"model": model, "prompt": [int(t) for t in row["tokenized_prompt"]],
+                               "max_tokens": int(s["max_tokens"]), "temperature": float(s["temperature"]),
+                               "top_p": float(s["top_p"]), "seed": int(s["seed"]),
+                               "stop_token_ids": [int(t) for t in s["stop_token_ids"]], "return_token_ids": True,
+                               "stream": False}}
+
+
+def processor(engines: Engines, sec: OnVllm, stage: str):
+    """A Ray Data LLM processor sending each row's request (token ids in, token ids out: our own tokenizer builds
+    the prompts, so every engine sees the same ids) to the section's engine pool."""
+    from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
+    from ray.serve.llm.openai_api_models import CompletionRequest
+
+    name = engines.name(sec)
+    cfg = ServeDeploymentProcessorConfig(
+        deployment_name=name, app_name=name, dtype_mapping={"CompletionRequest": CompletionRequest},
+        batch_size=sec.batch_size * sec.vllm.max_concurrent_batches, concurrency=sec.concurrency,
+        should_continue_on_error=True)
     light = {"num_cpus": REQUEST_CPUS}  # the processor's own row maps: Ray Data's default (1 CPU) would not fit
-    return build_processor(cfg, preprocess_map_kwargs=light, postprocess_map_kwargs=light)
+    p = build_processor(cfg, preprocess=functools.partial(_request, model=name), preprocess_map_kwargs=light,
+                        postprocess_map_kwargs=light)
+    # the stage actor only awaits answers; Ray Data would give it a whole CPU
+    p.get_stage_by_name("ServeDeploymentStage").map_batches_kwargs["num_cpus"] = STAGE_ACTOR_CPUS
+    return p
+
+
+def _to_engine(batch: pa.Table) -> pa.Table:
+    """Our `id` and `error` columns out of the way of the response's (the processor merges it into the row)."""
+    return batch.rename_columns([{"id": "_id", "error": "_error"}.get(c, c) for c in batch.column_names])
+
+
+def _engine_rows(table: pa.Table, schema: pa.Schema) -> list[dict]:
+    """The rows after the processor, as our rows (`schema`) plus what the engine computed: generated_tokens,
+    time_taken_llm, prompt_token_ids, __inference_error__ (a refusal or a failure, as text)."""
+    out = []
+    for r in table.to_pylist():
+        row = {k: r.get(k) for k in schema.names if k not in ("id", "error")}
+        row["id"], row["error"] = r.get("_id"), r.get("_error")
+        for k in ("_reserved", "_cap", "_skip", "_goal"):
+            row[k] = r.get(k)
+        choices = r.get("choices") or []
+        err = r.get("__inference_error__") or ""
+        refusal = r.get("error")  # an engine's ErrorResponse comes back as the row's `error`
+        if not err and isinstance(refusal, dict):
+            err = refusal.get("message") or str(refusal)
+        if not err and not choices and not row["_skip"]:
+            err = "no answer from the engine"
+        row["__inference_error__"] = err
+        row["generated_tokens"] = list(choices[0].get("token_ids") or []) if choices else None
+        row["time_taken_llm"] = r.get("time_taken") or 0.0
+        row["prompt_token_ids"] = list(r.get("tokenized_prompt") or [])
+        out.append(row)
+    return out
 
 
 def _map(ds, fn, **kwargs):
     return ds.map_batches(fn, batch_format="pyarrow", num_cpus=REQUEST_CPUS, fn_kwargs=kwargs)
-
-
-def _without_engine_columns(table: pa.Table, schema: pa.Schema) -> list[dict]:
-    return table.select([c for c in table.column_names if c in schema.names or c in
-                         ("generated_tokens", "time_taken_llm", "__inference_error__", "_reserved", "_cap", "_skip",
-                          "_goal", "prompt_token_ids")]).to_pylist()
 
 
 def _placeholder(stop_id: int) -> dict:
@@ -149,11 +271,12 @@ def _draft_requests(batch: pa.Table, base: DraftCfg, turn: int, schema: pa.Schem
     out = []
     for r in batch.to_pylist():
         answers = r.get("_answers") or []
-        if r.get("error") or r["drafts"] is not None or turn >= len(r["turns"]):
+        turn_ = len(r["turns"]) - 1 if turn < 0 else turn  # -1: the last turn again (`_redraft_requests`)
+        if r.pop("_skip_turn", None) or r.get("error") or r["drafts"] is not None or turn_ >= len(r["turns"]):
             out.append({**r, **_placeholder(text.stop_ids[0])})
             continue
         try:
-            ids = chat_prompt_ids(text.tokenizer, conversation(r, turn, answers))
+            ids = chat_prompt_ids(text.tokenizer, conversation(r, turn_, answers))
         except ValueError as e:
             out.append({**r, **_placeholder(text.stop_ids[0]), "error": _error("draft stage", e)})
             continue
@@ -162,8 +285,8 @@ def _draft_requests(batch: pa.Table, base: DraftCfg, turn: int, schema: pa.Schem
             out.append({**r, **_placeholder(text.stop_ids[0]), "error": _error("draft stage", why)})
             continue
         cap, goal = s.max_new_tokens, -1
-        if prefix_for is not None and turn == len(r["turns"]) - 1:  # earlier turns' drafts are in later prompts
-            g = prefix_goal(_turn_key(r, turn), prefix_for.refine)
+        if prefix_for is not None and turn_ == len(r["turns"]) - 1:  # earlier turns' drafts are in later prompts
+            g = prefix_goal(_turn_key(r, turn_), prefix_for.refine)
             if g.skip:  # r = 0: the answer reads none of the draft
                 out.append({**r, **_placeholder(text.stop_ids[0]), "_goal": 0})
                 continue
@@ -171,7 +294,7 @@ def _draft_requests(batch: pa.Table, base: DraftCfg, turn: int, schema: pa.Schem
             cap = base_budget(g, _ratio(base.model, base.trust_remote_code, prefix_for.model,
                                         prefix_for.trust_remote_code), s.max_new_tokens)
         params = {"max_tokens": cap, "temperature": s.temperature if s.do_sample else 0.0,
-                  "top_p": s.top_p if s.do_sample else 1.0, "seed": draft_seed(s.seed, f"{r['id']}#{turn}"),
+                  "top_p": s.top_p if s.do_sample else 1.0, "seed": draft_seed(s.seed, f"{r['id']}#{turn_}"),
                   "stop_token_ids": list(text.stop_ids), "detokenize": False}
         out.append({**r, "tokenized_prompt": ids, "sampling_params": params, "_reserved": 0,
                     "_cap": cap, "_skip": False, "_goal": goal})
@@ -184,7 +307,7 @@ def _collect_drafts(batch: pa.Table, base: DraftCfg, turn: int, schema: pa.Schem
 
     text = _text(base.model, base.trust_remote_code)
     out = []
-    for r in _without_engine_columns(batch, schema):
+    for r in _engine_rows(batch, schema):
         goal = r.get("_goal")
         goal = -1 if goal is None else goal
         if goal == 0:  # a prefix of nothing: this turn's answer reads no draft token
@@ -212,24 +335,44 @@ def _collect_drafts(batch: pa.Table, base: DraftCfg, turn: int, schema: pa.Schem
     return pa.Table.from_pylist(out, schema=schema)
 
 
-def draft(ds, base: DraftCfg, turns: int, schema: pa.Schema, prefix_for=None):
+def draft(ds, engines: Engines, base: DraftCfg, turns: int, schema: pa.Schema, prefix_for=None):
     """Drafts for the rows without drafts (`drafts` is null), turn by turn, on vLLM engines. `schema`: the rows'
     schema (it must hold `draft_s`); the rows come out with the same schema and `drafts` filled in.
 
     `prefix_for` (an aligner section whose answer reads only the draft's first r tokens,
     `draft_prefix.needs_full_draft`): a row's last turn is drafted only as far as that aligner's answer depends
     on it (nothing where r = 0), the earlier turns in full (later prompts hold them); a `draft_prefix` column in
-    `schema` says which drafts are prefixes. A prefix that did not settle gets the error `PREFIX_REDO`: the job
-    leaves the row unwritten and drafts it again in full."""
+    `schema` says which drafts are prefixes. A prefix that did not settle is drafted again, in full, by one more
+    round on the same engines."""
     work = schema.append(pa.field("_answers", pa.list_(pa.string())))
     ds = _map(ds, _add_columns, fields=[work.field("_answers")])
-    model = model_folder(base)
     for turn in range(turns):
         ds = _map(ds, _draft_requests, base=base, turn=turn, schema=work, prefix_for=prefix_for)
-        ds = processor(base, model, f"draft turn {turn}")(ds)
+        ds = _engine(ds, engines, base, f"draft turn {turn}")
         ds = _map(ds, _collect_drafts, base=base, turn=turn, schema=work, last=turn == turns - 1,
                   prefix_for=prefix_for)
+    if prefix_for is not None:  # the prefixes that did not settle, in full
+        ds = _map(ds, _redraft_requests, base=base, schema=work)
+        ds = _engine(ds, engines, base, "draft again in full")
+        ds = _map(ds, _collect_drafts, base=base, turn=-1, schema=work, last=True, prefix_for=None)
     return _map(ds, _select, schema=schema)
+
+
+def _engine(ds, engines: Engines, sec: OnVllm, stage: str):
+    return processor(engines, sec, stage)(_map(ds, _to_engine))
+
+
+def _redraft_requests(batch: pa.Table, base: DraftCfg, schema: pa.Schema) -> pa.Table:
+    """The full draft of each row whose prefix did not settle (the prefix dropped); a placeholder for the others."""
+    rows = []
+    for r in batch.to_pylist():
+        if r.get("error") == PREFIX_REDO:
+            r = {**r, "error": None, "_answers": (r.get("_answers") or [])[:-1], "draft_prefix": False}
+        else:
+            r = {**r, "_skip_turn": True}
+        rows.append(r)
+    return _draft_requests(pa.Table.from_pylist(rows, schema=schema.append(pa.field("_skip_turn", pa.bool_()))),
+                           base, -1, schema)
 
 
 # ---- the aligner refines --------------------------------------------------------------------------------------
@@ -266,7 +409,7 @@ def _collect_refined(batch: pa.Table, aligner: AlignerCfg, schema: pa.Schema, co
 
     text = _text(aligner.model, aligner.trust_remote_code)
     out = []
-    for r in _without_engine_columns(batch, schema):
+    for r in _engine_rows(batch, schema):
         if not r["_skip"]:
             if r.get("__inference_error__"):
                 r[failed] = _error("refine stage", f"vLLM: {r['__inference_error__']}")
@@ -285,7 +428,8 @@ def _collect_refined(batch: pa.Table, aligner: AlignerCfg, schema: pa.Schema, co
     return pa.Table.from_pylist(out, schema=schema)
 
 
-def refine(ds, aligner: AlignerCfg, turns: int, schema: pa.Schema, column: str = "refined", fail_row: bool = True):
+def refine(ds, engines: Engines, aligner: AlignerCfg, turns: int, schema: pa.Schema, column: str = "refined",
+           fail_row: bool = True):
     """Every turn's draft refined by the aligner on vLLM engines. Rows come out with `schema` plus `column`: one
     `RESULT` per turn (token ids, text, tokens generated, stop reason, engine seconds). A row the aligner cannot
     refine gets the reason in `error` (`fail_row`), or else in `<column>_error`, so that other answers of the row still count
@@ -293,10 +437,9 @@ def refine(ds, aligner: AlignerCfg, turns: int, schema: pa.Schema, column: str =
     failed = "error" if fail_row else f"{column}_error"
     work = refined_schema(schema, column, fail_row)
     ds = _map(ds, _add_columns, fields=[f for f in work if f.name not in schema.names])
-    model = model_folder(aligner)
     for turn in range(turns):
         ds = _map(ds, _refine_requests, aligner=aligner, turn=turn, schema=work, failed=failed)
-        ds = processor(aligner, model, f"refine turn {turn}" + ("" if fail_row else f" ({column})"))(ds)
+        ds = _engine(ds, engines, aligner, f"refine turn {turn}" + ("" if fail_row else f" ({column})"))
         ds = _map(ds, _collect_refined, aligner=aligner, schema=work, column=column, failed=failed)
     return ds
 

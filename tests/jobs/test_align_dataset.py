@@ -109,7 +109,7 @@ def test_config_errors_are_clear(tmp_path, ray_local):
 
 @pytest.mark.integration
 def test_vllm_stages_that_the_cluster_cannot_hold_fail_fast_with_the_reason(ray_local):
-    """vLLM placement groups are counted before anything starts: GPUs, CPUs (one engine pool per turn) and
+    """vLLM placement groups are counted before anything starts: GPUs, CPUs (one engine pool per model) and
     accelerator types the cluster lacks are refused with the reason, never a silent wait."""
     from jobs.align_dataset import AlignDatasetConfig
     from jobs.common.data import preflight
@@ -119,13 +119,15 @@ def test_vllm_stages_that_the_cluster_cannot_hold_fail_fast_with_the_reason(ray_
         return {"base": c.base, "aligner": c.aligner}
 
     preflight(cfg())  # the shipped default (a CPU bundle of 0.5 per engine) fits this 2-CPU Ray
-    with pytest.raises(ConfigError, match=r"ask for 4 GPUs \(aligner 4\) but the cluster has 0"):
+    with pytest.raises(ConfigError, match=r"ask for 4 GPUs \(aligner engines 4\) but the cluster has 0"):
         preflight(cfg("aligner.num_gpus=1", "aligner.vllm.tensor_parallel_size=4"))
-    with pytest.raises(ConfigError, match=r"ask for 2 CPUs \(base 1 \+ aligner 1\)"):
-        preflight(cfg(), turns=2)  # a 2-turn conversation: one engine pool per turn and stage
+    preflight(cfg(), turns=2)  # a base and an aligner with the same engine settings share one engine pool
+    with pytest.raises(ConfigError, match=r"ask for 1.85 CPUs \(base 0.2 \+ aligner 0.2 \+ base engines 0.6 \+ "
+                                          r"aligner engines 0.85\)"):
+        preflight(cfg("aligner.num_cpus=0.75"), turns=2)  # two pools, and a stage actor per turn
     with pytest.raises(ConfigError, match="accelerator type H100"):
         preflight(cfg("aligner.vllm.accelerator_type=H100"))
-    with pytest.raises(ConfigError, match=r"ask for 3 CPUs"):
+    with pytest.raises(ConfigError, match=r"ask for 3.2 CPUs"):
         preflight(cfg("base.engine=hf", "aligner.vllm.bundles=[{CPU: 1}, {CPU: 1}]", "aligner.concurrency=1",
                       "base.num_cpus=1"))
 

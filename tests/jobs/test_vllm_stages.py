@@ -22,11 +22,12 @@ def _rows():
 
 
 def _engine(table: pa.Table, answers: dict) -> pa.Table:
-    """What the processor adds: the prompt ids it ran and the tokens it generated (here: given per row)."""
-    rows = table.to_pylist()
+    """What the Serve deployment processor hands back: the rows with our id / error moved aside (`_to_engine`) and
+    the completion merged in (its own `id`; token ids per choice; here given per row)."""
+    rows = vs._to_engine(table).to_pylist()
     for r in rows:
-        r["prompt_token_ids"] = r["tokenized_prompt"]
-        r["generated_tokens"], r["time_taken_llm"], r["__inference_error__"] = answers.get(r["id"], [1]), 0.5, ""
+        r["choices"] = [{"token_ids": answers.get(r["_id"], [1]), "finish_reason": "stop"}]
+        r["id"], r["time_taken"], r["__inference_error__"] = "cmpl-x", 0.5, ""
     return pa.Table.from_pylist(rows)
 
 
