@@ -184,8 +184,8 @@ def export(cfg: AlignDatasetConfig, out: str) -> dict[str, str]:
     rows, errors = storage.join(out, "rows"), storage.join(out, "errors")
     writers = []
     if o.single_file:
-        files["output"] = storage.join(out, f"aligned.{o.format}")
-        writers.append(exports.table_writer(files["output"], OUTPUT_SCHEMA.remove(OUTPUT_SCHEMA.get_field_index("error"))))
+        files["output_file"] = storage.join(out, f"aligned.{o.format}")
+        writers.append(exports.table_writer(files["output_file"], OUTPUT_SCHEMA.remove(OUTPUT_SCHEMA.get_field_index("error"))))
     if o.fastchat_answers:
         files["fastchat_answers"] = storage.join(out, "fastchat_answers.jsonl")
         writers.append(exports.fastchat_writer(files["fastchat_answers"], o.model_id, "aligned_turns"))
@@ -194,8 +194,8 @@ def export(cfg: AlignDatasetConfig, out: str) -> dict[str, str]:
         writers.append(exports.alpaca_eval_writer(files["alpaca_eval_outputs"], o.model_id, "aligned"))
     exports.stream(rows, writers)
     if o.single_file:
-        files["errors"] = storage.join(out, "errors.jsonl")
-        exports.stream(errors, [exports.table_writer(files["errors"], None)])
+        files["errors_file"] = storage.join(out, "errors.jsonl")
+        exports.stream(errors, [exports.table_writer(files["errors_file"], None)])
     return files
 
 
@@ -281,7 +281,10 @@ def main(argv: list[str] | None = None) -> dict:
     for r in exports.first_rows(storage.join(out, "rows"), cfg.show_samples):
         print(f"\n--- id {r['id']} ---\nPROMPT : {r['prompt'][:200]}\nDRAFT  : {r['draft'][:300]}\n"
               f"ALIGNED: {r['aligned'][:300]}")
-    print(f"\n[align_dataset] aligned rows: {summary['rows']}\n[align_dataset] error rows:   {summary['errors']}")
+    print(f"\n[align_dataset] aligned rows: {summary['rows']}"
+          + (f" (and {summary['output_file']})" if "output_file" in summary else "")
+          + f"\n[align_dataset] error rows:   {summary['errors']}"
+          + (f" (and {summary['errors_file']})" if "errors_file" in summary else ""))
     return summary
 
 

@@ -4,8 +4,8 @@ A block is `rows_per_block` consecutive records of one input file, named by the 
 (``<file key>-<first record:09d>``): the same input gives the same blocks on every run and on every machine. The
 driver only lists files and block names; the rows themselves are read, processed and written by Ray's workers.
 
-    plan = read_plan(files, rows_per_block, limit)            # the driver: one entry per input file
-    ds = read_blocks(plan, parser, done)                      # workers: the rows of every block not in `done`
+    index = index_blocks(file_tasks(files, root), parser, done)   # workers: one row per block (O(blocks) back)
+    ds = read_blocks(todo, parser)                            # workers: a task per block to do
     ...model stages (each row carries _block, _row, _total)...
     ds.write_datasink(BlockSink(rows_uri, errors_uri, ...))   # workers: each block's rows under its name
 
@@ -60,7 +60,6 @@ class FileTask:
     uri: str
     key: str  # the file's part of its blocks' names
     source: str  # the name error rows give the file ("prompts.jsonl")
-    max_rows: Optional[int] = None  # `limit`: only the first records
 
 
 def file_key(rel: str) -> str:
@@ -69,55 +68,46 @@ def file_key(rel: str) -> str:
     return f"{stem}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
 
 
-def read_plan(files: list[str], root: str, limit: Optional[int] = None) -> list[FileTask]:
-    """One task per input file (sorted). `limit`: only the first `limit` records over the files in order, which
-    the driver finds by counting records (only as many files as that takes)."""
+def file_tasks(files: list[str], root: str) -> list[FileTask]:
     import os
 
-    plan, left = [], limit
+    out = []
     for f in files:
-        rel = os.path.relpath(storage.display(f), storage.display(root)) if f != root else os.path.basename(
-            storage.display(f))
-        task = FileTask(f, file_key(rel), os.path.basename(storage.display(f)))
-        if left is not None:
-            if left <= 0:
-                break
-            n = count_records(f)
-            task = FileTask(task.uri, task.key, task.source, max_rows=min(n, left))
-            left -= n
-        plan.append(task)
-    return plan
+        rel = (os.path.relpath(storage.display(f), storage.display(root)) if f != root
+               else os.path.basename(storage.display(f)))
+        out.append(FileTask(f, file_key(rel), os.path.basename(storage.display(f))))
+    return out
 
 
-# ---- reading --------------------------------------------------------------------------------------------------
-def _lines(uri: str) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, line) of every non-blank line of a (gzipped or plain) text file, streamed."""
+# ---- records ------------------------------------------------------------------------------------------------
+def _seekable(uri: str) -> bool:
+    return uri.endswith((".jsonl",)) or not uri.endswith((".gz", ".json", ".parquet"))
+
+
+def _lines(uri: str, offset: int = 0, line: int = 1) -> Iterator[tuple[int, int, bytes]]:
+    """(1-based line number, byte offset, line) of every non-blank line of a (gzipped or plain) text file, streamed,
+    from byte `offset` (line number `line`; plain files only: gzip streams are read from the start)."""
     fs, path = storage.location(uri)
-    with fs.open_input_stream(path, compression="gzip" if path.endswith(".gz") else None) as f:
-        rest, n = b"", 0
+    if offset:
+        f = fs.open_input_file(path)
+        f.seek(offset)
+    else:
+        f = fs.open_input_stream(path, compression="gzip" if path.endswith(".gz") else None)
+    with f:
+        rest, n, pos = b"", line - 1, offset
         while chunk := f.read(1 << 22):
             lines = (rest + chunk).split(b"\n")
             rest = lines.pop()
             for raw in lines:
                 n += 1
+                at, pos = pos, pos + len(raw) + 1
                 if n == 1:
                     raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as some tools write
                 if raw.strip():
-                    yield n, raw.rstrip(b"\r")
+                    yield n, at, raw.rstrip(b"\r")
         if rest.strip():
-            yield n + 1, (rest.removeprefix(b"\xef\xbb\xbf") if n == 0 else rest).rstrip(b"\r")
-
-
-def count_records(uri: str) -> int:
-    if uri.endswith(".parquet"):
-        fs, path = storage.location(uri)
-        return pq.ParquetFile(fs.open_input_file(path)).metadata.num_rows
-    if uri.endswith((".json", ".json.gz")):
-        return sum(1 for _ in _json_records(uri, "count"))
-    try:
-        return sum(1 for _ in _lines(uri))
-    except OSError:  # not valid gzip: one error row
-        return 1
+            n += 1
+            yield n, pos, (rest.removeprefix(b"\xef\xbb\xbf") if n == 1 else rest).rstrip(b"\r")
 
 
 def _json_records(uri: str, source: str):
@@ -128,23 +118,25 @@ def _json_records(uri: str, source: str):
         yield from parse_json_array(f.read(), source)
 
 
-def _records(task: FileTask) -> Iterator[Callable[[], tuple]]:
-    """A thunk per record of the file (record, fallback id, error): parsed only when called, so that the records
-    of blocks already done are skipped at the cost of splitting lines."""
+def _records(task: FileTask, offset: int = 0, line: int = 1) -> Iterator[tuple[Callable[[], tuple], int, int]]:
+    """(thunk, line, byte offset) per record of the file from `offset` / `line`: the thunk parses the record (record,
+    fallback id, error) only when called, so that indexing the records of blocks already done costs only the line
+    splitting. JSON arrays and Parquet files are read from their start (line = the record's index, offset -1)."""
     from pipeline.records import parse_line
 
     uri = task.uri
     try:
         if uri.endswith(".parquet"):
-            yield from _parquet_records(task)
+            for i, th in enumerate(_parquet_records(task)):
+                yield th, i, -1
         elif uri.endswith((".json", ".json.gz")):
-            for rec in _json_records(uri, task.source):
-                yield lambda rec=rec: rec
+            for i, rec in enumerate(_json_records(uri, task.source)):
+                yield (lambda rec=rec: rec), i, -1
         else:
-            for n, raw in _lines(uri):
-                yield lambda raw=raw, n=n: parse_line(raw, n, task.source)
+            for n, at, raw in _lines(uri, offset if _seekable(uri) else 0, line if _seekable(uri) else 1):
+                yield (lambda raw=raw, n=n: parse_line(raw, n, task.source)), n, at if _seekable(uri) else -1
     except OSError as e:  # a file that is not what its name says (bad gzip): one error row
-        yield lambda e=e: (None, f"{task.source}:0", f"cannot read the file: {e}")
+        yield (lambda e=e: (None, f"{task.source}:0", f"cannot read the file: {e}")), 0, -1
 
 
 def _parquet_records(task: FileTask):
@@ -180,45 +172,102 @@ class Parser:
         return pa.Table.from_pylist(out, schema=self.schema)
 
 
-def _read_file(batch: pa.Table, parser: Parser, done: frozenset) -> Iterator[pa.Table]:
-    """The rows of each block of the batch's files that is not in `done`, a table per block."""
-    n = parser.rows_per_block
+# ---- the index: every block of the input, where it starts, what the stages need to know of it ------------------
+INDEX = pa.schema([("uri", pa.string()), ("key", pa.string()), ("source", pa.string()), ("file", pa.int64()),
+                   ("block", pa.string()), ("start", pa.int64()), ("line", pa.int64()), ("offset", pa.int64()),
+                   ("n", pa.int64()), ("turns", pa.int64()), ("to_draft", pa.int64()), ("parsed", pa.bool_())])
+
+
+def _turns_and_drafts(rows: pa.Table) -> tuple[int, int]:
+    turns = pc.max(pc.list_value_length(rows.column("turns"))).as_py() if rows.num_rows else 0
+    if "drafts" not in rows.column_names:
+        return turns or 0, 0
+    need = pc.sum(pc.cast(pc.and_(pc.is_null(rows.column("drafts")), pc.is_null(rows.column("error"))), pa.int64()))
+    return turns or 0, need.as_py() or 0
+
+
+def _index_file(batch: pa.Table, parser: Parser, done: dict, limit: Optional[int]) -> pa.Table:
+    """One row per block of each file of the batch: its name, first record (line and byte offset) and size; the
+    blocks not in `done` (block -> rows) are parsed for the most turns and the rows without drafts."""
+    n, out = parser.rows_per_block, []
     for t in batch.to_pylist():
-        task = FileTask(**t)
-        chunk, start = [], 0
+        i, task = t.pop("file"), FileTask(**t)
+        chunk: list = []
 
-        def emit(chunk, start):
+        def emit(chunk):
+            start = len(out_blocks) * n
             block = f"{task.key}-{start:09d}"
-            if block in done:
-                return None
-            rows = parser.rows(chunk)
-            k = rows.num_rows
-            return with_keys(rows, pa.table({"_block": [block] * k, "_row": list(range(start, start + k)),
-                                             "_total": [k] * k}, schema=pa.schema(KEY_FIELDS)))
+            # a block already written is only counted (with a limit, which may cut it, every block is parsed)
+            rows = None if done.get(block) == len(chunk) and limit is None else parser.rows([c[0] for c in chunk])
+            turns, to_draft = _turns_and_drafts(rows) if rows is not None else (0, 0)
+            out_blocks.append(block)
+            out.append({**t, "file": i, "block": block, "start": start, "line": chunk[0][1], "offset": chunk[0][2],
+                        "n": len(chunk), "turns": turns, "to_draft": to_draft, "parsed": rows is not None})
 
-        for i, thunk in enumerate(_records(task)):
-            if task.max_rows is not None and i >= task.max_rows:
+        out_blocks: list = []
+        for k, rec in enumerate(_records(task)):
+            if limit is not None and k >= limit:  # no file gives more than `limit` records
                 break
-            chunk.append(thunk)
+            chunk.append(rec)
             if len(chunk) == n:
-                if (t := emit(chunk, start)) is not None:
-                    yield t
-                chunk, start = [], start + n
-        if chunk and (t := emit(chunk, start)) is not None:
-            yield t
+                emit(chunk)
+                chunk = []
+        if chunk:
+            emit(chunk)
+    return pa.Table.from_pylist(out, schema=INDEX)
 
 
-def read_blocks(plan: list[FileTask], parser: Parser, done: set[str] = frozenset()):
-    """A Dataset of the rows of every block of `plan` not in `done`, read and parsed by Ray's workers (a task per
-    file, its blocks streamed out as they are parsed); bad records are error rows."""
+def index_blocks(tasks: list[FileTask], parser: Parser, done: dict[str, int], limit: Optional[int]) -> list[dict]:
+    """Every block of the input (a Ray Data pass over the files, a task per file: O(blocks) rows come back), in
+    file order; `limit`: only the first `limit` records over the files in order."""
     import dataclasses
 
     import ray
 
-    items = [dataclasses.asdict(t) for t in plan]
-    return (ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-            .map_batches(_read_file, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
-                         fn_kwargs=dict(parser=parser, done=frozenset(done))))
+    items = [dataclasses.asdict(t) | {"file": i} for i, t in enumerate(tasks)]
+    index = (ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+             .map_batches(_index_file, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+                          fn_kwargs=dict(parser=parser, done=done, limit=limit)).take_all())
+    index.sort(key=lambda b: (b["file"], b["start"]))
+    if limit is not None:
+        kept, left = [], limit
+        for b in index:
+            if left <= 0:
+                break
+            if b["n"] > left:  # the block the limit cuts: its first `left` records (the block's info: upper bounds)
+                b = dict(b, n=left)
+            kept.append(b)
+            left -= b["n"]
+        index = kept
+    return index
+
+
+def _read_block(batch: pa.Table, parser: Parser) -> pa.Table:
+    """The rows of one block (an index row): read from its first record on; bad records are error rows."""
+    (b,) = batch.to_pylist()
+    task = FileTask(b["uri"], b["key"], b["source"])
+    seek = b["offset"] >= 0
+    thunks = []
+    for k, (th, _, _) in enumerate(_records(task, b["offset"] if seek else 0, b["line"] if seek else 1)):
+        if not seek and k < b["start"]:
+            continue
+        thunks.append(th)
+        if len(thunks) == b["n"]:
+            break
+    rows = parser.rows(thunks)
+    k = rows.num_rows
+    return with_keys(rows, pa.table({"_block": [b["block"]] * k, "_row": list(range(b["start"], b["start"] + k)),
+                                     "_total": [k] * k}, schema=pa.schema(KEY_FIELDS)))
+
+
+def read_blocks(index: list[dict], parser: Parser):
+    """A Dataset of the rows of the blocks of `index`, read and parsed by Ray's workers: a task per block, so that
+    the blocks stream through the stages (and to storage) one by one, whatever the files' sizes."""
+    import ray
+
+    return (ray.data.from_items(index, override_num_blocks=max(1, len(index)))
+            .map_batches(_read_block, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+                         fn_kwargs=dict(parser=parser)))
 
 
 # ---- what is written ------------------------------------------------------------------------------------------
@@ -357,20 +406,9 @@ class InputInfo:
     to_draft: int  # rows without drafts (and without an error)
 
 
-def _features(batch: pa.Table) -> pa.Table:
-    turns = pc.fill_null(pc.list_value_length(batch.column("turns")), 0)
-    need = pc.and_(pc.is_null(batch.column("drafts")), pc.is_null(batch.column("error"))) \
-        if "drafts" in batch.column_names else pa.array([False] * batch.num_rows)
-    return pa.table({"turns": pc.cast(turns, pa.int64()), "to_draft": pc.cast(need, pa.int64())})
-
-
-def input_info(ds) -> InputInfo:
-    from ray.data.aggregate import Count, Max, Sum
-
-    agg = ds.map_batches(_features, batch_format="pyarrow", num_cpus=READ_CPUS).aggregate(
-        Count(), Max("turns"), Sum("to_draft"))
-    return InputInfo(rows=agg.get("count()") or 0, turns=max(1, agg.get("max(turns)") or 0),
-                     to_draft=agg.get("sum(to_draft)") or 0)
+def info_of(blocks: list[dict]) -> InputInfo:
+    return InputInfo(rows=sum(b["n"] for b in blocks), turns=max([1] + [b["turns"] for b in blocks]),
+                     to_draft=sum(b["to_draft"] for b in blocks))
 
 
 class BlockJob:
@@ -381,51 +419,45 @@ class BlockJob:
     the summary's totals over the whole output (files written by earlier runs included)."""
 
     def __init__(self, name: str, out: str, files: list[str], root: str, parser: Parser, limit: int | None):
+        import json
+
         from jobs.common.config import ConfigError
 
-        self.name, self.parser = name, parser
+        self.name, self.parser, self.limit = name, parser, limit
         self.rows_uri, self.errors_uri = storage.join(out, "rows"), storage.join(out, "errors")
         if not files:
             raise ConfigError([f"input: no input file at {root!r}"])
-        self.plan = read_plan(files, root, limit)
-        import json
-
-        # what decides the blocks' names and sizes: another rows_per_block names other blocks (refused); another
-        # limit may cut a file's last block elsewhere (the blocks shorter than rows_per_block are redone)
-        manifest = {"rows_per_block": parser.rows_per_block, "limit": limit}
+        self.tasks = file_tasks(files, root)
+        # another rows_per_block names other blocks: refused (another limit only cuts a file's last block elsewhere:
+        # a block whose size changed is redone)
         uri = storage.join(out, "blocks.json")
-        old = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else manifest
-        self.short_redone = old.get("limit") != limit
-        if old.get("rows_per_block") != parser.rows_per_block and scan(self.rows_uri).complete:
-            raise ConfigError([f"output.path {storage.display(out)!r} holds blocks of {old.get('rows_per_block')} "
-                               f"rows, and rows_per_block is {parser.rows_per_block}: use the same rows_per_block to "
-                               "resume, a new output.path, or delete that one to start over"])
-        storage.write_text(uri, json.dumps(manifest))
-        self.started_with: set[str] | None = None
+        old = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
+        if old.get("rows_per_block", parser.rows_per_block) != parser.rows_per_block and scan(self.rows_uri).complete:
+            raise ConfigError([f"output.path {storage.display(out)!r} holds blocks of {old['rows_per_block']} rows, "
+                               f"and rows_per_block is {parser.rows_per_block}: use the same rows_per_block to resume, "
+                               "a new output.path, or delete that one to start over"])
+        storage.write_text(uri, json.dumps({"rows_per_block": parser.rows_per_block}))
         self.processed = 0
 
     def todo(self):
         """(Dataset of the rows to do, InputInfo of them)."""
         s = scan(self.rows_uri)
-        if self.short_redone:
-            for b in [b for b, n in s.rows.items() if n < self.parser.rows_per_block]:
-                s.incomplete[b] = s.complete.pop(b)
-                del s.rows[b]
-            self.short_redone = False
+        index = index_blocks(self.tasks, self.parser, s.rows, self.limit)
+        for b in index:  # written whole under another limit: the block's size changed
+            if s.rows.get(b["block"], b["n"]) != b["n"]:
+                s.incomplete[b["block"]] = s.complete.pop(b["block"])
+                del s.rows[b["block"]]
         if s.incomplete or s.temporary:
             print(f"[{self.name}] resume: {len(s.incomplete)} block(s) written only in part are redone", flush=True)
         clean(self.rows_uri, self.errors_uri, s)
-        first = self.started_with is None
-        if first:
-            self.started_with = set(s.complete)
-        ds = read_blocks(self.plan, self.parser, set(s.complete))
-        info = input_info(ds)
-        if first:
-            self.processed = info.rows
-            print(f"[{self.name}] {len(self.plan)} input file(s); {len(s.complete)} block(s) "
-                  f"({sum(s.rows.values())} rows) already written in {storage.display(self.rows_uri)}; "
-                  f"{info.rows} rows to do", flush=True)
-        return ds, info
+        todo = [b for b in index if b["block"] not in s.complete]
+        info = info_of(todo)
+        self.processed = info.rows
+        print(f"[{self.name}] {len(self.tasks)} input file(s), {len(index)} block(s) of up to "
+              f"{self.parser.rows_per_block} rows; {len(index) - len(todo)} block(s) "
+              f"({sum(b['n'] for b in index) - info.rows} rows) already written in {storage.display(self.rows_uri)}; "
+              f"{info.rows} rows to do", flush=True)
+        return read_blocks(todo, self.parser), info
 
     def finish(self, totals: dict[str, dict], columns: list[str], stats: Callable[[pa.Table], dict]) -> dict:
         """The summary's totals over every block file (`totals`: file -> stats of the files this run wrote), with
