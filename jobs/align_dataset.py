@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
     wall = time.perf_counter() - started
     summary = {
         "rows_in": totals["rows_in"], "rows_out": totals.get("rows_out", 0), "error_rows": totals.get("error_rows", 0),
-        "rows_processed_this_run": job.processed, "blocks": totals["blocks"], "wall_s": round(wall, 2),
+        "rows_processed_this_run": job.processed, "blocks": totals["blocks"], "duplicate_ids": totals["duplicate_ids"],
+        "wall_s": round(wall, 2),
         "rows_per_s": round(job.processed / wall, 4) if wall > 0 else 0.0,
         **engine_summary(totals), "mode": cfg.aligner.label,
         "rows": storage.display(storage.join(out, "rows")), "errors": storage.display(storage.join(out, "errors")),

@@ -397,6 +397,20 @@ def totals_of_files(rows_uri: str, errors_uri: str, names: list[str], columns: l
     return {r["name"]: json.loads(r["stats"]) for r in ds.map_batches(one, batch_size=64, num_cpus=READ_CPUS).iter_rows()}
 
 
+def duplicate_ids(rows_uri: str, errors_uri: str, show: int = 10) -> tuple[int, list[str]]:
+    """How many ids occur more than once in the output folders, and some of them: a Ray Data aggregation over the
+    id column (the ids never come to the driver)."""
+    import ray
+
+    paths = [storage.location(storage.join(u, n))[1] for u in (rows_uri, errors_uri) for n in storage.list_names(u)
+             if PIECE.match(n)]
+    if not paths:
+        return 0, []
+    ds = ray.data.read_parquet(paths, filesystem=storage.location(rows_uri)[0], columns=["id"])
+    dup = ds.groupby("id").count().filter(lambda r: r["count()"] > 1).materialize()
+    return dup.count(), [r["id"] for r in dup.take(show)]
+
+
 # ---- a job's resume bookkeeping --------------------------------------------------------------------------------
 @dataclass
 class InputInfo:
@@ -472,6 +486,10 @@ class BlockJob:
         for n in names:
             total = add(total, known[n])
         total["rows_in"], total["blocks"] = sum(s.rows.values()), len(s.complete)
+        total["duplicate_ids"], sample = duplicate_ids(self.rows_uri, self.errors_uri)
+        if sample:
+            print(f"[{self.name}] WARNING: {total['duplicate_ids']} id(s) occur more than once in the input (every row "
+                  f"was processed; exports keyed by id will repeat them), e.g. {sample}", flush=True)
         if total.get("rows_out", 0) + total.get("error_rows", 0) != total["rows_in"]:
             raise RuntimeError(f"internal error: {total['rows_in']} rows in, but {total.get('rows_out', 0)} aligned "
                                f"and {total.get('error_rows', 0)} error rows written")

@@ -48,6 +48,7 @@ def test_job_handles_formats_bad_rows_and_exports(tmp_path, tiny_dirs, ray_local
         b'{"id": 8, "prompt": ',  # broken JSON
         {"id": 9, "prompt": "x" * 5000},  # over the tiny model's 4096-token context window
         {"id": 10, "prompt": "Count to three.", "draft": "One, two, three."},
+        {"id": 10, "prompt": "Count to four.", "draft": "One, two, three, four."},  # the id again
     ]
     src = write_jsonl(tmp_path / "in.jsonl", lines)
     out = tmp_path / "out"
@@ -56,7 +57,8 @@ def test_job_handles_formats_bad_rows_and_exports(tmp_path, tiny_dirs, ray_local
     ok = pd.read_parquet(out / "aligned.parquet")
     errors = [json.loads(x) for x in open(out / "errors.jsonl")]
     assert s["rows_in"] == len(lines) == len(ok) + len(errors), "rows in = rows out + error rows"
-    assert set(ok["id"]) == {"1", "2", "3", "81", "10"}
+    assert set(ok["id"]) == {"1", "2", "3", "81", "10"} and (ok["id"] == "10").sum() == 2, "every row is processed"
+    assert s["duplicate_ids"] == 1, "a repeated id is found (an aggregation over the output) and reported"
     reasons = {e["id"]: e["error"] for e in errors}
     assert "empty prompt" in reasons["5"]
     assert "no prompt field" in reasons["6"]
