@@ -1,16 +1,26 @@
 """The Ray Data plumbing the batch jobs share (align_dataset, evaluate, build_states), written once.
 
-A batch job reads like Ray's own examples:
+align_dataset streams from storage to storage in blocks (`jobs.common.blocks`, `storage`, `exports`):
+
+    job = blocks.BlockJob(name, out, input_files(path), input_root(path), parser, limit)
+    ds, info = job.todo()                                        # workers index and read the blocks not yet written
+    ds = map_stage(ds, SomeStage, cfg.stage, ...)                # a callable class per model stage (actor pool)
+    ds.write_datasink(blocks.BlockSink(...))                     # workers write each block, atomically
+    totals = job.finish(sink.totals, ...)                        # the summary's totals over the whole output
+
+evaluate and build_states (benchmark-sized: their statistics and splits need every row) still gather the rows in
+the driver:
 
     rows = read_rows(files, normalize, error_row, SCHEMA)        # parse every file in parallel; bad lines = error rows
     todo = not_done(rows, done_ids(parts))                       # resume: skip what an earlier run wrote
     ds = blocks(todo, rows_per_file)                             # the unit a killed run redoes
-    ds = map_stage(ds, SomeStage, cfg.stage, ...)                # a callable class per model stage (actor pool)
+    ds = map_stage(ds, SomeStage, cfg.stage, ...)
     write_parts(ds, parts)                                       # Parquet parts; then the job's finalize
 
 Rows are Arrow tables with an explicit schema (lists and structs, never JSON text). A stage is a
 `RowStage`: it sees its batch as a list of dicts, rows with an error pass through untouched, and a row
-that raises fails alone (an error row naming the stage and the reason), never its batch or the job.
+that raises fails alone (an error row naming the stage and the reason), never its batch or the job; the block
+columns a row carries (`blocks.KEY_FIELDS`) pass through every stage as they came.
 """
 from __future__ import annotations
 
