@@ -155,7 +155,11 @@ def test_vllm_job_formats_bad_rows_exports_kill_and_resume(tmp_path, vllm_tiny, 
         b'{"id": 7, "prompt": "caf\xe9 latte"}',  # Latin-1 byte: not UTF-8
         b'{"id": 8, "prompt": ',  # broken JSON
         {"id": 9, "prompt": "x" * 5000},  # over the model's 4096-token context window
-    ] + [{"id": 100 + i, "prompt": f"Question number {i}?"} for i in range(24)]
+    ] + [{"id": 100 + i, "prompt": f"Question number {i}?"} for i in range(24)] + [
+        # more prompt tokens in flight than one engine step takes (2,048): with chunked prefill a split prompt's
+        # seeded CPU generator would have to rewind, which it cannot ("CPU Generator does not use offset": the engine
+        # died and the stage retried it forever); CPU engines prefill each prompt whole (`engine_setup`)
+        {"id": 200 + i, "prompt": f"Question {i}: " + "tell me more " * 40} for i in range(24)]  # ~500 tokens each
     # (multi-turn rows: one engine pool per turn; their request building is tested in test_vllm_stages.py)
     src = write_jsonl(tmp_path / "in.jsonl", lines)
     out = tmp_path / "out"
@@ -182,7 +186,8 @@ def test_vllm_job_formats_bad_rows_exports_kill_and_resume(tmp_path, vllm_tiny, 
     errors = [json.loads(x) for x in open(out / "errors.jsonl")]
     assert s["rows_in"] == len(lines) == len(ok) + len(errors), "rows in = rows out + error rows"
     assert sorted(list(ok["id"]) + [e["id"] for e in errors]) == sorted(
-        ["1", "2", "5", "in.jsonl:4", "in.jsonl:5", "9"] + [str(100 + i) for i in range(24)]), "each row once"
+        ["1", "2", "5", "in.jsonl:4", "in.jsonl:5", "9"] + [str(100 + i) for i in range(24)]
+        + [str(200 + i) for i in range(24)]), "each row once"
     assert 0 < s["rows_processed_this_run"] < len(lines), "the rerun skipped what the killed run had written"
     reasons = {e["id"]: e["error"] for e in errors}
     assert set(reasons) == {"5", "in.jsonl:4", "in.jsonl:5", "9"}

@@ -46,20 +46,3 @@ def test_prefix_drafts_give_the_answers_of_full_drafts(tmp_path, base, vllm_tiny
     assert not a["draft_prefix"].any() and b["draft_prefix"].any(), "full drafts, then prefixes"
     shorter = [len(p) < len(f) for p, f in zip(b["draft"], a["draft"])]
     assert sum(shorter) >= 5, "most drafts are only what their answer depends on"
-
-
-@pytest.mark.integration
-@pytest.mark.timeout(600)
-def test_sampled_drafts_of_many_long_prompts_on_cpu_engines(tmp_path, vllm_tiny, ray_local):
-    """More prompt tokens in flight than one engine step takes (2,048 by default): with chunked prefill a split
-    prompt's seeded CPU generator would have to rewind, which it cannot ("CPU Generator does not use offset": the
-    engine died and the stage retried it forever). CPU engines prefill each prompt whole (`engine_setup`)."""
-    from jobs.align_dataset import main
-
-    src = tmp_path / "long.jsonl"
-    src.write_text("".join(json.dumps({"id": i, "prompt": f"Question {i}: " + "tell me more " * 40}) + "\n"
-                           for i in range(24)))  # ~500 byte-level tokens each, ~12k in flight
-    s = main([f"input.path={src}", f"output.path={tmp_path / 'out'}", f"base.model={vllm_tiny}",
-              f"aligner.model={vllm_tiny}", "base.drafts=full", "base.vllm.max_model_len=1024",
-              "aligner.vllm.max_model_len=1024", *VLLM])
-    assert s["rows_out"] == 24 and s["error_rows"] == 0
