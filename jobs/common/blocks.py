@@ -164,12 +164,15 @@ class Parser:
     schema: pa.Schema
     rows_per_block: int
 
-    def rows(self, thunks: list) -> pa.Table:
+    def dicts(self, thunks: list) -> list[dict]:
         out = []
         for t in thunks:
             rec, fid, err = t()
             out.append(self.error_row(fid, err) if err else self.normalize(rec, fid))
-        return pa.Table.from_pylist(out, schema=self.schema)
+        return out
+
+    def rows(self, thunks: list) -> pa.Table:
+        return pa.Table.from_pylist(self.dicts(thunks), schema=self.schema)
 
 
 # ---- the index: every block of the input, where it starts, what the stages need to know of it ------------------
@@ -178,12 +181,9 @@ INDEX = pa.schema([("uri", pa.string()), ("key", pa.string()), ("source", pa.str
                    ("n", pa.int64()), ("turns", pa.int64()), ("to_draft", pa.int64()), ("parsed", pa.bool_())])
 
 
-def _turns_and_drafts(rows: pa.Table) -> tuple[int, int]:
-    turns = pc.max(pc.list_value_length(rows.column("turns"))).as_py() if rows.num_rows else 0
-    if "drafts" not in rows.column_names:
-        return turns or 0, 0
-    need = pc.sum(pc.cast(pc.and_(pc.is_null(rows.column("drafts")), pc.is_null(rows.column("error"))), pa.int64()))
-    return turns or 0, need.as_py() or 0
+def _turns_and_drafts(rows: list[dict]) -> tuple[int, int]:
+    turns = max([len(r.get("turns") or []) for r in rows] or [0])
+    return turns, sum(1 for r in rows if "drafts" in r and r["drafts"] is None and not r.get("error"))
 
 
 def _index_file(batch: pa.Table, parser: Parser, done: dict, limit: Optional[int]) -> pa.Table:
@@ -198,7 +198,7 @@ def _index_file(batch: pa.Table, parser: Parser, done: dict, limit: Optional[int
             start = len(out_blocks) * n
             block = f"{task.key}-{start:09d}"
             # a block already written is only counted (with a limit, which may cut it, every block is parsed)
-            rows = None if done.get(block) == len(chunk) and limit is None else parser.rows([c[0] for c in chunk])
+            rows = None if done.get(block) == len(chunk) and limit is None else parser.dicts([c[0] for c in chunk])
             turns, to_draft = _turns_and_drafts(rows) if rows is not None else (0, 0)
             out_blocks.append(block)
             out.append({**t, "file": i, "block": block, "start": start, "line": chunk[0][1], "offset": chunk[0][2],
@@ -407,8 +407,15 @@ def duplicate_ids(rows_uri: str, errors_uri: str, show: int = 10) -> tuple[int, 
     if not paths:
         return 0, []
     ds = ray.data.read_parquet(paths, filesystem=storage.location(rows_uri)[0], columns=["id"])
-    dup = ds.groupby("id").count().filter(lambda r: r["count()"] > 1).materialize()
+    # a few partitions: Ray's default (200 aggregators) costs more than the ids of a benchmark-sized output
+    parts = max(1, min(len(paths), int(ray.cluster_resources().get("CPU", 1))))
+    dup = ds.groupby("id", num_partitions=parts).count().map_batches(_repeated, batch_format="pyarrow",
+                                                                     num_cpus=READ_CPUS).materialize()
     return dup.count(), [r["id"] for r in dup.take(show)]
+
+
+def _repeated(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.greater(batch.column("count()"), 1))
 
 
 # ---- a job's resume bookkeeping --------------------------------------------------------------------------------

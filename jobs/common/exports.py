@@ -33,6 +33,8 @@ def tables(folder: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
 
 def first_rows(folder: str, n: int) -> list[dict]:
     out: list[dict] = []
+    if n <= 0:
+        return out
     for t in tables(folder):
         if len(out) >= n:
             break
