@@ -255,12 +255,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = expand(cfg.output.path)
     data.start_data_job("align_dataset", cfg, out)
 
-    from pipeline.records import load_drafts
-
     i = cfg.input
-    drafts = load_drafts(i.drafts_path) if i.drafts_path else None
-    parser = blocks.Parser(lambda rec, fid: normalize(rec, fid, i.format, i.id_field, drafts), error_row,
-                           ROW_SCHEMA, cfg.output.rows_per_block)
+    parser = blocks.Parser(lambda rec, fid, drafts: normalize(rec, fid, i.format, i.id_field, drafts), error_row,
+                           ROW_SCHEMA, cfg.output.rows_per_block,
+                           drafts=blocks.drafts_table(i.drafts_path) if i.drafts_path else None)
     job = blocks.BlockJob("align_dataset", out, data.input_files(i.path), data.input_root(i.path), parser, i.limit)
     todo, info = job.todo()
     totals = run_stages(cfg, todo, info, out, prefix_aligner(cfg)) if info.rows else {}

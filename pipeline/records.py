@@ -209,7 +209,11 @@ def load_drafts(path: str, prefer: tuple = ()) -> dict:
     (AlpacaEval outputs JSON, which carries no ids). Fields in `prefer` win over the FastChat turns and
     the usual draft fields (the evaluation reads reference answers this way)."""
     with open(path, "rb") as f:
-        data = f.read()
+        return drafts_from(f.read(), path, prefer)
+
+
+def drafts_from(data: bytes, path: str, prefer: tuple = ()) -> dict:
+    """`load_drafts` of a file's bytes (`path`: its name, which says JSON array or JSON lines)."""
     parse = parse_json_array if path.endswith(".json") else parse_lines
     out = {}
     for rec, fid, err in parse(data, path):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -157,22 +157,56 @@ def _parquet_record(rec: dict) -> tuple:
 
 @dataclass(frozen=True)
 class Parser:
-    """How a job turns records into rows: `normalize(record, fallback id)`, `error_row(id, reason)`, the rows'
-    `schema` and the block size."""
+    """How a job turns records into rows: `normalize(record, fallback id, drafts)`, `error_row(id, reason)`, the
+    rows' `schema` and the block size. `drafts`: None, or the object-store reference of a drafts file's lookup
+    (`drafts_table`), which each worker fetches once and joins in (a broadcast join: the lookup never comes to the
+    driver)."""
     normalize: Callable
     error_row: Callable
     schema: pa.Schema
     rows_per_block: int
+    drafts: Any = None
 
     def dicts(self, thunks: list) -> list[dict]:
+        drafts = _fetch(self.drafts)
         out = []
         for t in thunks:
             rec, fid, err = t()
-            out.append(self.error_row(fid, err) if err else self.normalize(rec, fid))
+            out.append(self.error_row(fid, err) if err else self.normalize(rec, fid, drafts))
         return out
 
     def rows(self, thunks: list) -> pa.Table:
         return pa.Table.from_pylist(self.dicts(thunks), schema=self.schema)
+
+
+_fetched: dict = {}
+
+
+def _fetch(ref):
+    """The drafts lookup behind `ref`, fetched once per worker process."""
+    if ref is None:
+        return None
+    if ref.hex() not in _fetched:
+        import ray
+
+        _fetched.clear()
+        _fetched[ref.hex()] = ray.get(ref)
+    return _fetched[ref.hex()]
+
+
+def _drafts_lookup(uri: str) -> dict:
+    from pipeline.records import drafts_from
+
+    return drafts_from(storage.read_bytes(uri), storage.display(uri))
+
+
+def drafts_table(uri: str):
+    """The object-store reference of the drafts file's lookup (id or instruction text -> drafts), built by a Ray
+    task: drafts files are benchmark-sized (FastChat answers, AlpacaEval outputs); larger sets of drafts belong in
+    the input rows themselves."""
+    import ray
+
+    return ray.remote(num_cpus=READ_CPUS)(_drafts_lookup).remote(uri)
 
 
 # ---- the index: every block of the input, where it starts, what the stages need to know of it ------------------

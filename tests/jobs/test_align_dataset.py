@@ -51,9 +51,12 @@ def test_job_handles_formats_bad_rows_and_exports(tmp_path, tiny_dirs, ray_local
         {"id": 10, "prompt": "Count to four.", "draft": "One, two, three, four."},  # the id again
     ]
     src = write_jsonl(tmp_path / "in.jsonl", lines)
+    # drafts from a separate file, by id and by instruction text (joined in the workers)
+    given = write_jsonl(tmp_path / "drafts.jsonl", [{"id": 1, "draft": "Hi there."},
+                                                     {"instruction": "Why?", "output": "Because."}])
     out = tmp_path / "out"
     s = run_job([f"input.path={src}", f"output.path={out}", f"base.model={m}", f"aligner.model={m}",
-                 "output.fastchat_answers=true", "output.alpaca_eval_outputs=true", *TINY])
+                 f"input.drafts_path={given}", "output.fastchat_answers=true", "output.alpaca_eval_outputs=true", *TINY])
     ok = pd.read_parquet(out / "aligned.parquet")
     errors = [json.loads(x) for x in open(out / "errors.jsonl")]
     assert s["rows_in"] == len(lines) == len(ok) + len(errors), "rows in = rows out + error rows"
@@ -65,13 +68,16 @@ def test_job_handles_formats_bad_rows_and_exports(tmp_path, tiny_dirs, ray_local
     assert "UTF-8" in reasons["in.jsonl:7"]
     assert "not valid JSON" in reasons["in.jsonl:8"]
     assert "context window" in reasons["9"] and reasons["9"].startswith("draft stage"), "caught before drafting"
+    by_id = ok.set_index("id")
+    assert by_id.loc["1", "draft"] == "Hi there." and by_id.loc["3", "draft"] == "Because.", "the drafts file's"
+    assert by_id.loc["1", "draft_s"] == 0.0 and by_id.loc["81", "draft_s"] > 0, "drafted only where none was given"
     row2 = ok.set_index("id").loc["2"]
     assert row2["draft"] == "Red and blue." and row2["draft_s"] == 0.0, "given drafts are used, not regenerated"
     mt = ok.set_index("id").loc["81"]
     assert len(mt["draft_turns"]) == 2 and len(mt["aligned_turns"]) == 2
-    assert (ok["passes"] > 0).all() and (ok["tokens_per_pass"] >= 1.0).all()
+    assert (ok["passes"] > 0).all() and (ok["tokens_per_pass"] > 0.5).all()  # (the last pass confirms the fixed point)
     assert ok["converged"].notna().all() and ok["generated_tokens"].isna().all(), "a Jacobi engine: its statistics"
-    assert s["mean_passes"] > 0 and s["tokens_per_pass"] >= 1.0 and s["converged_fraction"] is not None
+    assert s["mean_passes"] > 0 and s["tokens_per_pass"] > 0.5 and s["converged_fraction"] is not None
     assert "mean_generated_tokens" not in s and s["rows_by_mode"] == {"fast": len(ok)}
     fc = [json.loads(x) for x in open(out / "fastchat_answers.jsonl")]
     assert {r["question_id"] for r in fc} >= {1, 2} and all(r["choices"][0]["turns"] for r in fc)
