@@ -286,14 +286,11 @@ def main():
     print(f"figure: rows_per_s_ratio_largest_vs_middle = {rate[large] / rate[middle]:.3f}")
     if large in plain:
         print(f"figure: job_vs_plain_ray_data_rows_per_s = {rate[large] / (large / plain[large]['wall_s']):.3f}")
-    for n in sizes:
-        print(f"figure: driver_peak_rss_mb_{n} = {job[n]['peak_rss_mb']:.1f}")
-    for n in sizes:
-        print(f"figure: rows_per_s_{n} = {rate[n]:.1f}")
-    for n in sizes:
-        print(f"figure: wall_s_{n} = {job[n]['wall_s']:.2f}")
-    for n in sizes:
-        print(f"figure: output_files_{n} = {job[n]['files']}")
+    per_size = {"driver_peak_rss_mb": lambda n: f"{job[n]['peak_rss_mb']:.1f}", "rows_per_s": lambda n: f"{rate[n]:.1f}",
+                "wall_s": lambda n: f"{job[n]['wall_s']:.2f}", "output_files": lambda n: f"{job[n]['files']}"}
+    for name, value in per_size.items():
+        for n in sizes:
+            print(f"figure: {name}_{n} = {value(n)}")
     for n in plain:
         print(f"figure: plain_ray_data_rows_per_s_{n} = {n / plain[n]['wall_s']:.1f}")
 
