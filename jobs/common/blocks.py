@@ -431,25 +431,38 @@ def totals_of_files(rows_uri: str, errors_uri: str, names: list[str], columns: l
     return {r["name"]: json.loads(r["stats"]) for r in ds.map_batches(one, batch_size=64, num_cpus=READ_CPUS).iter_rows()}
 
 
-def duplicate_ids(rows_uri: str, errors_uri: str, show: int = 10) -> tuple[int, list[str]]:
-    """How many ids occur more than once in the output folders, and some of them: a Ray Data aggregation over the
-    id column (the ids never come to the driver)."""
+IDS_PER_TASK = 5_000_000  # ids one duplicate-check task holds (a set of strings: a few hundred MB at most)
+
+
+def _repeated_ids(paths: list[str], uri: str, part: int, parts: int, show: int) -> tuple[int, list[str]]:
+    """Ids seen more than once among the files' id columns whose hash falls in `part` of `parts`."""
+    import zlib
+
+    fs = storage.location(uri)[0]
+    seen, repeated = set(), set()
+    for p in paths:
+        for i in pq.read_table(p, filesystem=fs, columns=["id"]).column("id").to_pylist():
+            if parts > 1 and zlib.crc32(i.encode()) % parts != part:
+                continue
+            if i in seen:
+                repeated.add(i)
+            seen.add(i)
+    return len(repeated), sorted(repeated)[:show]
+
+
+def duplicate_ids(rows_uri: str, errors_uri: str, rows: int, show: int = 10) -> tuple[int, list[str]]:
+    """How many ids occur more than once in the output folders, and some of them: Ray tasks over the id column,
+    each holding the ids of one hash partition (IDS_PER_TASK at most); the ids never come to the driver."""
     import ray
 
     paths = [storage.location(storage.join(u, n))[1] for u in (rows_uri, errors_uri) for n in storage.list_names(u)
              if PIECE.match(n)]
     if not paths:
         return 0, []
-    ds = ray.data.read_parquet(paths, filesystem=storage.location(rows_uri)[0], columns=["id"])
-    # a few partitions: Ray's default (200 aggregators) costs more than the ids of a benchmark-sized output
-    parts = max(1, min(len(paths), int(ray.cluster_resources().get("CPU", 1))))
-    dup = ds.groupby("id", num_partitions=parts).count().map_batches(_repeated, batch_format="pyarrow",
-                                                                     num_cpus=READ_CPUS).materialize()
-    return dup.count(), [r["id"] for r in dup.take(show)]
-
-
-def _repeated(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.greater(batch.column("count()"), 1))
+    parts = max(1, -(-rows // IDS_PER_TASK))
+    task = ray.remote(num_cpus=READ_CPUS)(_repeated_ids)
+    found = ray.get([task.remote(paths, rows_uri, k, parts, show) for k in range(parts)])
+    return sum(n for n, _ in found), sorted(i for _, ids in found for i in ids)[:show]
 
 
 # ---- a job's resume bookkeeping --------------------------------------------------------------------------------
@@ -527,7 +540,7 @@ class BlockJob:
         for n in names:
             total = add(total, known[n])
         total["rows_in"], total["blocks"] = sum(s.rows.values()), len(s.complete)
-        total["duplicate_ids"], sample = duplicate_ids(self.rows_uri, self.errors_uri)
+        total["duplicate_ids"], sample = duplicate_ids(self.rows_uri, self.errors_uri, total["rows_in"])
         if sample:
             print(f"[{self.name}] WARNING: {total['duplicate_ids']} id(s) occur more than once in the input (every row "
                   f"was processed; exports keyed by id will repeat them), e.g. {sample}", flush=True)
