@@ -127,9 +127,11 @@ class Engines:
 
         from serve_app.llm_server import llm_server
 
-        # a batch whose replica died (its node lost) is sent again once Serve has replaced it
+        # a batch whose replica died (its node lost: the call fails with ActorDiedError, or ActorUnavailableError
+        # when the connection drops first) is sent again once Serve has replaced it
         ctx = ray.data.DataContext.get_current()
-        ctx.actor_task_retry_on_errors = list({*(ctx.actor_task_retry_on_errors or []), ray.exceptions.ActorDiedError})
+        ctx.actor_task_retry_on_errors = list({*(ctx.actor_task_retry_on_errors or []), ray.exceptions.ActorDiedError,
+                                               ray.exceptions.ActorUnavailableError})
         serve.start(proxy_location="Disabled")
         apps = []
         for name, sec in self.pools.values():
