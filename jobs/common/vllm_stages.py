@@ -132,6 +132,9 @@ class Engines:
         ctx = ray.data.DataContext.get_current()
         ctx.actor_task_retry_on_errors = list({*(ctx.actor_task_retry_on_errors or []), ray.exceptions.ActorDiedError,
                                                ray.exceptions.ActorUnavailableError})
+        # a Serve instance this job starts is shut down at the end (a later serve.start would join it, and its
+        # options, such as this one's disabled HTTP proxy); one that was already running keeps running
+        self.owns_serve = not _serve_running()
         serve.start(proxy_location="Disabled")
         apps = []
         for name, sec in self.pools.values():
@@ -155,6 +158,8 @@ class Engines:
                 serve.delete(name)
             except Exception as e:  # noqa: BLE001 - the engines go with the cluster anyway
                 print(f"[vllm] could not delete {name}: {e}", flush=True)
+        if self.started and getattr(self, "owns_serve", False):
+            serve.shutdown()
         self.started = []
 
     def __enter__(self):
@@ -162,6 +167,13 @@ class Engines:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _serve_running() -> bool:
+    import ray
+
+    return any(a["name"] == "SERVE_CONTROLLER_ACTOR" and a["namespace"] == "serve"
+               for a in ray.util.list_named_actors(all_namespaces=True))
 
 
 @functools.lru_cache(maxsize=4)
