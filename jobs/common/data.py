@@ -369,14 +369,15 @@ def write_jsonl(path: Path, records: Iterable[dict]) -> None:
 
 def write_fastchat(path: Path, rows: Iterable[dict], model_id: str, turns_key: str) -> None:
     """Answers in FastChat's answer-file format (MT-bench): one line per question with every turn."""
+    from jobs.common.exports import fastchat_record
+
     now = time.time()
-    write_jsonl(path, ({"question_id": int(r["id"]) if str(r["id"]).isdigit() else r["id"],
-                        "answer_id": f"{model_id}-{r['id']}", "model_id": model_id,
-                        "choices": [{"index": 0, "turns": list(r[turns_key])}], "tstamp": now} for r in rows))
+    write_jsonl(path, (fastchat_record(r, model_id, turns_key, now) for r in rows))
 
 
 def write_alpaca_eval(path: Path, rows: Iterable[dict], model_id: str, answer_key: str) -> None:
     """Answers in AlpacaEval's model-outputs format (a JSON array of instruction / output / generator)."""
-    recs = [{"instruction": r["prompt"], "output": r[answer_key], "generator": model_id,
-             **({"dataset": r["meta"]["dataset"]} if (r.get("meta") or {}).get("dataset") else {})} for r in rows]
+    from jobs.common.exports import alpaca_eval_record
+
+    recs = [alpaca_eval_record(r, model_id, answer_key) for r in rows]
     path.write_text(json.dumps(recs, indent=1, ensure_ascii=False))

@@ -111,19 +111,27 @@ def table_writer(uri: str, schema: pa.Schema | None) -> _Writer:
     return _Parquet(uri, schema) if uri.partition("?")[0].endswith(".parquet") else _Lines(uri)
 
 
+def fastchat_record(r: dict, model_id: str, turns_key: str, now: float) -> dict:
+    """One question of FastChat's answer-file format (MT-bench), with every turn."""
+    return {"question_id": int(r["id"]) if str(r["id"]).isdigit() else r["id"], "answer_id": f"{model_id}-{r['id']}",
+            "model_id": model_id, "choices": [{"index": 0, "turns": list(r[turns_key])}], "tstamp": now}
+
+
+def alpaca_eval_record(r: dict, model_id: str, answer_key: str) -> dict:
+    """One entry of AlpacaEval's model-outputs format (instruction / output / generator)."""
+    return {"instruction": r["prompt"], "output": r[answer_key], "generator": model_id,
+            **({"dataset": r["meta"]["dataset"]} if (r.get("meta") or {}).get("dataset") else {})}
+
+
 def fastchat_writer(uri: str, model_id: str, turns_key: str) -> _Writer:
     """Answers in FastChat's answer-file format (MT-bench): one line per question with every turn."""
     now = time.time()
-    return _Lines(uri, lambda r: {"question_id": int(r["id"]) if str(r["id"]).isdigit() else r["id"],
-                                  "answer_id": f"{model_id}-{r['id']}", "model_id": model_id,
-                                  "choices": [{"index": 0, "turns": list(r[turns_key])}], "tstamp": now})
+    return _Lines(uri, lambda r: fastchat_record(r, model_id, turns_key, now))
 
 
 def alpaca_eval_writer(uri: str, model_id: str, answer_key: str) -> _Writer:
     """Answers in AlpacaEval's model-outputs format (a JSON array of instruction / output / generator)."""
-    return _Lines(uri, lambda r: {"instruction": r["prompt"], "output": r[answer_key], "generator": model_id,
-                                  **({"dataset": r["meta"]["dataset"]} if (r.get("meta") or {}).get("dataset") else {})},
-                  array=True)
+    return _Lines(uri, lambda r: alpaca_eval_record(r, model_id, answer_key), array=True)
 
 
 def stream(folder: str, writers: list[_Writer]) -> None:

@@ -403,7 +403,7 @@ def _refine_requests(batch: pa.Table, aligner: AlignerCfg, turn: int, schema: pa
         if r.get("error") or r.get(failed) or turn >= len(r["turns"]):
             out.append({**r, **_placeholder(text.stop_ids[0])})
             continue
-        key = str(r["id"]) if turn == 0 else f"{r['id']}#{turn}"  # as the HF engines key turns
+        key = _turn_key(r, turn)  # as the HF engines key turns
         try:
             item = prompts.encode(RefineRequest(conversation(r, turn, r["drafts"]), r["drafts"][turn], key=key))
         except ValueError as e:
