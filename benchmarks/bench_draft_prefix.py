@@ -17,7 +17,7 @@ nothing where r = 0. The answer must not change: every comparison below checks i
   tokens vLLM generated for it); rows/s start-up included (the job's summary: rows / wall from `main()`'s start,
   Ray start and both engines' start included) and start-up excluded (steady state: the rows written after the
   first part file / the time from the first part file to the last, from the files' modification times in
-  `_parts/`: by the first write both engine pools are up, so none of their start-up is in that interval).
+  `rows/`: by the first write both engine pools are up, so none of their start-up is in that interval).
 * serve (`part=serve`): conf/serve.yaml's application args (the default graph: route `diffpo-smollm2`, vLLM base
   + vLLM aligner on one shared LLM server) plus one base `smollm2-full` (a copy of `smollm2` with `drafts: full`)
   and a route `diffpo-smollm2-full` using it with the same aligner; the same engine settings, so it shares the
@@ -120,7 +120,7 @@ def run_job(src: Path, out: Path, drafts: str, o: Options) -> dict:
         print("  note: some drafted prefixes did not settle: a second pass drafted them in full (see the log)")
     import pyarrow.parquet as pq
 
-    parts = sorted((out / "_parts").glob("*.parquet"), key=lambda p: p.stat().st_mtime)
+    parts = sorted((out / "rows").glob("*.parquet"), key=lambda p: p.stat().st_mtime)
     times = [p.stat().st_mtime for p in parts]
     counts = [pq.ParquetFile(p).metadata.num_rows for p in parts]
     steady = (sum(counts[1:]) / (times[-1] - times[0])) if len(parts) > 1 and times[-1] > times[0] else None

@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     i = cfg.input
     parser = blocks.Parser(lambda rec, fid, drafts: normalize(rec, fid, i.format, i.id_field, drafts), error_row,
                            ROW_SCHEMA, cfg.output.rows_per_block,
-                           drafts=blocks.drafts_table(i.drafts_path) if i.drafts_path else None)
+                           lookup=blocks.drafts_table(i.drafts_path) if i.drafts_path else None)
     job = blocks.BlockJob("align_dataset", out, data.input_files(i.path), data.input_root(i.path), parser, i.limit)
     todo, info = job.todo()
     totals = run_stages(cfg, todo, info, out, prefix_aligner(cfg)) if info.rows else {}

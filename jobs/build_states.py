@@ -8,11 +8,16 @@
 
 read -> normalize (-> merge a flat layout by prompt id) -> [a draft stage per configured base model]
 -> filters (empty, repetition, over-length in the aligner's tokens; the score column is read here)
--> [reward-model or judge actor pool] -> rank into states worst..best + split -> [Jacobi trajectories] -> parts.
-The driver then splits the parts into the outputs in `output.path`:
-  train.parquet, dev.parquet, heldout.parquet   one row per prompt (`STATES_SCHEMA`: states worst..best, target last)
-  errors.jsonl                                   every row that could not become an example, with the reason
+-> [reward-model or judge actor pool] -> rank into states worst..best + split -> [Jacobi trajectories] -> each
+block written by the workers (`jobs.common.blocks`: rows stream from storage to storage; `output.path` may be a
+local folder or a URI). In `output.path`:
+  rows/, errors/        Parquet folders, a file per block: one row per prompt (`STATES_SCHEMA`: states worst..best,
+                        target last, its split), and every row that could not become an example, with the reason
+  train.parquet, dev.parquet, heldout.parquet, errors.jsonl   the same as single files per split (the export step,
+                        `output.single_file`; `train_aligner` reads either)
   summary.json, config.yaml
+A killed run, rerun with the same output path, redoes only the blocks not yet written (with the flat layout, the
+blocks are hash partitions of the prompt id).
 `pipeline/training/states.py` holds the logic; this file wires it into Ray Data.
 """
 from __future__ import annotations
@@ -20,7 +25,6 @@ from __future__ import annotations
 import functools
 import json
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +33,7 @@ from typing import Literal, Optional
 import pyarrow as pa
 from pydantic import Field
 
-from jobs.common import data
+from jobs.common import blocks, data, exports, storage
 from jobs.common.config import (DataRayCfg, EndpointCfg, HFDraftCfg, ModelCfg, OpenAIDraftCfg, PoolCfg, Section,
                                 StageCfg, VllmDraftCfg, by_engine, expand, load_config)
 from jobs.common.runtime import run_job
@@ -79,7 +83,10 @@ class InputCfg(Section):
 
 
 class OutputCfg(Section):
-    path: str = Field("outputs/build_states", description="train/dev/heldout.parquet, errors.jsonl, summary.json")
+    path: str = Field("outputs/build_states", description="a local folder or a URI (s3://, gs://, ...): rows/, "
+                                                          "errors/, summary.json")
+    single_file: bool = Field(True, description="also export rows/ and errors/ as train/dev/heldout.parquet and "
+                                                "errors.jsonl (streamed through the driver: for benchmark-sized sets)")
 
 
 class BaseKeys(Section):
@@ -262,7 +269,8 @@ class TrajectoryCfg(StageCfg):
 
 
 class RayCfg(DataRayCfg):
-    rows_per_block: int = Field(32, ge=1, description="prompts per Ray Data block (the unit the actor pools work on)")
+    rows_per_block: int = Field(32, ge=1, description="input rows per block: the unit the actor pools work on, a "
+                                                      "file of the output, and what a killed job redoes")
 
 
 class BuildStatesConfig(Section):
@@ -322,16 +330,16 @@ def task_options(pools: dict[str, PoolCfg]) -> dict:
 
 
 def input_error(row_id: str, reason: str) -> dict:
-    """The error row of a record that cannot be read (`data.read_rows` names it by file and line)."""
+    """The error row of a record that cannot be read (named by file and line)."""
     return error_row(row_id, "input", reason)
 
 
-def merge_flat_rows(rows: pa.Table) -> pa.Table:
+def merge_flat_rows(rows: list[dict]) -> list[dict]:
     """Flat layout: the rows of each prompt id merged into one (`merge_flat`), in the order the ids first appear."""
     groups: dict[str, list[dict]] = {}
-    for r in rows.to_pylist(maps_as_pydicts="strict"):
+    for r in rows:
         groups.setdefault(r["id"], []).append(r)
-    return pa.Table.from_pylist([merge_flat(g) for g in groups.values()], schema=ROW_SCHEMA)
+    return [merge_flat(g) for g in groups.values()]
 
 
 class Stage(data.RowStage):
@@ -392,7 +400,7 @@ def filter_rows(batch: pa.Table, filters: FiltersCfg, column: bool, target: str)
             filter_answers(r, tok, f.max_tokens, f.repeat_ngram, f.max_repeat_fraction, target == "reference")
             if column:
                 column_scores(r["answers"])
-    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+    return blocks.with_keys(pa.Table.from_pylist(rows, schema=ROW_SCHEMA), batch)
 
 
 class RewardStage(Stage):
@@ -463,9 +471,9 @@ class JudgeStage(Stage):
 def rank_rows(batch: pa.Table, rank: RankCfg, split: SplitCfg, seed: int) -> pa.Table:
     """Every row -> its ranked row (`ranked_row`: states worst..best, or the reason there are none) in its split."""
     s = split
-    return pa.Table.from_pylist([ranked_row(r, split_of(r["id"], s.heldout_mod, s.heldout_rem, s.dev_fraction, seed),
-                                            rank.target, rank.min_states, seed) for r in batch.to_pylist()],
-                                schema=RANKED_SCHEMA)
+    return blocks.with_keys(pa.Table.from_pylist(
+        [ranked_row(r, split_of(r["id"], s.heldout_mod, s.heldout_rem, s.dev_fraction, seed), rank.target,
+                    rank.min_states, seed) for r in batch.to_pylist()], schema=RANKED_SCHEMA), batch)
 
 
 class TrajectoryStage(Stage):
@@ -514,75 +522,88 @@ class TrajectoryStage(Stage):
         return rows
 
 
-# ---- finalize --------------------------------------------------------------------------------------------
-def trajectory_stats(rows: list[dict]) -> dict:
-    trs = [t for r in rows for t in r["trajectories"]]
-    good = [t for t in trs if not t["error"]]
-    n = len(good) or 1
-    return {"count": len(trs), "errors": len(trs) - len(good),
-            "mean_states": round(sum(len(t["states"]) for t in good) / n, 3),
-            "mean_passes": round(sum(t["passes"] for t in good) / n, 3),
-            "converged_fraction": round(sum(t["converged"] for t in good) / n, 4)}
+# ---- the summary: per block file, in the write tasks (`blocks.BlockSink`), added up over the output --------------
+ROWS_SCHEMA = STATES_SCHEMA.append(pa.field("answers_in", pa.int64()))  # what rows/ holds: train.parquet + a count
+ERROR_COLUMNS = ["id", "error_kind", "error", "split", "prompt", "answers_in", "dropped"]
 
 
-def finalize(cfg: BuildStatesConfig, out: Path, parts: Path, rows_in: int, started: float) -> tuple[dict, list]:
-    """The parts -> train/dev/heldout.parquet (ordered by id), errors.jsonl and summary.json."""
-    rows = data.sorted_rows(data.read_parts(parts), RANKED_SCHEMA)
-    ids = [r["id"] for r in rows]
-    if len(set(ids)) != len(ids):
-        raise RuntimeError(f"internal error: ids written twice: {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
-    ok, bad = [r for r in rows if not r["error"]], [r for r in rows if r["error"]]
-    for s in SPLITS:
-        data.write_table([r for r in ok if r["split"] == s], STATES_SCHEMA, out / f"{s}.parquet")
-    data.write_jsonl(out / "errors.jsonl", ({"id": r["id"], "error_kind": r["error_kind"], "error": r["error"],
-                                             "split": r["split"], "prompt": r["prompt"][:500]} for r in bad))
-    dropped = dict.fromkeys(DROP_REASONS, 0)
-    for d in (d for r in rows for d in r["dropped"]):
-        dropped[d["reason"]] = dropped.get(d["reason"], 0) + 1
-    n_states = [r["num_states"] for r in ok]
-    as_states = sum(n_states) - (len(ok) if cfg.rank.target == "reference" else 0)
-    answers_in = sum(r["answers_in"] for r in rows)
-    count = lambda xs: {k: xs.count(k) for k in sorted(set(xs))}  # noqa: E731
-    wall = time.perf_counter() - started
-    summary = {
-        "rows_in": rows_in, "rows_out": len(ok), "error_rows": len(bad),
-        "rows_by_split": {s: sum(r["split"] == s for r in ok) for s in SPLITS},
-        "error_rows_by_kind": count([r["error_kind"] for r in bad]),
-        "error_rows_by_split": {s: sum(r["split"] == s for r in bad) for s in SPLITS},
+def _counts(values) -> dict:
+    out: dict = {}
+    for v in values:
+        out[str(v)] = out.get(str(v), 0) + 1
+    return out
+
+
+def row_stats(t: pa.Table) -> dict:
+    """What summary.json adds up of a block file's rows."""
+    rows = t.select([c for c in ("split", "num_states", "answers_in", "dropped") if c in t.column_names]).to_pylist()
+    out = {"rows_by_split": _counts(r["split"] for r in rows), "answers_in": sum(r["answers_in"] for r in rows),
+           "answers_dropped": _counts(d["reason"] for r in rows for d in r["dropped"] or []),
+           "states": sum(r["num_states"] for r in rows), "states_histogram": _counts(r["num_states"] for r in rows)}
+    if "trajectories" in t.column_names:
+        trs = [x for ts in t.column("trajectories").to_pylist() for x in ts]
+        good = [x for x in trs if not x["error"]]
+        out["trajectories"] = {"count": len(trs), "errors": len(trs) - len(good), "ok": len(good),
+                               "states": sum(len(x["states"]) for x in good), "passes": sum(x["passes"] for x in good),
+                               "converged": sum(bool(x["converged"]) for x in good)}
+    return out
+
+
+def error_stats(t: pa.Table) -> dict:
+    """What summary.json adds up of a block file's error rows."""
+    rows = t.select(["error_kind", "split", "answers_in", "dropped"]).to_pylist()
+    return {"error_rows_by_kind": _counts(r["error_kind"] for r in rows),
+            "error_rows_by_split": _counts(r["split"] for r in rows),
+            "answers_in": sum(r["answers_in"] or 0 for r in rows),
+            "answers_dropped": _counts(d["reason"] for r in rows for d in r["dropped"] or [])}
+
+
+def trajectory_stats(t: dict) -> dict:
+    n = t.get("ok") or 1
+    return {"count": t.get("count", 0), "errors": t.get("errors", 0), "mean_states": round(t.get("states", 0) / n, 3),
+            "mean_passes": round(t.get("passes", 0) / n, 3), "converged_fraction": round(t.get("converged", 0) / n, 4)}
+
+
+def summarize(cfg: BuildStatesConfig, totals: dict, wall: float, out: str, files: dict) -> dict:
+    ok = totals.get("rows_out", 0)
+    hist = {int(k): v for k, v in (totals.get("states_histogram") or {}).items()}
+    as_states = totals.get("states", 0) - (ok if cfg.rank.target == "reference" else 0)
+    dropped = dict.fromkeys(DROP_REASONS, 0) | (totals.get("answers_dropped") or {})
+    answers_in = totals.get("answers_in", 0)
+    return {
+        "rows_in": totals["rows_in"], "rows_out": ok, "error_rows": totals.get("error_rows", 0),
+        "rows_by_split": {s: (totals.get("rows_by_split") or {}).get(s, 0) for s in SPLITS},
+        "error_rows_by_kind": dict(sorted((totals.get("error_rows_by_kind") or {}).items())),
+        "error_rows_by_split": {s: (totals.get("error_rows_by_split") or {}).get(s, 0) for s in SPLITS},
         "answers_in": answers_in, "answers_as_states": as_states, "answers_dropped": dropped,
         "answers_in_error_rows_not_dropped": answers_in - as_states - sum(dropped.values()),
-        "states_per_row": ({"mean": round(sum(n_states) / len(ok), 3), "min": min(n_states), "max": max(n_states),
-                            "histogram": count(n_states)} if ok else {}),
+        "states_per_row": ({"mean": round(totals.get("states", 0) / ok, 3), "min": min(hist), "max": max(hist),
+                            "histogram": dict(sorted(hist.items()))} if ok else {}),
         "target": cfg.rank.target, "score": cfg.score.kind, "seed": cfg.seed,
-        **({"trajectories": trajectory_stats(ok)} if cfg.trajectory.enabled else {}),
-        "wall_s": round(wall, 2), "rows_per_s": round(rows_in / wall, 3) if wall > 0 else 0.0,
-        "outputs": {s: str(out / f"{s}.parquet") for s in SPLITS} | {"errors": str(out / "errors.jsonl")},
+        **({"trajectories": trajectory_stats(totals.get("trajectories") or {})} if cfg.trajectory.enabled else {}),
+        "blocks": totals["blocks"], "duplicate_ids": totals["duplicate_ids"],
+        "wall_s": round(wall, 2), "rows_per_s": round(totals["rows_in"] / wall, 3) if wall > 0 else 0.0,
+        "outputs": {"rows": storage.display(storage.join(out, "rows")),
+                    "errors": storage.display(storage.join(out, "errors"))} | {k: storage.display(v)
+                                                                               for k, v in files.items()},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary, ok
+
+
+def export(cfg: BuildStatesConfig, out: str) -> dict[str, str]:
+    """train/dev/heldout.parquet and errors.jsonl from the block files (streamed), if `output.single_file`."""
+    if not cfg.output.single_file:
+        return {}
+    files = {s: storage.join(out, f"{s}.parquet") for s in SPLITS}
+    exports.stream(storage.join(out, "rows"), [exports.only("split", s, exports.table_writer(files[s], STATES_SCHEMA))
+                                               for s in SPLITS])
+    files["errors"] = storage.join(out, "errors.jsonl")
+    exports.stream(storage.join(out, "errors"), [exports.table_writer(files["errors"], None)])
+    return files
 
 
 # ---- main ------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> dict:
-    started = time.perf_counter()
-    cfg = load_config(BuildStatesConfig, "conf/build_states.yaml", argv)
-    out = Path(expand(cfg.output.path))
-    parts = out / "_parts"
-    shutil.rmtree(parts, ignore_errors=True)  # a new run: the parts of an earlier one would mix in
-    data.start_data_job("build_states", cfg, out)
-    if pools := cfg.pools():
-        data.preflight(pools)
-
-    i = cfg.input
-    files = data.input_files(i.path)
-    rows = data.read_rows(files, functools.partial(normalize_record, fields=i.fields(), layout=i.layout),
-                          input_error, ROW_SCHEMA)
-    rows = rows.slice(0, i.limit) if i.limit else rows
-    rows = merge_flat_rows(rows) if i.layout == "flat" else rows
-    data.check_unique_ids(rows, "set input.id_field to a unique field, or input.layout=flat for one row per answer")
-    print(f"[build_states] {rows.num_rows} prompts read from {len(files)} file(s)", flush=True)
-
-    ds, threads, tasks = data.blocks(rows, cfg.ray.rows_per_block), cfg.ray.torch_threads, task_options(pools)
+def run_stages(cfg: BuildStatesConfig, ds, pools: dict) -> dict:
+    threads, tasks = cfg.ray.torch_threads, task_options(pools)
     for b in cfg.bases:
         ds = data.map_stage(ds, DraftStage, b, base=b, seed=cfg.seed, threads=threads)
     ds = ds.map_batches(filter_rows, batch_format="pyarrow", **tasks, fn_kwargs=dict(
@@ -595,18 +616,54 @@ def main(argv: list[str] | None = None) -> dict:
                         fn_kwargs=dict(rank=cfg.rank, split=cfg.split, seed=cfg.seed))
     if cfg.trajectory.enabled:
         ds = data.map_stage(ds, TrajectoryStage, cfg.trajectory, traj=cfg.trajectory, seed=cfg.seed, threads=threads)
-    data.write_parts(ds, parts)
+    ds = ds.map_batches(_prompt_head, batch_format="pyarrow", num_cpus=TASK_CPUS)
+    sink = blocks.BlockSink(storage.join(cfg_out(cfg), "rows"), storage.join(cfg_out(cfg), "errors"), ROWS_SCHEMA,
+                            ERROR_COLUMNS, row_stats, error_stats)
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": data.WRITE_CPUS})
+    return sink.totals
 
-    summary, ok = finalize(cfg, out, parts, rows.num_rows, started)
-    shutil.rmtree(parts, ignore_errors=True)
+
+def cfg_out(cfg: BuildStatesConfig) -> str:
+    return expand(cfg.output.path)
+
+
+def _prompt_head(batch: pa.Table) -> pa.Table:
+    """Error rows keep the first 500 characters of their prompt (the errors output says which prompt it was)."""
+    import pyarrow.compute as pc
+
+    failed = pc.invert(pc.is_null(batch.column("error")))
+    head = pc.if_else(failed, pc.utf8_slice_codeunits(batch.column("prompt"), 0, 500), batch.column("prompt"))
+    return batch.set_column(batch.column_names.index("prompt"), "prompt", head)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    started = time.perf_counter()
+    cfg = load_config(BuildStatesConfig, "conf/build_states.yaml", argv)
+    out = cfg_out(cfg)
+    data.start_data_job("build_states", cfg, out)
+    if pools := cfg.pools():
+        data.preflight(pools)
+
+    i = cfg.input
+    parser = blocks.Parser(lambda rec, fid, _: normalize_record(rec, fid, fields=i.fields(), layout=i.layout),
+                           input_error, ROW_SCHEMA, cfg.ray.rows_per_block)
+    job = blocks.BlockJob("build_states", out, data.input_files(i.path), data.input_root(i.path), parser, i.limit,
+                          merge=merge_flat_rows if i.layout == "flat" else None)
+    todo, info = job.todo()
+    totals = run_stages(cfg, todo, pools) if info.rows else {}
+    totals = job.finish(totals, ["split", "num_states", "answers_in", "dropped"]
+                        + (["trajectories"] if cfg.trajectory.enabled else []), row_stats, ERROR_COLUMNS, error_stats)
+    files = export(cfg, out)
+    summary = summarize(cfg, totals, time.perf_counter() - started, out, files)
+    storage.write_text(storage.join(out, "summary.json"), json.dumps(summary, indent=2))
     print("[build_states] summary:\n" + json.dumps(summary, indent=2), flush=True)
-    for r in ok[:cfg.show_samples]:
+    for r in exports.first_rows(storage.join(out, "rows"), cfg.show_samples):
         print(f"\n--- id {r['id']} ({r['split']}) ---\nPROMPT: {r['prompt'][:200]}")
-        for t, (s, score, g) in enumerate(zip(r["states"], r["scores"], r["generators"])):
-            print(f"  y({t}) {g} score={score}: {s[:120]!r}")
-    print(f"\n[build_states] outputs in {out}: " + ", ".join(f"{s}.parquet ({n} rows)"
-                                                          for s, n in summary["rows_by_split"].items())
-          + f", errors.jsonl ({summary['error_rows']} rows)")
+        for t, (st, score, g) in enumerate(zip(r["states"], r["scores"], r["generators"])):
+            print(f"  y({t}) {g} score={score}: {st[:120]!r}")
+    print(f"\n[build_states] outputs in {storage.display(out)}: rows/ and errors/"
+          + ("; " + ", ".join(f"{s}.parquet ({n} rows)" for s, n in summary["rows_by_split"].items())
+             + f", errors.jsonl ({summary['error_rows']} rows)" if files else ""), flush=True)
     return summary
 
 

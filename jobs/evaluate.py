@@ -7,13 +7,17 @@
 
 Pipeline: read the benchmark (AlpacaEval, MT-bench, HH-RLHF or any prompt file) -> draft with the base model
 where the input has no drafts -> (Best-of-N samples) -> every configured method on the same prompts and
-drafts -> the configured judges -> per-row Parquet parts. Then the driver writes, in `output.path`:
-  results.parquet   one row per prompt and method (answers, latency, what the method's engine computed: Jacobi
-                    statistics or generated tokens, judge values)
-  errors.jsonl      rows that could not be evaluated, with the reason
+drafts -> the configured judges -> each block of prompts written by the workers (`jobs.common.blocks`: rows
+stream from storage to storage; `output.path` may be a local folder or any URI pyarrow reads). In `output.path`:
+  rows/, errors/    Parquet folders, one file per block: one row per prompt and method (answers, latency, what the
+                    method's engine computed: Jacobi statistics or generated tokens, judge values); the rows that
+                    could not be evaluated, with the reason
+  results.parquet, errors.jsonl   the same as single files (the export step)
   summary.json      metrics with bootstrap intervals, paired tests vs the baseline, latency per method
   report.html + figures/*.png, and exports/fastchat/<method>.jsonl, exports/alpaca_eval/<method>.json
-A killed run, rerun with the same output path, skips the prompts already written.
+A killed run, rerun with the same output path, skips the blocks already written (other methods: every block is
+redone). The statistics need every row's numbers in one place: that step reads the rows folder's numeric and label
+columns (and the answers, for the report's examples); benchmarks are small.
 
 Methods: draft (the base answer as is), refine (DiffPO on `aligner.engine`: vLLM or the fast Jacobi engine),
 refine_reference (the published Jacobi loop), in_context (refine with the draft also shown in the aligner's
@@ -31,9 +35,9 @@ from typing import Literal, Optional
 import pyarrow as pa
 from pydantic import Field
 
-from jobs.common import data, vllm_stages
+from jobs.common import blocks, data, exports, storage, vllm_stages
 from jobs.common.config import (REPO, AlignerCfg, DataRayCfg, DraftCfg, EndpointCfg, ModelCfg, Section,
-                                VllmAlignerCfg, VllmDraftCfg, as_engine, expand, load_config, resolve_path)
+                                VllmAlignerCfg, VllmDraftCfg, as_engine, expand, formerly, load_config, resolve_path)
 from jobs.common.runtime import run_job
 from jobs.common.stages import DraftStage, load_aligner, make_refiner, refine_turns
 from pipeline.records import FORMATS, META, MESSAGE, ROW_SCHEMA, error_row, normalize
@@ -64,14 +68,15 @@ class BenchmarkCfg(Section):
         problems = [] if data.input_files(self.path, DEMO_EVAL) else [
             f"path: no .jsonl/.json/.parquet input (.gz too) at {self.path!r}"]
         for k in ("drafts_path", "references_path"):
-            if getattr(self, k) and not resolve_path(getattr(self, k)).exists():
+            if getattr(self, k) and not storage.exists(getattr(self, k)):
                 problems.append(f"{k}: file not found: {getattr(self, k)}")
         return problems
 
 
 class EvalOutputCfg(Section):
-    path: str = "outputs/evaluate"
-    rows_per_file: int = Field(4, ge=1, description="prompts per block: the unit a killed job redoes")
+    path: str = Field("outputs/evaluate", description="a local folder or a URI (s3://, gs://, ...)")
+    rows_per_block: int = Field(8, ge=1, description="prompts per block: one file of rows, the unit a killed job "
+                                                     "redoes", json_schema_extra=formerly("rows_per_file"))
     model_id: str = Field("diffpo", description='exports name each method "<model_id>-<method>"')
     report: bool = Field(True, description="report.html + figures/*.png")
     exports: bool = Field(True, description="exports/fastchat/<method>.jsonl and exports/alpaca_eval/<method>.json")
@@ -197,14 +202,29 @@ def load_references(path: str | None) -> dict[str, list[str]]:
     reference_answer_gpt-4.jsonl) or JSONL with id + reference / reference_output / output."""
     if not path:
         return {}
-    from pipeline.records import load_drafts
-
-    refs = load_drafts(str(resolve_path(path)), prefer=("reference", "reference_output"))
+    refs = blocks.drafts_lookup(path, prefer=("reference", "reference_output"))
     return {k: list(v) for k, v in refs.items()}
 
 
 def keep_row(rid: str, mod: int | None, rem: int) -> bool:
     return mod is None or (str(rid).isdigit() and int(rid) % mod == rem)
+
+
+def side_tables(drafts_path: str | None, references_path: str | None) -> tuple:
+    """(drafts lookup or None, references by id): what the rows are joined with (a Ray task builds it once)."""
+    return (blocks.drafts_lookup(drafts_path) if drafts_path else None), load_references(references_path)
+
+
+def normalize_row(rec, fid: str, side, b: BenchmarkCfg) -> dict | None:
+    """A benchmark record as a row, joined with the drafts and references files; None for a row the held-out split
+    leaves out (a line that could not be read has no id to split on and stays, as its error row)."""
+    drafts, refs = side or (None, {})
+    row = normalize(rec, fid, b.format, b.id_field, drafts)
+    if not (keep_row(row["id"], b.id_mod, b.id_rem) or (row["error"] is not None and not str(row["id"]).isdigit())):
+        return None
+    if refs and not row["references"]:  # references from a separate file fill the rows that came without
+        row["references"] = refs.get(row["id"], [])
+    return row
 
 
 # ---- Ray Data stages (thin adapters over pipeline/) ------------------------------------------------------
@@ -297,24 +317,28 @@ class MethodStage(data.RowStage):
         self.refiners = {m: make_refiner(lm, aligner, *ALIGNER_METHODS[m]) for m in need}
         self.row_timeout_s = in_process(aligner).row_timeout_s
 
-    def __call__(self, batch: pa.Table) -> pa.Table:  # one input row -> one output row per method
+    def __call__(self, batch: pa.Table) -> pa.Table:  # one input row -> one output row per method, in order
         rows = batch.to_pylist()
-        out = [self._row(r, m) for r in rows if r["error"] for m in self.methods]
         good = [r for r in rows if not r["error"]]
-        if good:
-            per_method = {m: self._refined(m, good) for m in self.methods if m in ALIGNER_METHODS}
-            for i, r in enumerate(good):
-                for m in self.methods:
-                    if m == "draft":
-                        out.append(self._row(r, m, r["drafts"], r["draft_s"]))
-                    elif m == "best_of_n":
-                        out.append(self._row(r, m, r.get("bon_turns") or [], r.get("bon_s") or 0.0))
-                    elif isinstance(per_method[m][i], str):
-                        out.append(self._row(dict(r, error=per_method[m][i]), m, [], r["draft_s"]))
-                    else:
-                        res = per_method[m][i]
-                        out.append(self._row(r, m, [x.text for x in res], r["draft_s"], sum(x.wall_s for x in res), res))
-        return pa.Table.from_pylist(out, schema=self.schema)
+        per_method = {m: self._refined(m, good) for m in self.methods if m in ALIGNER_METHODS} if good else {}
+        out, i = [], -1
+        for r in rows:
+            if r["error"]:
+                out += [self._row(r, m) for m in self.methods]
+                continue
+            i += 1
+            for m in self.methods:
+                if m == "draft":
+                    out.append(self._row(r, m, r["drafts"], r["draft_s"]))
+                elif m == "best_of_n":
+                    out.append(self._row(r, m, r.get("bon_turns") or [], r.get("bon_s") or 0.0))
+                elif isinstance(per_method[m][i], str):
+                    out.append(self._row(dict(r, error=per_method[m][i]), m, [], r["draft_s"]))
+                else:
+                    res = per_method[m][i]
+                    out.append(self._row(r, m, [x.text for x in res], r["draft_s"], sum(x.wall_s for x in res), res))
+        keys = [k for k in blocks.KEY_NAMES if k in batch.column_names]
+        return pa.Table.from_pylist(out, schema=blocks.keyed(self.schema) if keys else self.schema)
 
     def _refined(self, m: str, rows: list[dict]) -> list:
         """Per row, its results with method m, or the reason it failed (a failing row fails alone)."""
@@ -349,7 +373,7 @@ class MethodStage(data.RowStage):
                 "refine_s": refine_s, "total_s": (draft_s or 0.0) + refine_s, "passes": passes, "new_tokens": new,
                 "tokens_per_pass": (new / passes if passes else 0.0) if jacobi else None,
                 "converged": all(x.converged for x in results) if jacobi else None, "generated_tokens": generated,
-                "error": r["error"]}
+                "error": r["error"], **{k: r[k] for k in blocks.KEY_NAMES if k in r}}
 
 
 class JudgeStage(data.RowStage):
@@ -431,49 +455,69 @@ def vllm_methods(aligner: AlignerCfg, methods: list[str]) -> list[str]:
     return [m for m in methods if aligner.engine == "vllm" and m in ALIGNER_METHODS and ALIGNER_METHODS[m][0] is None]
 
 
-def done_ids(parts: Path, methods: list[str]) -> set[str]:
-    """Prompts whose rows for every method are already written (a prompt cut off halfway is redone)."""
-    t = data.read_parts(parts, ["id", "method"])
-    seen: dict[str, set] = {}
-    for i, m in zip(*(t.column(c).to_pylist() for c in ("id", "method"))) if t is not None else ():
-        seen.setdefault(i, set()).add(m)
-    return {i for i, ms in seen.items() if set(methods) <= ms}
+ERROR_COLUMNS = ["id", "method", "error", "prompt"]
+# what the statistics and the report read of the rows (the list columns stay in the files)
+STAT_COLUMNS = [f.name for f in RESULT_SCHEMA if not pa.types.is_list(f.type) and f.name not in ("meta", "error")]
 
 
-def finalize(cfg: EvaluateConfig, out: Path, parts: Path, rows_in: int, started: float, drafted: bool):
+def export(cfg: EvaluateConfig, out: str) -> None:
+    """results.parquet, errors.jsonl and the per-method answer exports, streamed from the block files."""
+    rows, errors = storage.join(out, "rows"), storage.join(out, "errors")
+    writers = [exports.table_writer(storage.join(out, "results.parquet"), RESULT_SCHEMA.remove(
+        RESULT_SCHEMA.get_field_index("error")))]
+    if cfg.output.exports:
+        for k in ("fastchat", "alpaca_eval"):
+            storage.make_dir(storage.join(out, "exports", k))
+        for m in cfg.methods:
+            name = f"{cfg.output.model_id}-{m}"
+            writers += [exports.only("method", m, exports.fastchat_writer(
+                            storage.join(out, "exports", "fastchat", f"{m}.jsonl"), name, "answer_turns")),
+                        exports.only("method", m, exports.alpaca_eval_writer(
+                            storage.join(out, "exports", "alpaca_eval", f"{m}.json"), name, "answer"))]
+    exports.stream(rows, writers)
+    exports.stream(errors, [exports.table_writer(storage.join(out, "errors.jsonl"), None)])
+
+
+def results_frame(out: str):
+    """Every result row's numbers and labels (and answer texts, for the report), ok rows and error rows, as one
+    DataFrame in the blocks' order: what the statistics need in one place."""
     import pandas as pd
 
+    ok = [t for t in exports.tables(storage.join(out, "rows"), STAT_COLUMNS)]
+    bad = [t for t in exports.tables(storage.join(out, "errors"), ERROR_COLUMNS)]
+    frames = [t.to_pandas() for t in ok] + [t.to_pandas() for t in bad]
+    df = pd.concat(frames, ignore_index=True) if frames else pa.schema(
+        [RESULT_SCHEMA.field(c) for c in STAT_COLUMNS + ["error"]]).empty_table().to_pandas()
+    if "error" not in df.columns:
+        df["error"] = ""
+    df["error"] = df["error"].fillna("")
+    return df
+
+
+def finalize(cfg: EvaluateConfig, out: str, totals: dict, started: float) -> dict:
     from pipeline.evaluation.summary import summarize
 
-    rows = {(r["id"], r["method"]): r for r in data.sorted_rows(data.read_parts(parts), RESULT_SCHEMA)
-            if r["method"] in cfg.methods}  # one row per (prompt, method), the last written; configured methods only
-    order = {m: k for k, m in enumerate(cfg.methods)}
-    rows = sorted(rows.values(), key=lambda r: (data.sort_key(r["id"]), order[r["method"]]))
-    ok, bad = [r for r in rows if not r["error"]], [r for r in rows if r["error"]]
-    data.write_table(ok, RESULT_SCHEMA, out / "results.parquet")
-    data.write_jsonl(out / "errors.jsonl", ({k: r[k] for k in ("id", "method", "error", "prompt")} for r in bad))
-    df = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA).to_pandas()
-    df["error"] = df["error"].fillna("")
+    export(cfg, out)
+    df = results_frame(out)
+    drafted = bool(len(df)) and bool((df["draft_s"].fillna(0) > 0).any())  # the job drafted: draft latency measured
     judges = [k for k in ("offline", "llm", "reward") if getattr(cfg.judges, k).enabled]
-    summary = {"benchmark": cfg.benchmark.name, "n_prompts": len({r["id"] for r in ok}), "rows_in": rows_in,
-               "error_rows": len(bad), "judges": judges, "methods_run": list(cfg.methods),
+    ok = df[df["error"] == ""]
+    summary = {"benchmark": cfg.benchmark.name, "n_prompts": int(ok["id"].nunique()) if len(ok) else 0,
+               "rows_in": totals["rows_in"], "error_rows": totals.get("error_rows", 0), "blocks": totals["blocks"],
+               "judges": judges, "methods_run": list(cfg.methods),
                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "wall_s": round(time.perf_counter() - started, 1),
                "notes": ([NOTES["offline"]] if "offline" in judges else []) + ([] if drafted else [NOTES["given_drafts"]]),
+               "outputs": {k: storage.display(storage.join(out, k)) for k in ("rows", "errors", "results.parquet",
+                                                                               "errors.jsonl")},
                "config": cfg.model_dump(mode="json"), **summarize(df, cfg.stats.baseline, cfg.stats.n_boot, cfg.stats.seed)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    if cfg.output.exports:
-        for m in cfg.methods:
-            mine, name = [r for r in ok if r["method"] == m], f"{cfg.output.model_id}-{m}"
-            (out / "exports" / "fastchat").mkdir(parents=True, exist_ok=True)
-            (out / "exports" / "alpaca_eval").mkdir(parents=True, exist_ok=True)
-            data.write_fastchat(out / "exports" / "fastchat" / f"{m}.jsonl", mine, name, "answer_turns")
-            data.write_alpaca_eval(out / "exports" / "alpaca_eval" / f"{m}.json", mine, name, "answer")
+    storage.write_text(storage.join(out, "summary.json"), json.dumps(summary, indent=2, default=float))
     if cfg.output.report:
         from pipeline.evaluation.report import write_report
 
-        write_report(df[df["error"] == ""].reset_index(drop=True), summary, out)
-    return summary, pd.DataFrame(ok)
+        with storage.local_dir(out) as local:
+            write_report(ok.reset_index(drop=True), summary, Path(local))
+    return summary
 
 
 def print_table(summary: dict) -> None:
@@ -491,72 +535,76 @@ def print_table(summary: dict) -> None:
 
 
 # ---- main ------------------------------------------------------------------------------------------------
+def run_stages(cfg: EvaluateConfig, todo, info: blocks.InputInfo, out: str) -> dict:
+    """draft (rows without drafts) -> best_of_n -> the methods on vLLM -> the method stage -> the judges -> the
+    blocks written; returns the sink's totals (file -> stats)."""
+    threads, turns, drafted = cfg.ray.torch_threads, info.turns, info.to_draft > 0
+    pools = {"base": cfg.base} if drafted else {}
+    if "best_of_n" in cfg.methods:
+        pools["best_of_n"] = as_engine(cfg.base, "hf", concurrency=1)  # an HF actor
+    pools |= {"aligner": in_process(cfg.aligner),  # the method stage: an actor
+              "judges": data.PoolCfg(batch_size=cfg.judges.batch_size, num_cpus=cfg.judges.num_cpus)}
+    methods = vllm_methods(cfg.aligner, list(cfg.methods))
+    for m in methods:  # the methods on vLLM: one engine pool, shared (and with the base if the same model)
+        pools[f"aligner ({m})"] = cfg.aligner
+    data.preflight(pools, turns)
+    on_vllm = ([cfg.base] if drafted and cfg.base.engine == "vllm" else []) + ([cfg.aligner] if methods else [])
+    with vllm_stages.Engines("evaluate", on_vllm) as engines:
+        ds = todo.map_batches(_draft_s, batch_format="pyarrow", num_cpus=blocks.READ_CPUS)
+        schema = blocks.keyed(INPUT_SCHEMA)
+        if drafted and cfg.base.engine == "vllm":
+            ds = vllm_stages.draft(ds, engines, cfg.base, turns, schema)
+        elif drafted:
+            ds = data.map_stage(ds, DraftStage, cfg.base, base=cfg.base, schema=INPUT_SCHEMA, threads=threads)
+        if "best_of_n" in cfg.methods:
+            ds = data.map_stage(ds, BestOfNStage, pools["best_of_n"], base=cfg.base, bon=cfg.best_of_n,
+                                judges=cfg.judges, threads=threads)
+            schema = blocks.keyed(BON_SCHEMA)
+        for m in methods:  # refine / in_context on vLLM engines: their results are columns
+            a = cfg.aligner.model_copy(update={"in_context": ALIGNER_METHODS[m][1]})
+            ds = vllm_stages.refine(ds, engines, a, turns, schema, column=f"vllm_{m}", fail_row=False)
+            schema = vllm_stages.refined_schema(schema, f"vllm_{m}", fail_row=False)
+        ds = data.map_stage(ds, MethodStage, pools["aligner"], aligner=cfg.aligner, methods=list(cfg.methods),
+                            benchmark=cfg.benchmark.name, threads=threads)
+        ds = data.map_stage(ds, JudgeStage, pools["judges"], judges=cfg.judges, threads=threads)
+        sink = blocks.BlockSink(storage.join(out, "rows"), storage.join(out, "errors"),
+                                RESULT_SCHEMA.remove(RESULT_SCHEMA.get_field_index("error")), ERROR_COLUMNS, _no_stats)
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": data.WRITE_CPUS})
+    return sink.totals
+
+
+def _no_stats(table: pa.Table) -> dict:
+    return {}
+
+
+def _draft_s(batch: pa.Table) -> pa.Table:
+    return batch.append_column("draft_s", pa.array([0.0] * batch.num_rows))
+
+
 def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     cfg = load_config(EvaluateConfig, "conf/evaluate.yaml", argv)
-    out = Path(expand(cfg.output.path))
-    parts = out / "_parts"
-    parts.mkdir(parents=True, exist_ok=True)
+    out = expand(cfg.output.path)
     data.start_data_job("evaluate", cfg, out)
 
-    from pipeline.records import load_drafts
-
     b = cfg.benchmark
-    drafts = load_drafts(str(resolve_path(b.drafts_path))) if b.drafts_path else None
-    rows = data.read_rows(data.input_files(b.path, DEMO_EVAL),
-                          lambda rec, fid: normalize(rec, fid, b.format, b.id_field, drafts), error_row, ROW_SCHEMA)
-    # the held-out split; a line that could not be read has no id to split on and stays, as its error row
-    rows = rows.filter(pa.array([keep_row(i, b.id_mod, b.id_rem) or (e is not None and not str(i).isdigit())
-                                 for i, e in zip(rows.column("id").to_pylist(), rows.column("error").to_pylist())],
-                                pa.bool_()))
-    rows = rows.slice(0, b.limit) if b.limit else rows
-    data.check_unique_ids(rows, "set benchmark.id_field to a unique field")
-    refs = load_references(b.references_path)
-    if refs:  # references from a separate file fill the rows that came without
-        merged = [r or refs.get(i, []) for r, i in zip(rows.column("references").to_pylist(), rows.column("id").to_pylist())]
-        rows = rows.set_column(rows.schema.get_field_index("references"), "references", pa.array(merged, pa.list_(pa.string())))
-    todo = data.not_done(rows, done_ids(parts, list(cfg.methods)))
-    drafted = any(d is None for d in todo.column("drafts").to_pylist())
-    print(f"[evaluate] {rows.num_rows} prompts, {rows.num_rows - todo.num_rows} already done in {parts}, "
-          f"{todo.num_rows} to do; methods {list(cfg.methods)}", flush=True)
-
-    if todo.num_rows:
-        threads = cfg.ray.torch_threads
-        pools = {"base": cfg.base} if drafted else {}
-        if "best_of_n" in cfg.methods:
-            pools["best_of_n"] = as_engine(cfg.base, "hf", concurrency=1)  # an HF actor
-        pools |= {"aligner": in_process(cfg.aligner),  # the method stage: an actor
-                  "judges": data.PoolCfg(batch_size=cfg.judges.batch_size, num_cpus=cfg.judges.num_cpus)}
-        on_vllm = vllm_methods(cfg.aligner, list(cfg.methods))
-        for m in on_vllm:  # the methods on vLLM: one engine pool, shared (and with the base if the same model)
-            pools[f"aligner ({m})"] = cfg.aligner
-        turns = vllm_stages.max_turns(todo)
-        data.preflight(pools, turns)
-        on_vllm = ([cfg.base] if drafted and cfg.base.engine == "vllm" else []) + ([cfg.aligner] if on_vllm else [])
-        with vllm_stages.Engines("evaluate", on_vllm) as engines:
-            ds = data.blocks(todo.append_column("draft_s", pa.array([0.0] * todo.num_rows)), cfg.output.rows_per_file)
-            schema = INPUT_SCHEMA
-            if drafted and cfg.base.engine == "vllm":
-                ds = vllm_stages.draft(ds, engines, cfg.base, turns, schema)
-            elif drafted:
-                ds = data.map_stage(ds, DraftStage, cfg.base, base=cfg.base, schema=schema, threads=threads)
-            if "best_of_n" in cfg.methods:
-                ds = data.map_stage(ds, BestOfNStage, pools["best_of_n"], base=cfg.base, bon=cfg.best_of_n,
-                                    judges=cfg.judges, threads=threads)
-                schema = BON_SCHEMA
-            for m in vllm_methods(cfg.aligner, list(cfg.methods)):  # refine / in_context on vLLM engines: their
-                a = cfg.aligner.model_copy(update={"in_context": ALIGNER_METHODS[m][1]})  # results: columns
-                ds = vllm_stages.refine(ds, engines, a, turns, schema, column=f"vllm_{m}", fail_row=False)
-                schema = vllm_stages.refined_schema(schema, f"vllm_{m}", fail_row=False)
-            ds = data.map_stage(ds, MethodStage, pools["aligner"], aligner=cfg.aligner, methods=list(cfg.methods),
-                                benchmark=b.name, threads=threads)
-            ds = data.map_stage(ds, JudgeStage, pools["judges"], judges=cfg.judges, threads=threads)
-            data.write_parts(ds, parts)
-
-    summary, _ = finalize(cfg, out, parts, rows.num_rows, started, drafted)
+    side = blocks.lookup_table(side_tables, b.drafts_path, b.references_path) if (
+        b.drafts_path or b.references_path) else None
+    parser = blocks.Parser(lambda rec, fid, side: normalize_row(rec, fid, side, b), error_row, ROW_SCHEMA,
+                           cfg.output.rows_per_block, lookup=side, skips=b.id_mod is not None)
+    job = blocks.BlockJob("evaluate", out, data.input_files(b.path, DEMO_EVAL), data.input_root(b.path, DEMO_EVAL),
+                          parser, b.limit, per_row=len(cfg.methods), key=("id", "method"),
+                          settings={"methods": list(cfg.methods)})
+    todo, info = job.todo()
+    print(f"[evaluate] methods {list(cfg.methods)}", flush=True)
+    totals = run_stages(cfg, todo, info, out) if info.rows else {}
+    totals = job.finish(totals, ["id"], _no_stats)
+    summary = finalize(cfg, out, totals, started)
     print_table(summary)
-    print(f"[evaluate] results: {out / 'results.parquet'}\n[evaluate] summary: {out / 'summary.json'}"
-          + (f"\n[evaluate] report:  {out / 'report.html'}" if cfg.output.report else ""), flush=True)
+    print(f"[evaluate] results: {storage.display(storage.join(out, 'results.parquet'))}\n"
+          f"[evaluate] summary: {storage.display(storage.join(out, 'summary.json'))}"
+          + (f"\n[evaluate] report:  {storage.display(storage.join(out, 'report.html'))}" if cfg.output.report else ""),
+          flush=True)
     return summary
 
 

@@ -157,22 +157,26 @@ def _parquet_record(rec: dict) -> tuple:
 
 @dataclass(frozen=True)
 class Parser:
-    """How a job turns records into rows: `normalize(record, fallback id, drafts)`, `error_row(id, reason)`, the
-    rows' `schema` and the block size. `drafts`: None, or the object-store reference of a drafts file's lookup
-    (`drafts_table`), which each worker fetches once and joins in (a broadcast join: the lookup never comes to the
-    driver)."""
+    """How a job turns records into rows: `normalize(record, fallback id, lookup)`, `error_row(id, reason)`, the
+    rows' `schema` and the block size. `lookup`: None, or the object-store reference of a side table the rows are
+    joined with (a drafts file's lookup, `drafts_table`; `lookup_table` for others), which each worker fetches
+    once (a broadcast join: the table never comes to the driver). `skips`: `normalize` may return None for a
+    record that is not part of the job (a held-out split's filter): such records count for no block."""
     normalize: Callable
     error_row: Callable
     schema: pa.Schema
     rows_per_block: int
-    drafts: Any = None
+    lookup: Any = None
+    skips: bool = False
 
     def dicts(self, thunks: list) -> list[dict]:
-        drafts = _fetch(self.drafts)
+        lookup = _fetch(self.lookup)
         out = []
         for t in thunks:
             rec, fid, err = t()
-            out.append(self.error_row(fid, err) if err else self.normalize(rec, fid, drafts))
+            row = self.error_row(fid, err) if err else self.normalize(rec, fid, lookup)
+            if row is not None:
+                out.append(row)
         return out
 
     def rows(self, thunks: list) -> pa.Table:
@@ -194,25 +198,31 @@ def _fetch(ref):
     return _fetched[ref.hex()]
 
 
-def _drafts_lookup(uri: str) -> dict:
+def drafts_lookup(uri: str, prefer: tuple = ()) -> dict:
+    """A drafts file (FastChat answers, AlpacaEval outputs, JSONL id + draft) as id or instruction -> turns."""
     from pipeline.records import drafts_from
 
-    return drafts_from(storage.read_bytes(uri), storage.display(uri))
+    return drafts_from(storage.read_bytes(uri), storage.display(uri), prefer)
+
+
+def lookup_table(fn: Callable, *args):
+    """The object-store reference of `fn(*args)` (a side table the rows are joined with), built by a Ray task: side
+    tables are benchmark-sized (drafts files, reference answers); larger sets belong in the input rows themselves."""
+    import ray
+
+    return ray.remote(num_cpus=READ_CPUS)(fn).remote(*args)
 
 
 def drafts_table(uri: str):
-    """The object-store reference of the drafts file's lookup (id or instruction text -> drafts), built by a Ray
-    task: drafts files are benchmark-sized (FastChat answers, AlpacaEval outputs); larger sets of drafts belong in
-    the input rows themselves."""
-    import ray
-
-    return ray.remote(num_cpus=READ_CPUS)(_drafts_lookup).remote(uri)
+    """The object-store reference of the drafts file's lookup (id or instruction text -> drafts)."""
+    return lookup_table(drafts_lookup, uri)
 
 
 # ---- the index: every block of the input, where it starts, what the stages need to know of it ------------------
 INDEX = pa.schema([("uri", pa.string()), ("key", pa.string()), ("source", pa.string()), ("file", pa.int64()),
                    ("block", pa.string()), ("start", pa.int64()), ("line", pa.int64()), ("offset", pa.int64()),
-                   ("n", pa.int64()), ("turns", pa.int64()), ("to_draft", pa.int64()), ("parsed", pa.bool_())])
+                   ("n", pa.int64()), ("kept", pa.int64()), ("turns", pa.int64()), ("to_draft", pa.int64()),
+                   ("parsed", pa.bool_())])
 
 
 def _turns_and_drafts(rows: list[dict]) -> tuple[int, int]:
@@ -221,8 +231,9 @@ def _turns_and_drafts(rows: list[dict]) -> tuple[int, int]:
 
 
 def _index_file(batch: pa.Table, parser: Parser, done: dict, limit: Optional[int]) -> pa.Table:
-    """One row per block of each file of the batch: its name, first record (line and byte offset) and size; the
-    blocks not in `done` (block -> rows) are parsed for the most turns and the rows without drafts."""
+    """One row per block of each file of the batch: its name, first record (line and byte offset), size in records
+    (`n`) and in rows (`kept`: fewer where the parser skips records); the blocks not in `done` (block -> rows) are
+    parsed for the most turns and the rows without drafts (with a limit or a skipping parser, every block is)."""
     n, out = parser.rows_per_block, []
     for t in batch.to_pylist():
         i, task = t.pop("file"), FileTask(**t)
@@ -232,11 +243,13 @@ def _index_file(batch: pa.Table, parser: Parser, done: dict, limit: Optional[int
             start = len(out_blocks) * n
             block = f"{task.key}-{start:09d}"
             # a block already written is only counted (with a limit, which may cut it, every block is parsed)
-            rows = None if done.get(block) == len(chunk) and limit is None else parser.dicts([c[0] for c in chunk])
+            counted = done.get(block) == len(chunk) and limit is None and not parser.skips
+            rows = None if counted else parser.dicts([c[0] for c in chunk])
             turns, to_draft = _turns_and_drafts(rows) if rows is not None else (0, 0)
             out_blocks.append(block)
             out.append({**t, "file": i, "block": block, "start": start, "line": chunk[0][1], "offset": chunk[0][2],
-                        "n": len(chunk), "turns": turns, "to_draft": to_draft, "parsed": rows is not None})
+                        "n": len(chunk), "kept": len(chunk) if rows is None else len(rows), "turns": turns,
+                        "to_draft": to_draft, "parsed": rows is not None})
 
         out_blocks: list = []
         for k, rec in enumerate(_records(task)):
@@ -253,7 +266,7 @@ def _index_file(batch: pa.Table, parser: Parser, done: dict, limit: Optional[int
 
 def index_blocks(tasks: list[FileTask], parser: Parser, done: dict[str, int], limit: Optional[int]) -> list[dict]:
     """Every block of the input (a Ray Data pass over the files, a task per file: O(blocks) rows come back), in
-    file order; `limit`: only the first `limit` records over the files in order."""
+    file order; `limit`: only the first `limit` rows over the files in order."""
     import dataclasses
 
     import ray
@@ -268,10 +281,10 @@ def index_blocks(tasks: list[FileTask], parser: Parser, done: dict[str, int], li
         for b in index:
             if left <= 0:
                 break
-            if b["n"] > left:  # the block the limit cuts: its first `left` records (the block's info: upper bounds)
-                b = dict(b, n=left)
+            if b["kept"] > left:  # the block the limit cuts: its first `left` rows (the block's info: upper bounds)
+                b = dict(b, kept=left, n=left if b["n"] == b["kept"] else b["n"])
             kept.append(b)
-            left -= b["n"]
+            left -= b["kept"]
         index = kept
     return index
 
@@ -288,7 +301,7 @@ def _read_block(batch: pa.Table, parser: Parser) -> pa.Table:
         thunks.append(th)
         if len(thunks) == b["n"]:
             break
-    rows = parser.rows(thunks)
+    rows = pa.Table.from_pylist(parser.dicts(thunks)[:b["kept"]], schema=parser.schema)
     k = rows.num_rows
     return with_keys(rows, pa.table({"_block": [b["block"]] * k, "_row": list(range(b["start"], b["start"] + k)),
                                      "_total": [k] * k}, schema=pa.schema(KEY_FIELDS)))
@@ -346,13 +359,13 @@ class BlockSink(Datasink):
     """Ray Data datasink: writes each block's rows (or each piece of a block that reached a write task) as one
     Parquet file in the rows folder, its error rows as one in the errors folder (written first: the rows file
     says the piece is done). Each write task returns, per file, what the job's summary adds up (`rows_out`,
-    `error_rows` and `stats(ok rows)`: numbers, or dicts of numbers), gathered in `self.totals` (file -> stats:
-    O(blocks) in the driver) when the write completes."""
+    `error_rows`, `stats(ok rows)` and `error_stats(error rows)`: numbers, or dicts of numbers), gathered in
+    `self.totals` (file -> stats: O(blocks) in the driver) when the write completes."""
 
     def __init__(self, rows_uri: str, errors_uri: str, schema: pa.Schema, error_columns: list[str],
-                 stats: Callable[[pa.Table], dict]):
+                 stats: Callable[[pa.Table], dict], error_stats: Optional[Callable[[pa.Table], dict]] = None):
         self.rows_uri, self.errors_uri = rows_uri, errors_uri
-        self.schema, self.error_columns, self.stats = schema, error_columns, stats
+        self.schema, self.error_columns, self.stats, self.error_stats = schema, error_columns, stats, error_stats
         self.totals: dict = {}
 
     def get_name(self) -> str:
@@ -371,15 +384,20 @@ class BlockSink(Datasink):
         t = pa.concat_tables(tables, promote_options="permissive")
         for block in pc.unique(t.column("_block")).to_pylist():
             piece = t.filter(pc.equal(t.column("_block"), block)).sort_by("_row")
-            n, first, of = piece.num_rows, piece.column("_row")[0].as_py(), piece.column("_total")[0].as_py()
+            # n counts input rows: a stage may emit several output rows per input row (evaluate: one per method)
+            n, first, of = (len(pc.unique(piece.column("_row"))), piece.column("_row")[0].as_py(),
+                            piece.column("_total")[0].as_py())
             name = f"{block}.p{first:09d}.n{n}.t{of}.parquet"
             failed = pc.invert(pc.is_null(piece.column("error")))
             bad, ok = piece.filter(failed), piece.filter(pc.invert(failed))
+            bad = bad.select(self.error_columns)
             if bad.num_rows:
-                _write_parquet(storage.join(self.errors_uri, name), bad.select(self.error_columns))
+                _write_parquet(storage.join(self.errors_uri, name), bad)
             ok = ok.select(self.schema.names).cast(self.schema)
             _write_parquet(storage.join(self.rows_uri, name), ok)
-            total[name] = {"rows_out": ok.num_rows, "error_rows": bad.num_rows} | self.stats(ok)
+            # the rows' and the error rows' stats add up (both may count the same things: answers in, dropped)
+            total[name] = add(add({"rows_out": ok.num_rows, "error_rows": bad.num_rows}, self.stats(ok)),
+                              self.error_stats(bad) if self.error_stats else {})
         return total
 
     def on_write_complete(self, write_result) -> None:
@@ -405,9 +423,10 @@ def add(a: dict, b: dict) -> dict:
 
 
 def totals_of_files(rows_uri: str, errors_uri: str, names: list[str], columns: list[str],
-                    stats: Callable[[pa.Table], dict]) -> dict[str, dict]:
+                    stats: Callable[[pa.Table], dict], error_columns: Optional[list[str]] = None,
+                    error_stats: Optional[Callable[[pa.Table], dict]] = None) -> dict[str, dict]:
     """What `BlockSink` returned for the block files `names` (written by an earlier run), from a Ray Data pass
-    over them (`columns` only), so that a resumed job's summary covers the whole output."""
+    over them (`columns` and `error_columns` only), so that a resumed job's summary covers the whole output."""
     import json
 
     import ray
@@ -423,8 +442,14 @@ def totals_of_files(rows_uri: str, errors_uri: str, names: list[str], columns: l
         out = []
         for name, path in zip(batch["name"], batch["path"]):
             t = pq.read_table(path, filesystem=fs, columns=columns)
-            bad = pq.read_metadata(f"{err_dir}/{name}", filesystem=err_fs).num_rows if name in errors else 0
-            out.append(json.dumps({"rows_out": t.num_rows, "error_rows": bad} | stats(t)))
+            more: dict = {}
+            if error_stats is not None:
+                e = (pq.read_table(f"{err_dir}/{name}", filesystem=err_fs, columns=error_columns) if name in errors
+                     else None)
+                bad, more = (e.num_rows, error_stats(e)) if e is not None else (0, {})
+            else:
+                bad = pq.read_metadata(f"{err_dir}/{name}", filesystem=err_fs).num_rows if name in errors else 0
+            out.append(json.dumps(add(add({"rows_out": t.num_rows, "error_rows": bad}, stats(t)), more)))
         return {"name": batch["name"], "stats": out}
 
     ds = ray.data.from_items([{"name": n, "path": p} for n, p in zip(names, paths)])
@@ -434,14 +459,18 @@ def totals_of_files(rows_uri: str, errors_uri: str, names: list[str], columns: l
 IDS_PER_TASK = 5_000_000  # ids one duplicate-check task holds (a set of strings: a few hundred MB at most)
 
 
-def _repeated_ids(paths: list[str], uri: str, part: int, parts: int, show: int) -> tuple[int, list[str]]:
-    """Ids seen more than once among the files' id columns whose hash falls in `part` of `parts`."""
+def _repeated_ids(paths: list[str], uri: str, part: int, parts: int, show: int,
+                  key: tuple = ("id",)) -> tuple[int, list[str]]:
+    """Keys (the `key` columns, joined by "/") seen more than once among the files whose hash falls in `part` of
+    `parts`."""
     import zlib
 
     fs = storage.location(uri)[0]
     seen, repeated = set(), set()
     for p in paths:
-        for i in pq.read_table(p, filesystem=fs, columns=["id"]).column("id").to_pylist():
+        t = pq.read_table(p, filesystem=fs, columns=list(key))
+        ids = t.column(0) if len(key) == 1 else pc.binary_join_element_wise(*[t.column(k) for k in key], "/")
+        for i in ids.to_pylist():
             if parts > 1 and zlib.crc32(i.encode()) % parts != part:
                 continue
             if i in seen:
@@ -450,9 +479,11 @@ def _repeated_ids(paths: list[str], uri: str, part: int, parts: int, show: int) 
     return len(repeated), sorted(repeated)[:show]
 
 
-def duplicate_ids(rows_uri: str, errors_uri: str, rows: int, show: int = 10) -> tuple[int, list[str]]:
-    """How many ids occur more than once in the output folders, and some of them: Ray tasks over the id column,
-    each holding the ids of one hash partition (IDS_PER_TASK at most); the ids never come to the driver."""
+def duplicate_ids(rows_uri: str, errors_uri: str, rows: int, show: int = 10,
+                  key: tuple = ("id",)) -> tuple[int, list[str]]:
+    """How many ids (values of the `key` columns) occur more than once in the output folders, and some of them: Ray
+    tasks over the id column, each holding the ids of one hash partition (IDS_PER_TASK at most); the ids never come
+    to the driver."""
     import ray
 
     paths = [storage.location(storage.join(u, n))[1] for u in (rows_uri, errors_uri) for n in storage.list_names(u)
@@ -461,7 +492,7 @@ def duplicate_ids(rows_uri: str, errors_uri: str, rows: int, show: int = 10) -> 
         return 0, []
     parts = max(1, -(-rows // IDS_PER_TASK))
     task = ray.remote(num_cpus=READ_CPUS)(_repeated_ids)
-    found = ray.get([task.remote(paths, rows_uri, k, parts, show) for k in range(parts)])
+    found = ray.get([task.remote(paths, rows_uri, k, parts, show, key) for k in range(parts)])
     return sum(n for n, _ in found), sorted(i for _, ids in found for i in ids)[:show]
 
 
@@ -475,8 +506,32 @@ class InputInfo:
 
 
 def info_of(blocks: list[dict]) -> InputInfo:
-    return InputInfo(rows=sum(b["n"] for b in blocks), turns=max([1] + [b["turns"] for b in blocks]),
+    return InputInfo(rows=sum(b["kept"] for b in blocks), turns=max([1] + [b["turns"] for b in blocks]),
                      to_draft=sum(b["to_draft"] for b in blocks))
+
+
+def _to_partition(batch: pa.Table, parts: int, done: list[str]) -> pa.Table:
+    """The rows with their hash partition of the id as `_block` (the input block and row kept in `_src`, for a
+    deterministic order); rows of partitions already written are left out."""
+    import zlib
+
+    ids = batch.column("id").to_pylist()
+    names = [f"part-{zlib.crc32(str(i).encode()) % parts:05d}" for i in ids]
+    src = [f"{b}:{r:09d}" for b, r in zip(batch.column("_block").to_pylist(), batch.column("_row").to_pylist())]
+    out = batch.drop_columns(KEY_NAMES).append_column("_block", pa.array(names, pa.string()))
+    out = out.append_column("_src", pa.array(src, pa.string()))
+    return out.filter(pc.invert(pc.is_in(out.column("_block"), pa.array(done, pa.string())))) if done else out
+
+
+def _merge_partition(batch: pa.Table, merge: Callable, schema: pa.Schema) -> pa.Table:
+    """One hash partition's rows (in input order) -> `merge(rows)`, numbered as the partition's block."""
+    batch = batch.sort_by("_src")
+    block = batch.column("_block")[0].as_py()
+    rows = pa.Table.from_pylist(merge(batch.drop_columns(["_block", "_src"]).to_pylist(maps_as_pydicts="strict")),
+                                schema=schema)
+    k = rows.num_rows
+    return with_keys(rows, pa.table({"_block": [block] * k, "_row": list(range(k)), "_total": [k] * k},
+                                    schema=pa.schema(KEY_FIELDS)))
 
 
 class BlockJob:
@@ -484,50 +539,98 @@ class BlockJob:
 
     `todo()` cleans up what a killed run left half-written and gives the rows of the blocks not yet written whole
     (and what the stages need to know of them); `finish(totals, ...)` checks that every block is whole and adds up
-    the summary's totals over the whole output (files written by earlier runs included)."""
+    the summary's totals over the whole output (files written by earlier runs included).
 
-    def __init__(self, name: str, out: str, files: list[str], root: str, parser: Parser, limit: int | None):
+    `per_row`: output rows per input row (evaluate: one per method); `key`: the columns that name an output row;
+    `settings`: what else the written rows depend on (evaluate's methods): a rerun with other settings redoes every
+    block, saying so. `merge(rows) -> rows`: the rows of one id, wherever they are in the input, are merged
+    (build_states' flat layout, one row per answer): the blocks are then hash partitions of the id (about
+    `rows_per_block` input rows each), gathered by a Ray Data groupby, and a rerun redoes the partitions not yet
+    written."""
+
+    def __init__(self, name: str, out: str, files: list[str], root: str, parser: Parser, limit: int | None,
+                 per_row: int = 1, key: tuple = ("id",), settings: dict | None = None,
+                 merge: Optional[Callable[[list[dict]], list[dict]]] = None):
         import json
 
         from jobs.common.config import ConfigError
 
-        self.name, self.parser, self.limit = name, parser, limit
+        self.name, self.parser, self.limit, self.per_row, self.key = name, parser, limit, per_row, key
+        self.settings, self.merge = settings, merge
         self.rows_uri, self.errors_uri = storage.join(out, "rows"), storage.join(out, "errors")
         if not files:
             raise ConfigError([f"input: no input file at {root!r}"])
         self.tasks = file_tasks(files, root)
         # another rows_per_block names other blocks: refused (another limit only cuts a file's last block elsewhere:
         # a block whose size changed is redone)
-        uri = storage.join(out, "blocks.json")
-        old = json.loads(storage.read_bytes(uri)) if storage.exists(uri) else {}
-        if old.get("rows_per_block", parser.rows_per_block) != parser.rows_per_block and scan(self.rows_uri).complete:
-            raise ConfigError([f"output.path {storage.display(out)!r} holds blocks of {old['rows_per_block']} rows, "
-                               f"and rows_per_block is {parser.rows_per_block}: use the same rows_per_block to resume, "
-                               "a new output.path, or delete that one to start over"])
-        storage.write_text(uri, json.dumps({"rows_per_block": parser.rows_per_block}))
-        self.processed = 0
+        self.manifest = storage.join(out, "blocks.json")
+        self.old = json.loads(storage.read_bytes(self.manifest)) if storage.exists(self.manifest) else {}
+        if (self.old.get("rows_per_block", parser.rows_per_block) != parser.rows_per_block
+                and scan(self.rows_uri).complete):
+            raise ConfigError([f"output.path {storage.display(out)!r} holds blocks of {self.old['rows_per_block']} "
+                               f"rows, and rows_per_block is {parser.rows_per_block}: use the same rows_per_block to "
+                               "resume, a new output.path, or delete that one to start over"])
+        self.out, self.processed = out, 0
+
+    def _settings(self, settings) -> None:
+        """Record the settings the output is written with; other settings than the output's: redo every block."""
+        import json
+
+        old = self.old.get("settings", settings)
+        if old != settings and (s := scan(self.rows_uri)).complete:
+            print(f"[{self.name}] {storage.display(self.out)} was written with {old}, this run has {settings}: "
+                  f"its {len(s.complete)} block(s) are redone", flush=True)
+            clean(self.rows_uri, self.errors_uri, Scan({}, s.complete | s.incomplete, {}, s.temporary))
+        storage.write_text(self.manifest, json.dumps({"rows_per_block": self.parser.rows_per_block,
+                                                      "settings": settings}))
 
     def todo(self):
         """(Dataset of the rows to do, InputInfo of them)."""
+        if self.merge is not None:
+            return self._todo_merged()
+        self._settings(self.settings)
         s = scan(self.rows_uri)
         index = index_blocks(self.tasks, self.parser, s.rows, self.limit)
         for b in index:  # written whole under another limit: the block's size changed
-            if s.rows.get(b["block"], b["n"]) != b["n"]:
+            if s.rows.get(b["block"], b["kept"]) != b["kept"]:
                 s.incomplete[b["block"]] = s.complete.pop(b["block"])
                 del s.rows[b["block"]]
         if s.incomplete or s.temporary:
             print(f"[{self.name}] resume: {len(s.incomplete)} block(s) written only in part are redone", flush=True)
         clean(self.rows_uri, self.errors_uri, s)
-        todo = [b for b in index if b["block"] not in s.complete]
+        todo = [b for b in index if b["block"] not in s.complete and b["kept"]]
         info = info_of(todo)
         self.processed = info.rows
         print(f"[{self.name}] {len(self.tasks)} input file(s), {len(index)} block(s) of up to "
-              f"{self.parser.rows_per_block} rows; {len(index) - len(todo)} block(s) "
-              f"({sum(b['n'] for b in index) - info.rows} rows) already written in {storage.display(self.rows_uri)}; "
+              f"{self.parser.rows_per_block} rows; {len(s.complete)} block(s) "
+              f"({sum(b['kept'] for b in index) - info.rows} rows) already written in {storage.display(self.rows_uri)}; "
               f"{info.rows} rows to do", flush=True)
         return read_blocks(todo, self.parser), info
 
-    def finish(self, totals: dict[str, dict], columns: list[str], stats: Callable[[pa.Table], dict]) -> dict:
+    def _todo_merged(self):
+        index = index_blocks(self.tasks, self.parser, {}, self.limit)
+        records = sum(b["kept"] for b in index)
+        parts = max(1, -(-records // self.parser.rows_per_block))
+        self._settings({**(self.settings or {}), "partitions": parts})
+        s = scan(self.rows_uri)
+        if s.incomplete or s.temporary:
+            print(f"[{self.name}] resume: {len(s.incomplete)} partition(s) written only in part are redone", flush=True)
+        clean(self.rows_uri, self.errors_uri, s)
+        info = info_of(index)
+        self.processed = info.rows
+        print(f"[{self.name}] {len(self.tasks)} input file(s), {records} input rows in {parts} partition(s) by id; "
+              f"{len(s.complete)} partition(s) already written in {storage.display(self.rows_uri)}", flush=True)
+        ds = (read_blocks([b for b in index if b["kept"]], self.parser)
+              .map_batches(_to_partition, batch_format="pyarrow", num_cpus=READ_CPUS,
+                           fn_kwargs=dict(parts=parts, done=sorted(s.complete)))
+              .groupby("_block")
+              .map_groups(_merge_partition, batch_format="pyarrow", num_cpus=READ_CPUS,
+                          fn_kwargs=dict(merge=self.merge, schema=self.parser.schema)))
+        return ds, info
+
+    def finish(self, totals: dict[str, dict], columns: list[str], stats: Callable[[pa.Table], dict],
+               error_columns: Optional[list[str]] = None,
+               error_stats: Optional[Callable[[pa.Table], dict]] = None) -> dict:
         """The summary's totals over every block file (`totals`: file -> stats of the files this run wrote), with
         `rows_in` and `blocks`; raises if a block is not whole."""
         s = scan(self.rows_uri)
@@ -535,16 +638,18 @@ class BlockJob:
             raise RuntimeError(f"internal error: blocks written only in part: {sorted(s.incomplete)[:5]}")
         names = [n for fs in s.complete.values() for n in fs]
         known = {n: totals[n] for n in names if n in totals}
-        known |= totals_of_files(self.rows_uri, self.errors_uri, [n for n in names if n not in known], columns, stats)
+        known |= totals_of_files(self.rows_uri, self.errors_uri, [n for n in names if n not in known], columns, stats,
+                                 error_columns, error_stats)
         total: dict = {}
         for n in names:
             total = add(total, known[n])
         total["rows_in"], total["blocks"] = sum(s.rows.values()), len(s.complete)
-        total["duplicate_ids"], sample = duplicate_ids(self.rows_uri, self.errors_uri, total["rows_in"])
+        total["duplicate_ids"], sample = duplicate_ids(self.rows_uri, self.errors_uri, total["rows_in"] * self.per_row,
+                                                       key=self.key)
         if sample:
             print(f"[{self.name}] WARNING: {total['duplicate_ids']} id(s) occur more than once in the input (every row "
                   f"was processed; exports keyed by id will repeat them), e.g. {sample}", flush=True)
-        if total.get("rows_out", 0) + total.get("error_rows", 0) != total["rows_in"]:
-            raise RuntimeError(f"internal error: {total['rows_in']} rows in, but {total.get('rows_out', 0)} aligned "
-                               f"and {total.get('error_rows', 0)} error rows written")
+        if total.get("rows_out", 0) + total.get("error_rows", 0) != total["rows_in"] * self.per_row:
+            raise RuntimeError(f"internal error: {total['rows_in']} rows in (x {self.per_row}), but "
+                               f"{total.get('rows_out', 0)} rows and {total.get('error_rows', 0)} error rows written")
         return total

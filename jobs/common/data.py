@@ -1,21 +1,13 @@
 """The Ray Data plumbing the batch jobs share (align_dataset, evaluate, build_states), written once.
 
-align_dataset streams from storage to storage in blocks (`jobs.common.blocks`, `storage`, `exports`):
+Every job streams from storage to storage in blocks (`jobs.common.blocks`, `storage`, `exports`):
 
     job = blocks.BlockJob(name, out, input_files(path), input_root(path), parser, limit)
     ds, info = job.todo()                                        # workers index and read the blocks not yet written
     ds = map_stage(ds, SomeStage, cfg.stage, ...)                # a callable class per model stage (actor pool)
     ds.write_datasink(blocks.BlockSink(...))                     # workers write each block, atomically
     totals = job.finish(sink.totals, ...)                        # the summary's totals over the whole output
-
-evaluate and build_states (benchmark-sized: their statistics and splits need every row) still gather the rows in
-the driver:
-
-    rows = read_rows(files, normalize, error_row, SCHEMA)        # parse every file in parallel; bad lines = error rows
-    todo = not_done(rows, done_ids(parts))                       # resume: skip what an earlier run wrote
-    ds = blocks(todo, rows_per_file)                             # the unit a killed run redoes
-    ds = map_stage(ds, SomeStage, cfg.stage, ...)
-    write_parts(ds, parts)                                       # Parquet parts; then the job's finalize
+    exports.stream(rows_folder, [writers...])                    # single-file exports (benchmark-sized outputs)
 
 Rows are Arrow tables with an explicit schema (lists and structs, never JSON text). A stage is a
 `RowStage`: it sees its batch as a list of dicts, rows with an error pass through untouched, and a row
@@ -24,20 +16,14 @@ columns a row carries (`blocks.KEY_FIELDS`) pass through every stage as they cam
 """
 from __future__ import annotations
 
-import gzip
-import json
-import os
-import time
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Optional
+from typing import Literal, Optional
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pydantic import Field
 
-from jobs.common.config import REPO, ConfigError, PoolCfg, Section, resolve_path, to_yaml
+from jobs.common.config import REPO, ConfigError, PoolCfg, Section, to_yaml
 from pipeline.records import FORMATS
 
 DEMO_PROMPTS = REPO / "pipeline" / "data" / "demo_prompts.jsonl"
@@ -159,103 +145,7 @@ class InputCfg(Section):
         return problems
 
 
-def _parse_files(batch: pa.Table, normalize: Callable, error_row: Callable, schema: pa.Schema) -> pa.Table:
-    """JSONL / JSON-array files (gzipped or not) -> normalized rows; a bad line is one error row."""
-    from pipeline.records import parse_json_array, parse_lines
-
-    rows = []
-    for path, data in zip(batch.column("path").to_pylist(), batch.column("bytes").to_pylist()):
-        src = os.path.basename(path)
-        if data[:2] == b"\x1f\x8b":  # still gzipped
-            try:
-                data = gzip.decompress(data)
-            except (OSError, EOFError) as e:
-                rows.append(error_row(f"{src}:0", f"not a valid gzip file: {e}"))
-                continue
-        name = path[:-3] if path.endswith(".gz") else path
-        parse = parse_json_array if name.endswith(".json") else parse_lines
-        rows += [error_row(fid, err) if err else normalize(rec, fid) for rec, fid, err in parse(data, src)]
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
-def _parse_parquet(batch: pa.Table, normalize: Callable, error_row: Callable, schema: pa.Schema) -> pa.Table:
-    import hashlib
-
-    rows = []
-    for rec in batch.to_pylist():
-        # Parquet rows carry no line number: a row without a usable id is named by a hash of its content
-        fallback = "parquet:" + hashlib.sha256(repr(sorted(rec.items())).encode()).hexdigest()[:12]
-        try:
-            rec = {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in rec.items()}
-        except UnicodeDecodeError as e:
-            rows.append(error_row(fallback, f"field is not valid UTF-8 ({e.reason})"))
-            continue
-        rows.append(normalize(rec, fallback))
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
-def read_rows(files: list[str], normalize: Callable[[object, str], dict], error_row: Callable[[str, str], dict],
-              schema: pa.Schema) -> pa.Table:
-    """Every input record as a normalized row (`normalize(record, fallback_id)`), or an error row
-    (`error_row(id, reason)`) for what cannot be parsed; files are parsed in parallel by Ray Data and the rows
-    come back to the driver as one Arrow table (prompts are small; the models are the heavy part)."""
-    import ray
-
-    kw = dict(normalize=normalize, error_row=error_row, schema=schema)
-    js = [f for f in files if not f.endswith(".parquet")]
-    pqs = [f for f in files if f.endswith(".parquet")]
-    pieces = []
-    if js:
-        pieces.append(ray.data.read_binary_files(js, include_paths=True)
-                      .map_batches(_parse_files, batch_format="pyarrow", batch_size=1, fn_kwargs=kw))
-    if pqs:
-        pieces.append(ray.data.read_parquet(pqs).map_batches(_parse_parquet, batch_format="pyarrow", fn_kwargs=kw))
-    tables = [t for p in pieces for t in ray.get(p.to_arrow_refs())]
-    return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
-
-
-def check_unique_ids(rows: pa.Table, hint: str) -> None:
-    counts = pc.value_counts(rows.column("id")).to_pylist()
-    dups = [c["values"] for c in counts if c["counts"] > 1]
-    if dups:
-        raise ConfigError([f"input has duplicate ids {dups[:10]}{' ...' if len(dups) > 10 else ''} (resume and "
-                           f"outputs need unique ids); {hint}"])
-
-
-# ---- resume --------------------------------------------------------------------------------------------------
-def read_parts(parts: Path, columns: list[str] | None = None) -> pa.Table | None:
-    """Everything earlier runs wrote to `parts` (None if nothing); a part cut short by a kill (no Parquet
-    footer) is removed, so its rows are redone."""
-    tables = []
-    for f in sorted(parts.glob("*.parquet")):
-        try:
-            tables.append(pq.read_table(f, columns=columns))
-        except Exception:  # noqa: BLE001 - a file cut short by a kill has no footer
-            print(f"[resume] removing incomplete part {f.name} (its rows will be redone)", flush=True)
-            f.unlink()
-    return pa.concat_tables(tables, promote_options="permissive") if tables else None
-
-
-def done_ids(parts: Path) -> set[str]:
-    """Ids already written by an earlier run."""
-    t = read_parts(parts, ["id"])
-    return set(t.column("id").to_pylist()) if t is not None else set()
-
-
-def not_done(rows: pa.Table, done: set[str]) -> pa.Table:
-    return rows.filter(pc.invert(pc.is_in(rows.column("id"), pa.array(sorted(done), pa.string())))) if done else rows
-
-
 # ---- stages --------------------------------------------------------------------------------------------------
-def blocks(rows: pa.Table, rows_per_block: int):
-    """A Dataset of `rows` cut into blocks of `rows_per_block` rows in the driver (no repartition task to
-    schedule; each block becomes one Parquet part, the unit a killed run redoes)."""
-    import ray
-
-    n = max(1, rows_per_block)
-    return ray.data.from_arrow([rows.slice(i, n) for i in range(0, rows.num_rows, n)] or [rows])
-
-
 def time_budget(row_timeout_s: Optional[float], n: int) -> Optional[float]:
     """Seconds a model call over `n` rows may take (`row_timeout_s` per row), or None for no limit."""
     return None if row_timeout_s is None else row_timeout_s * max(1, n)
@@ -331,53 +221,3 @@ def map_stage(ds, stage: type, pool: PoolCfg, **kwargs):
     return ds.map_batches(stage, batch_format="pyarrow", batch_size=pool.batch_size,
                           compute=ray.data.ActorPoolStrategy(size=pool.concurrency), num_cpus=pool.num_cpus,
                           num_gpus=pool.num_gpus or None, fn_constructor_kwargs=kwargs)
-
-
-def write_parts(ds, parts: Path) -> None:
-    ds.write_parquet(str(parts), ray_remote_args={"num_cpus": WRITE_CPUS})
-
-
-# ---- finalize ------------------------------------------------------------------------------------------------
-def sort_key(x) -> tuple:
-    """Numeric ids in numeric order (negative ones too), then the others by text."""
-    s = str(x)
-    return (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s)
-
-
-def sorted_rows(table: pa.Table | None, schema: pa.Schema) -> list[dict]:
-    """The rows of `table` (or none) as dicts, ordered by id."""
-    if table is None:
-        return []
-    rows = table.cast(schema).to_pylist() if table.schema != schema else table.to_pylist()
-    return sorted(rows, key=lambda r: sort_key(r["id"]))
-
-
-def write_table(rows: list[dict], schema: pa.Schema, path: Path) -> None:
-    """Rows as Parquet (`.parquet`) or JSON lines (`.jsonl`), typed by `schema`."""
-    table = pa.Table.from_pylist(rows, schema=schema)
-    if path.suffix == ".parquet":
-        pq.write_table(table, path)
-    else:
-        write_jsonl(path, table.to_pylist())
-
-
-def write_jsonl(path: Path, records: Iterable[dict]) -> None:
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
-
-
-def write_fastchat(path: Path, rows: Iterable[dict], model_id: str, turns_key: str) -> None:
-    """Answers in FastChat's answer-file format (MT-bench): one line per question with every turn."""
-    from jobs.common.exports import fastchat_record
-
-    now = time.time()
-    write_jsonl(path, (fastchat_record(r, model_id, turns_key, now) for r in rows))
-
-
-def write_alpaca_eval(path: Path, rows: Iterable[dict], model_id: str, answer_key: str) -> None:
-    """Answers in AlpacaEval's model-outputs format (a JSON array of instruction / output / generator)."""
-    from jobs.common.exports import alpaca_eval_record
-
-    recs = [alpaca_eval_record(r, model_id, answer_key) for r in rows]
-    path.write_text(json.dumps(recs, indent=1, ensure_ascii=False))

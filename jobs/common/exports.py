@@ -66,7 +66,7 @@ class _Parquet(_Writer):
         self.schema, self.writer = schema, None
 
     def write(self, table: pa.Table) -> None:
-        table = table.cast(self.schema) if self.schema is not None else table
+        table = table.select(self.schema.names).cast(self.schema) if self.schema is not None else table
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.path, table.schema, filesystem=self.fs)
         self.writer.write_table(table)
@@ -148,3 +148,25 @@ def stream(folder: str, writers: list[_Writer]) -> None:
         raise
     for w in writers:
         w.close()
+
+
+def only(column: str, value, writer: _Writer) -> _Writer:
+    """`writer`, given only the rows whose `column` is `value` (evaluate: one method's answers)."""
+    return _Only(column, value, writer)
+
+
+class _Only(_Writer):
+
+    def __init__(self, column: str, value, writer: _Writer):
+        self.column, self.value, self.writer = column, value, writer
+
+    def write(self, table: pa.Table) -> None:
+        import pyarrow.compute as pc
+
+        self.writer.write(table.filter(pc.equal(table.column(self.column), self.value)))
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def abort(self, e: BaseException) -> None:
+        self.writer.abort(e)

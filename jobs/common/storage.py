@@ -143,3 +143,21 @@ def remove_temporary(uri: str) -> list[str]:
     left = [n for n in list_names(uri) if n.startswith(TMP_PREFIX)]
     delete(uri, left)
     return left
+
+
+@contextlib.contextmanager
+def local_dir(uri: str) -> Iterator[str]:
+    """A local folder for a library that writes files itself (the evaluation report): `uri` itself if it is local,
+    else a temporary folder whose files are uploaded under `uri` when the block ends without an error."""
+    if not is_uri(uri):
+        yield location(uri)[1]
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="diffpo-") as tmp:
+        yield tmp
+        for root, _, files in os.walk(tmp):
+            for f in files:
+                rel = os.path.relpath(os.path.join(root, f), tmp)
+                with open(os.path.join(root, f), "rb") as fh:
+                    write_atomic(join(uri, rel.replace(os.sep, "/")), fh.read())

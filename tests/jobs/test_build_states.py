@@ -218,17 +218,16 @@ def test_job_adds_trajectories_to_train_rows_only(tmp_path, tiny_dirs, ray_local
 
 def test_parquet_rows_are_normalized_like_json_rows(tmp_path):
     """What Ray's read_parquet hands the parser: Arrow batches, lists of structs for the answers, nulls for gaps."""
-    from functools import partial
-
     from jobs.build_states import BuildStatesConfig, input_error
-    from jobs.common.data import _parse_parquet
+    from jobs.common import blocks
     from pipeline.training.states import ROW_SCHEMA, normalize_record
 
     recs = _records()[:2] + [{"id": 30, "instruction": "Q30", "reference_output": None, "responses": []}]
     pd.DataFrame(recs).to_parquet(tmp_path / "x.parquet")
     fields = load_config(BuildStatesConfig, "conf/build_states.yaml", []).input.fields()
-    rows = _parse_parquet(pq.read_table(tmp_path / "x.parquet"), partial(normalize_record, fields=fields),
-                          input_error, ROW_SCHEMA).to_pylist(maps_as_pydicts="strict")
+    parser = blocks.Parser(lambda rec, fid, _: normalize_record(rec, fid, fields=fields), input_error, ROW_SCHEMA, 100)
+    task = blocks.FileTask(str(tmp_path / "x.parquet"), "x", "x.parquet")
+    rows = parser.rows([th for th, _, _ in blocks._records(task)]).to_pylist(maps_as_pydicts="strict")
     expect = [normalize_record(r, "-", fields) for r in recs]
     for r, e in zip(rows, expect):
         assert r["answers"] == e["answers"] and r["messages"] == e["messages"]
@@ -238,7 +237,9 @@ def test_parquet_rows_are_normalized_like_json_rows(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.timeout(240)
-def test_job_reward_model_flat_layout_reference_target(tmp_path, tiny_rm, ray_local):
+def test_job_reward_model_flat_layout_reference_target(tmp_path, tiny_rm, ray_local, capsys):
+    """Flat layout: a prompt's records come together wherever they are (hash partitions of the id are the blocks);
+    a partition file deleted is redone alone, and the outputs come out the same."""
     from pipeline.scoring.reward_model import RewardModel
 
     flat = [{"qid": f"q{i}", "question": f"Question {i}?", "answer": f"Answer {k} to {i}.", "model": f"m{k}",
@@ -246,12 +247,14 @@ def test_job_reward_model_flat_layout_reference_target(tmp_path, tiny_rm, ray_lo
     flat.append({"qid": "q9", "question": "Lonely?", "answer": "", "model": "m0", "ref": "Ref."})
     src = tmp_path / "flat.jsonl"  # (Ray's read_parquet costs ~15 s cold here; the Parquet parser is tested above)
     src.write_text("".join(json.dumps(r) + "\n" for r in flat[::-1]))  # reversed: the merge must not care
-    s = _run([f"input.path={src}", f"output.path={tmp_path / 'o'}", "input.layout=flat", "input.id_field=qid",
+    s = _run(args := [f"input.path={src}", f"output.path={tmp_path / 'o'}", "input.layout=flat", "input.id_field=qid",
               "input.prompt_field=question", "input.text_field=answer", "input.generator_field=model",
               "input.score_field=null", "input.reference_field=ref", "score.kind=reward_model",
               f"score.reward_model.model={tiny_rm}", "rank.target=reference", "filters.max_tokens=null",
-              "split.heldout_mod=null"])
+              "split.heldout_mod=null", "ray.rows_per_block=4"])
     assert s["rows_in"] == 6 and s["rows_out"] == 5 and s["answers_dropped"]["empty"] == 1
+    files = sorted((tmp_path / "o" / "rows").glob("part-*.parquet"))
+    assert 1 < len(files) == s["blocks"] <= 4, "16 records, 4 per block: up to 4 hash partitions of the 6 ids"
     assert s["error_rows_by_kind"] == {"too_few_states": 1}, "q9: only the reference is left"
     df = pd.read_parquet(tmp_path / "o" / "train.parquet").set_index("id")
     rm = RewardModel(str(tiny_rm))
@@ -261,6 +264,13 @@ def test_job_reward_model_flat_layout_reference_target(tmp_path, tiny_rm, ray_lo
         direct = dict(zip(r["states"][:-1], rm.score([{"role": "user", "content": r["prompt"]}],
                                                      list(r["states"][:-1]))))
         assert list(r["scores"][:-1]) == pytest.approx([direct[t] for t in r["states"][:-1]], abs=1e-4)
+
+    first = (tmp_path / "o" / "train.parquet").read_bytes()
+    files[0].unlink()
+    capsys.readouterr()
+    s2 = _run(args)
+    assert f"{len(files) - 1} partition(s) already written" in capsys.readouterr().out
+    assert (tmp_path / "o" / "train.parquet").read_bytes() == first and s2["rows_in"] == 6 and s2["blocks"] == len(files)
 
 
 @pytest.mark.integration

@@ -34,7 +34,7 @@ def _bench(tmp_path: Path) -> Path:
 
 
 TINY = ["base.sampling.max_new_tokens=10", "aligner.refine.max_new_tokens=12", "aligner.refine.block_size=8", "ray.progress_bars=false",
-        "stats.n_boot=50", "best_of_n.n=2", "output.rows_per_file=1", "base.num_cpus=0.25", "aligner.num_cpus=0.25",
+        "stats.n_boot=50", "best_of_n.n=2", "output.rows_per_block=1", "base.num_cpus=0.25", "aligner.num_cpus=0.25",
         "judges.num_cpus=0.25", "aligner.batch_size=1", "base.batch_size=1", "judges.batch_size=6",  # a part per prompt
         "base.engine=hf", "aligner.engine=fast"]
 
@@ -98,12 +98,12 @@ def test_evaluate_job_end_to_end(tmp_path, tiny_dirs, tiny_rm, ray_local):
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "refine_reference" in html
 
-    # resume: drop one part file (one prompt); a rerun redoes exactly that prompt, without duplicates
-    parts = sorted((out / "_parts").glob("*.parquet"))
-    assert len(parts) == 8  # a part per held-out or unreadable line
+    # resume: drop one block file (one prompt); a rerun redoes exactly that prompt, without duplicates
+    parts = sorted((out / "rows").glob("*.parquet"))
+    assert len(parts) == 8  # a block per held-out or unreadable line
     parts[0].unlink()
     s2 = main(args)
-    assert len(list((out / "_parts").glob("*.parquet"))) == 8
+    assert len(list((out / "rows").glob("*.parquet"))) == 8 and s2["blocks"] == 8
     df2 = pd.read_parquet(out / "results.parquet")
     assert len(df2) == len(df) and not df2.duplicated(["id", "method"]).any()
     pd.testing.assert_frame_equal(df.drop(columns=["draft_s", "refine_s", "total_s"]).reset_index(drop=True),
