@@ -32,7 +32,8 @@ class _Servers:
         key = json.dumps(args.model_dump(include=ENGINE_KEYS), sort_keys=True, default=str)
         if key not in self.built:
             model_id = f"llm-{role}-{name}"
-            self.built[key] = model_id, llm_server(model_id, args.model, args, args.deployment_config)
+            self.built[key] = model_id, llm_server(model_id, args.model, args, args.deployment_config,
+                                                   vectors=dict(args.vectors) or None)
         return self.built[key]
 
 

@@ -65,6 +65,24 @@ class VectorArgs(_Strict):
                             bounds=(self.knob_bounds.min, self.knob_bounds.max), check_base=self.check_vector_base)
 
 
+class VllmVectorArgs(_Strict):
+    """Alignment vectors of a model on vLLM: requests set `alignment: {name: λ}`; each setting (λ rounded to
+    `adapters.step`) runs on its own LoRA adapter, built on first use where the engine runs (`adapters`:
+    pipeline/vectors/lora.py), and requests with different settings share the engine's batches."""
+    vectors: dict[str, str] = Field(default_factory=dict, description="name -> folder written by "
+                                                                      "jobs.extract_vector (the same base model), "
+                                                                      "readable where the engines run")
+    knob_bounds: KnobBounds = Field(default_factory=KnobBounds)
+
+    def knob_key(self, alignment: dict | None) -> tuple:
+        """A request's knobs validated (names, finite, bounds) and quantized to `adapters.step`."""
+        from pipeline.vectors.knobs import normalize_knobs
+        from pipeline.vectors.lora import quantize
+
+        key = normalize_knobs(alignment, sorted(self.vectors), (self.knob_bounds.min, self.knob_bounds.max))
+        return quantize(key, self.adapters.step)
+
+
 class ReplicaArgs(_Strict):
     """A model in the Serve replica's own process: concurrent requests are batched into one engine call."""
     torch_threads: int | None = Field(None, description="null: the replica's CPU allotment (at least 1)")
@@ -88,9 +106,9 @@ class HFBaseArgs(_Served, HFBase, VectorArgs, ReplicaArgs):
     """A Hugging Face causal LM in the replica; concurrent requests are batched into one `generate`."""
 
 
-class VLLMBaseArgs(_Served, VllmBase, LLMServerArgs):
+class VLLMBaseArgs(_Served, VllmBase, VllmVectorArgs, LLMServerArgs):
     """A base model on vLLM engines: requests are sampled with their temperature and top_p (or `sampling`'s) and a
-    seed drawn from `sampling.seed` and the conversation."""
+    seed drawn from `sampling.seed` and the conversation; with `vectors`, alignment knobs per request (LoRA)."""
 
 
 class OpenAIBaseArgs(_Served, OpenAIBase):
@@ -116,13 +134,14 @@ class ARAlignerArgs(_Served, ARAligner, VectorArgs, ReplicaArgs):
     """The aligner in the replica with greedy `generate`."""
 
 
-class VLLMAlignerArgs(_Served, VllmAligner, LLMServerArgs):
-    """The aligner on vLLM engines through Ray Serve LLM (no per-request alignment knobs there yet)."""
+class VLLMAlignerArgs(_Served, VllmAligner, VllmVectorArgs, LLMServerArgs):
+    """The aligner on vLLM engines through Ray Serve LLM; with `vectors`, alignment knobs per request (each setting
+    a LoRA adapter, `adapters`)."""
 
 
 AlignerArgs = by_engine(VLLMAlignerArgs, FastAlignerArgs, ReferenceAlignerArgs, ARAlignerArgs, default="vllm")
 EngineArgs = OnVllm  # the keys that make an engine setting (models with the same ones share one LLM server)
-ENGINE_KEYS = set(OnVllm.model_fields) | set(LLMServerArgs.model_fields)
+ENGINE_KEYS = set(OnVllm.model_fields) | set(LLMServerArgs.model_fields) | set(VllmVectorArgs.model_fields)
 
 
 def aligner_args(args: dict):
@@ -189,7 +208,7 @@ class AppArgs(_Strict):
         """Vector name -> ("base" | "aligner", that model's args), for the models of a route."""
         out = {}
         base = self.bases[route.base]
-        if isinstance(base, HFBaseArgs):
+        if isinstance(base, (HFBaseArgs, VLLMBaseArgs)):
             out.update({n: ("base", base) for n in base.vectors})
         if route.aligner is not None:
             al = self.aligners[route.aligner]

@@ -122,6 +122,7 @@ class VLLMBase:
         sampling gives the same first tokens whatever the cap, so the prefix is the start of the whole draft."""
         if req.prefix is None:
             return await _result(self._draft(req, incremental=False))
+        self._adapter(req)  # a bad knob is a 400 before anything runs
         p = req.prefix
         aligner = _model_text(p.model, p.trust_remote_code).tokenizer
         goal = PrefixGoal(0, p.tokens)
@@ -141,6 +142,7 @@ class VLLMBase:
     async def _draft(self, req: DraftRequest, incremental: bool):
         """`draft_stream`'s events; not `incremental`: the engine answers once, and only the result comes."""
         t0 = time.perf_counter()
+        key, adapter = self._adapter(req)
         try:
             prompt = chat_prompt_ids(self.text.tokenizer, req.messages)
         except Exception as e:  # a template that refuses this conversation (e.g. role order)
@@ -157,7 +159,7 @@ class VLLMBase:
             async for new, fin in self.engine.stream(prompt, req.max_tokens, self.text.stop_ids,
                                                      req.temperature, req.top_p,
                                                      draft_seed(self.args.sampling.seed, req.key),
-                                                     incremental=incremental):
+                                                     incremental=incremental, adapter=adapter):
                 ids += new
                 reason = fin or reason
                 if stream is not None and new:
@@ -179,11 +181,39 @@ class VLLMBase:
         yield {"result": Draft(
             text=text, completion_tokens=n, prompt_tokens=len(prompt), draft_ms=ms, batch_size=1,
             finish_reason="length" if reason == "length" else "stop", first_token_ms=round(first_ms or ms, 1),
+            alignment=_setting(key, adapter),
             prediction_tokens=None if req.prediction is None else prediction_tokens(
                 answer_ids(self.text.tokenizer, req.prediction), answer))}
 
+    def _adapter(self, req: DraftRequest) -> tuple[tuple, str | None]:
+        return _knobs(self.args, req.alignment, f"base {self.name!r}", self.metrics)
+
     def check_health(self):
         pass  # the LLM server deployment health-checks its engine
+
+
+def _knobs(args, alignment, who: str, metrics) -> tuple[tuple, str | None]:
+    """(the quantized setting, its adapter name) of a request's knobs on a vLLM model; (() , None) without knobs;
+    BadRequest for knobs the model does not take (no vectors, unknown names, out of bounds)."""
+    from pipeline.vectors.extract import KnobError
+    from pipeline.vectors.lora import adapter_name
+
+    if not alignment:
+        return (), None
+    if not args.vectors:
+        metrics.record("rejected")
+        raise BadRequest(f"{who} has no alignment vectors")
+    try:
+        key = args.knob_key(alignment if isinstance(alignment, dict) else dict(alignment))
+    except KnobError as e:
+        metrics.record("rejected")
+        raise BadRequest(str(e)) from None
+    return key, adapter_name(key)
+
+
+def _setting(key: tuple, adapter: str | None) -> dict | None:
+    """What a reply says of the setting it ran on (None without knobs)."""
+    return None if adapter is None else {"knobs": dict(key), "adapter": adapter, "quantized": True}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256, max_queued_requests=512,
@@ -201,9 +231,6 @@ class VLLMAligner:
         self.metrics = RefineMetrics(name)
 
     def _encode(self, req: RefineRequest):
-        if req.alignment:
-            self.metrics.record("rejected")
-            raise BadRequest(f"aligner {self.name!r} runs on vLLM, which takes no per-request alignment knobs")
         try:
             return self.prompts.encode(RowRequest(req.messages, req.draft, req.key, req.max_tokens))
         except Exception as e:  # over the context window, a template that refuses the conversation ...
@@ -222,6 +249,7 @@ class VLLMAligner:
     async def _refine(self, req: RefineRequest, incremental: bool):
         """`refine_stream`'s events; not `incremental`: the engine answers once, and only the result comes."""
         t0 = time.perf_counter()
+        key, adapter = _knobs(self.args, req.alignment, f"aligner {self.name!r}", self.metrics)
         item = self._encode(req)
         settings = self.args.settings()
         prompt, budget = continuation(item, settings)
@@ -233,7 +261,8 @@ class VLLMAligner:
             delta = stream.feed(held)
             if delta:
                 yield {"delta": delta}
-        async for new, _ in self.engine.stream(prompt, budget, self.text.stop_ids, incremental=incremental):
+        async for new, _ in self.engine.stream(prompt, budget, self.text.stop_ids, incremental=incremental,
+                                               adapter=adapter):
             generated += new
             if stream is not None and new:
                 first_ms = first_ms or (time.perf_counter() - t0) * 1000
@@ -250,6 +279,7 @@ class VLLMAligner:
         ms = (time.perf_counter() - t0) * 1000
         out = Refined(text=text, completion_tokens=len(res.token_ids), finish_reason=finish_reason(res.stop),
                       refine_ms=ms, batch_size=1, engine=self.args.engine, in_context=self.args.in_context,
+                      alignment=_setting(key, adapter),
                       first_token_ms=round(first_ms or ms, 1), **engine_stats(res),
                       **prediction_usage(self.text.tokenizer, req.messages, req.prediction, req.draft,
                                          item.draft_ids, res.token_ids))

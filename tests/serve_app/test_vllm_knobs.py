@@ -86,4 +86,68 @@ def test_settings_mixed_in_one_batch_give_the_dense_merge_token_for_token(vllm_t
         adapters = list((tmp_path / "adapters").glob("*/adapter_config.json"))
         assert len(adapters) == 3, "one adapter per distinct setting, built once (the base's: all zeros)"
     finally:
-        serve.delete(name)
+        serve.shutdown()  # (a Serve started without its HTTP proxy must not stay for the HTTP test below)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_knobs_per_request_over_http_on_vllm_answer_what_the_hf_route_answers(vllm_tiny, tiny_vectors, ray_local):
+    """16 requests, 4 settings, sent at once to the vLLM route and to the HF route (fast Jacobi engine, dense merge)
+    with the same model, vectors and drafts: the same answers; bad knobs are 400s on the vLLM route too."""
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+    from ray import serve
+
+    from serve_app.app import build_graph
+    from serve_app.config import AppArgs
+    from tests.conftest import TEST_API_KEY, TEST_API_KEY_ENV, free_port, run_serve_app
+
+    tiny, n = str(vllm_tiny), 16
+    bounds = {"min": -1, "max": 2}
+    args = AppArgs(**{
+        "bases": {"tiny": {"engine": "hf", "model": tiny}},
+        "aligners": {
+            "hf": {"engine": "fast", "model": tiny, "refine": {"max_new_tokens": n}, "vectors": tiny_vectors,
+                   "knob_bounds": bounds, "variant_cache_size": 4, "batch_wait_timeout_s": 0.05},
+            "vllm": {"engine": "vllm", "model": tiny, "refine": {"max_new_tokens": n}, "vectors": tiny_vectors,
+                     "knob_bounds": bounds, "adapters": {"rank": None, "max_loras": 4}, "num_cpus": 0.5,
+                     "vllm": {"max_model_len": 512}, "deployment_config": {"ray_actor_options": {"num_cpus": 0.1}}}},
+        "models": {"knob-hf": {"base": "tiny", "aligner": "hf"}, "knob-vllm": {"base": "tiny", "aligner": "vllm"}},
+        "max_tokens_cap": n, "default_max_tokens": n, "request_timeout_s": 60, "api_key_env": TEST_API_KEY_ENV})
+    small = {"ray_actor_options": {"num_cpus": 0.05}}
+    port = free_port()
+    url = run_serve_app(build_graph(args, {"Ingress": small, "base-tiny": small, "aligner-hf": small,
+                                           "aligner-vllm": small}), "knobs-http", port)
+    try:
+        import time
+
+        deadline = time.time() + 300
+        while serve.status().applications["knobs-http"].status != "RUNNING":
+            assert time.time() < deadline, serve.status().applications["knobs-http"]
+            time.sleep(2)
+        settings = [{}, {"one": 0.5}, {"two": -0.25}, {"one": 1.0, "two": 0.5}]
+        drafts = ["Blue.", "The sky is blue today.", "Red and green are colors.", "Yes."]
+        jobs = [(k, d) for k in settings for d in drafts]
+        headers = {"Authorization": f"Bearer {TEST_API_KEY}"}
+
+        def ask(model, knobs, draft):
+            body = {"model": model, "messages": [{"role": "user", "content": "Name a color."}], "max_tokens": n,
+                    "prediction": {"type": "content", "content": draft}, **({"alignment": knobs} if knobs else {})}
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+            return r.status_code, r.json()
+
+        with ThreadPoolExecutor(16) as pool:
+            hf = list(pool.map(lambda j: ask("knob-hf", *j), jobs))
+            vl = list(pool.map(lambda j: ask("knob-vllm", *j), jobs))
+        for (k, d), (s1, a), (s2, b) in zip(jobs, hf, vl):
+            assert s1 == s2 == 200, (a, b)
+            assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"], (k, d)
+            if k:
+                setting = b["diffpo"]["alignment"]["aligner"]
+                assert setting["knobs"] == k and setting["adapter"].startswith("av:")
+        assert len({b["choices"][0]["message"]["content"] for _, (_, b) in zip(jobs, vl)}) > 4, "knobs change answers"
+        for bad, why in [({"three": 1.0}, "three"), ({"one": 5.0}, "outside the allowed range")]:
+            status, body = ask("knob-vllm", bad, "Blue.")
+            assert status == 400 and why in body["error"]["message"], body
+    finally:
+        serve.shutdown()
