@@ -34,7 +34,7 @@ from jobs.common.runtime import run_job
 from jobs.common.stages import DraftStage, load_aligner, make_refiner, refine_turns
 from pipeline.config.stages import JACOBI_ENGINES
 from pipeline.decoding.draft_prefix import needs_full_draft
-from pipeline.records import META, MESSAGE, ROW_SCHEMA, error_row, normalize
+from pipeline.records import KNOBS, META, MESSAGE, ROW_SCHEMA, error_row, normalize
 
 
 # ---- config schema ---------------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ DRAFTED_SCHEMA = pa.schema(list(ROW_SCHEMA) + [pa.field("draft_s", pa.float64())
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("draft", pa.string()), ("aligned", pa.string()),
     ("turns", pa.list_(pa.string())), ("draft_turns", pa.list_(pa.string())),
-    ("aligned_turns", pa.list_(pa.string())), ("history", pa.list_(MESSAGE)), ("meta", META),
+    ("aligned_turns", pa.list_(pa.string())), ("history", pa.list_(MESSAGE)), ("meta", META), ("alignment", KNOBS),
     ("mode", pa.string()), ("passes", pa.int64()), ("new_tokens", pa.int64()), ("tokens_per_pass", pa.float64()),
     ("tokens_computed", pa.int64()), ("converged", pa.bool_()), ("generated_tokens", pa.int64()), ("stop", pa.string()),
     ("draft_s", pa.float64()), ("refine_s", pa.float64()), ("draft_prefix", pa.bool_()), ("draft_tokens", pa.int64()),
@@ -92,10 +92,21 @@ class RefineStage(data.RowStage):
         self.refiner = make_refiner(load_aligner(aligner), aligner)
         self.row_timeout_s = aligner.row_timeout_s
         self.mode, self.jacobi = aligner.label, aligner.engine in JACOBI_ENGINES
+        self.knobs = {n: float(x) for n, x in aligner.knobs.items() if x} or None  # applied to the whole job
 
     def process(self, rows: list[dict]) -> list[dict]:
+        # the HF engines run the job's knobs (merged once); a row's own setting needs vLLM's adapters
+        bad = {}
+        for i, r in enumerate(rows):
+            own = {n: x for n, x in ((self.knobs or {}) | dict(r.get("alignment") or {})).items() if x} or None
+            if own != self.knobs:
+                bad[i] = (f"alignment {dict(r['alignment'])}: a row's own knobs run on aligner.engine=vllm (a LoRA "
+                          "adapter per setting); the HF engines apply aligner.knobs to the whole job")
+            r["alignment"] = self.knobs
+        good = [r for i, r in enumerate(rows) if i not in bad]
         t0 = time.perf_counter()
-        results = refine_turns(self.refiner, rows, self.row_timeout_s)
+        done = iter(refine_turns(self.refiner, good, self.row_timeout_s) if good else [])
+        results = [bad[i] if i in bad else next(done) for i in range(len(rows))]
         per_turn = (time.perf_counter() - t0) / max(1, sum(len(x) for x in results if isinstance(x, list)))
         return [self.output(r, res, per_turn) for r, res in zip(rows, results)]
 
@@ -112,7 +123,8 @@ class RefineStage(data.RowStage):
         passes = sum(x.passes for x in res) if jacobi else None
         return {"id": r["id"], "prompt": r["turns"][0] if r["turns"] else "", "draft": drafts[0] if drafts else "",
                 "aligned": aligned[0] if aligned else "", "turns": r["turns"], "draft_turns": drafts,
-                "aligned_turns": aligned, "history": r["history"], "meta": r["meta"], "mode": self.mode,
+                "aligned_turns": aligned, "history": r["history"], "meta": r["meta"],
+                "alignment": dict(r["alignment"]) if r.get("alignment") else None, "mode": self.mode,
                 "passes": passes, "new_tokens": new,
                 "tokens_per_pass": (new / passes if passes else 0.0) if jacobi else None,
                 "tokens_computed": sum(x.tokens_computed for x in res),

@@ -16,6 +16,7 @@ A normalized row, with the Arrow schema `ROW_SCHEMA` (real lists and structs, ne
     drafts      list<string> | null  base answers, one per turn; null = the draft stage must write them
     references  list<string>         reference answers per turn, when the input has them
     meta        struct               category, dataset, generator, rejected (null where absent)
+    alignment   map<string, double>  the record's own alignment knobs ({vector: λ}; null where absent)
     error       string | null        why the row cannot be processed
 """
 from __future__ import annotations
@@ -33,9 +34,10 @@ META_KEYS = ("category", "dataset", "generator", "rejected")
 REFERENCE_KEYS = ("reference_output", "reference")
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 META = pa.struct([(k, pa.string()) for k in META_KEYS])
+KNOBS = pa.map_(pa.string(), pa.float64())
 ROW_SCHEMA = pa.schema([("id", pa.string()), ("history", pa.list_(MESSAGE)), ("turns", pa.list_(pa.string())),
                         ("drafts", pa.list_(pa.string())), ("references", pa.list_(pa.string())),
-                        ("meta", META), ("error", pa.string())])
+                        ("meta", META), ("alignment", KNOBS), ("error", pa.string())])
 
 
 def plain_value(v):
@@ -60,7 +62,7 @@ def plain_value(v):
 
 def error_row(row_id: str, reason: str) -> dict:
     return {"id": str(row_id), "history": [], "turns": [], "drafts": None, "references": [], "meta": {},
-            "error": reason}
+            "alignment": None, "error": reason}
 
 
 def _str_list(x) -> bool:
@@ -93,8 +95,14 @@ def normalize(rec, fallback_id: str, fmt: str = "auto", id_key: str | None = Non
         drafts = drafts[:len(turns)]
     meta = {k: str(rec[k]) for k in META_KEYS if isinstance(rec.get(k), (str, int, float))}
     ref = next((rec[k] for k in REFERENCE_KEYS if isinstance(rec.get(k), str) or _str_list(rec.get(k))), None)
+    knobs = rec.get("alignment")
+    if knobs is not None and not (isinstance(knobs, dict) and all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+            and abs(v) != float("inf") for k, v in knobs.items())):
+        return error_row(rid, "alignment must be an object of vector name -> finite number")
     return {"id": rid, "history": history, "turns": turns, "drafts": drafts,
-            "references": [ref] if isinstance(ref, str) else list(ref or []), "meta": meta, "error": None}
+            "references": [ref] if isinstance(ref, str) else list(ref or []), "meta": meta,
+            "alignment": None if knobs is None else {k: float(v) for k, v in knobs.items()}, "error": None}
 
 
 def _parse(rec: dict, fmt: str):

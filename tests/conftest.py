@@ -90,6 +90,20 @@ def vllm_tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def vllm_vectors(vllm_tiny, tmp_path_factory):
+    """Two alignment vectors of `vllm_tiny` that move only its linear layers (what a LoRA adapter expresses)."""
+    from pipeline.vectors.extract import extract_vector
+
+    root = tmp_path_factory.mktemp("vllm-vectors")
+    out = {}
+    for k, seed in (("one", 1), ("two", 2)):
+        moved = moved_copy(vllm_tiny, root / f"a-{k}", seed, frozen=("embed", "norm", "lm_head"))
+        out[k] = str(root / f"v-{k}")
+        extract_vector(str(vllm_tiny), str(moved), out[k], k, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
 def default_lm():
     """The real embedded default model (SmolLM2-135M-Instruct, converted from GGUF once)."""
     from pipeline.models import load_model

@@ -29,7 +29,7 @@ import functools
 
 import pyarrow as pa
 
-from jobs.common.config import AlignerCfg, DraftCfg, KnobCfg, OnVllm
+from jobs.common.config import AlignerCfg, DraftCfg, KnobCfg, OnVllm, expand
 from pipeline.decoding.vllm_engine import engine_setup
 
 REQUEST_CPUS = 0.25  # per request / collect task: tokenizing is light, and must fit in the preflight headroom
@@ -45,7 +45,7 @@ SAMPLING = pa.struct([("max_tokens", pa.int64()), ("temperature", pa.float64()),
                       ("seed", pa.int64()), ("stop_token_ids", pa.list_(pa.int64())), ("detokenize", pa.bool_())])
 REQUEST_COLUMNS = [pa.field("tokenized_prompt", pa.list_(pa.int64())), pa.field("sampling_params", SAMPLING),
                    pa.field("_reserved", pa.int64()), pa.field("_cap", pa.int64()), pa.field("_skip", pa.bool_()),
-                   pa.field("_goal", pa.int64())]
+                   pa.field("_goal", pa.int64()), pa.field("_adapter", pa.string())]
 # the error of a row whose drafted prefix did not decide the aligner's first r tokens: the job leaves it unwritten
 # and drafts it again in full (`draft(prefix_for=...)`)
 PREFIX_REDO = "draft prefix did not settle"
@@ -79,21 +79,21 @@ def engine_key(sec: OnVllm) -> str:
     import json
 
     keys = set(OnVllm.model_fields) - {"model"}
-    return json.dumps({"folder": model_folder(sec), "concurrency": sec.concurrency,
+    return json.dumps({"folder": model_folder(sec), "concurrency": sec.concurrency, "vectors": vectors_of(sec),
                        **sec.model_dump(include=keys, mode="json")}, sort_keys=True)
 
 
 def model_folder(sec: OnVllm) -> str:
-    """The folder (or hub id) vLLM loads: the model itself, the embedded default's converted folder, or, for an
-    aligner with alignment-vector knobs, the merged weights written once (`vectors.knobs.merged_folder`)."""
+    """The folder (or hub id) vLLM loads: the model itself or the embedded default's converted folder."""
     from pipeline.models import resolve_model_path
 
-    path, _ = resolve_model_path(sec.model)
-    if isinstance(sec, KnobCfg) and sec.knobs:
-        from pipeline.vectors.knobs import merged_folder
+    return resolve_model_path(sec.model)[0]
 
-        return str(merged_folder(path, sec.knob_vectors(), dict(sec.knobs)))
-    return path
+
+def vectors_of(sec: OnVllm) -> dict[str, str]:
+    """The alignment vectors an engine pool serves as LoRA adapters (an aligner's `vectors`, paths expanded): the
+    job's `knobs` and each row's own `alignment` pick among them per row."""
+    return {n: expand(p) for n, p in sorted(sec.vectors.items())} if isinstance(sec, KnobCfg) else {}
 
 
 class Engines:
@@ -140,7 +140,7 @@ class Engines:
         for name, sec in self.pools.values():
             options = {"num_replicas": sec.concurrency, "ray_actor_options": {"num_cpus": REPLICA_CPUS},
                        "max_ongoing_requests": 100_000, "health_check_period_s": 10}
-            apps.append((name, llm_server(name, model_folder(sec), sec, options)))
+            apps.append((name, llm_server(name, model_folder(sec), sec, options, vectors=vectors_of(sec) or None)))
             print(f"[vllm] {name}: {sec.concurrency} engine(s) of {model_folder(sec)}, bundles {bundles(sec)}",
                   flush=True)
         t0 = time.perf_counter()
@@ -193,7 +193,7 @@ RESPONSE_COLUMNS = ("object", "created", "model", "choices", "usage", "service_t
 def _request(row: dict, model: str) -> dict:
     s = row["sampling_params"]
     return {"method": "completions", "dtype": "CompletionRequest",
-            "request_kwargs": {"model": model, "prompt": [int(t) for t in row["tokenized_prompt"]],
+            "request_kwargs": {"model": row.get("_adapter") or model, "prompt": [int(t) for t in row["tokenized_prompt"]],
                                "max_tokens": int(s["max_tokens"]), "temperature": float(s["temperature"]),
                                "top_p": float(s["top_p"]), "seed": int(s["seed"]),
                                "stop_token_ids": [int(t) for t in s["stop_token_ids"]], "return_token_ids": True,
@@ -403,6 +403,11 @@ def _refine_requests(batch: pa.Table, aligner: AlignerCfg, turn: int, schema: pa
         if r.get("error") or r.get(failed) or turn >= len(r["turns"]):
             out.append({**r, **_placeholder(text.stop_ids[0])})
             continue
+        try:
+            setting, adapter = row_setting(aligner, r.get("alignment"))
+        except ValueError as e:
+            out.append({**r, **_placeholder(text.stop_ids[0]), failed: _error("refine stage", e)})
+            continue
         key = _turn_key(r, turn)  # as the HF engines key turns
         try:
             item = prompts.encode(RefineRequest(conversation(r, turn, r["drafts"]), r["drafts"][turn], key=key))
@@ -413,8 +418,26 @@ def _refine_requests(batch: pa.Table, aligner: AlignerCfg, turn: int, schema: pa
         params = {"max_tokens": budget, "temperature": 0.0, "top_p": 1.0, "seed": 0,  # greedy: the seed is unused
                   "stop_token_ids": list(text.stop_ids), "detokenize": False}
         out.append({**r, "tokenized_prompt": ids, "sampling_params": params, "_reserved": item.reserved,
-                    "_cap": item.cap(aligner.refine), "_skip": False})
+                    "_cap": item.cap(aligner.refine), "_skip": False, "_adapter": adapter,
+                    **({"alignment": setting} if "alignment" in schema.names else {})})
     return pa.Table.from_pylist(out, schema=pa.schema(list(schema) + REQUEST_COLUMNS))
+
+
+def row_setting(aligner: AlignerCfg, own) -> tuple[dict | None, str | None]:
+    """(the alignment setting a row runs with, its adapter name): the job's `aligner.knobs`, each overridden by the
+    row's own `alignment` ({vector: λ}), validated against the aligner's vectors and quantized to `adapters.step`;
+    (None, None) for an aligner without vectors (and a ValueError for a row that asks for knobs there)."""
+    from pipeline.vectors.knobs import normalize_knobs
+    from pipeline.vectors.lora import adapter_name, quantize
+
+    knobs = dict(getattr(aligner, "knobs", {}) or {}) | dict(own or {})
+    names = sorted(vectors_of(aligner))
+    if not names:
+        if knobs:
+            raise ValueError(f"alignment {knobs}: the aligner has no alignment vectors (aligner.vectors)")
+        return None, None
+    key = quantize(normalize_knobs(knobs, names), aligner.adapters.step)
+    return dict(key), adapter_name(key)
 
 
 def _collect_refined(batch: pa.Table, aligner: AlignerCfg, schema: pa.Schema, column: str, failed: str) -> pa.Table:

@@ -7,23 +7,6 @@ import asyncio
 import pytest
 import torch
 
-from tests.conftest import moved_copy
-
-LINEAR_ONLY = ("embed", "norm", "lm_head")
-
-
-@pytest.fixture(scope="module")
-def tiny_vectors(vllm_tiny, tmp_path_factory):
-    from pipeline.vectors.extract import extract_vector
-
-    root = tmp_path_factory.mktemp("vllm-vectors")
-    out = {}
-    for k, seed in (("one", 1), ("two", 2)):
-        moved = moved_copy(vllm_tiny, root / f"a-{k}", seed, frozen=LINEAR_ONLY)
-        out[k] = str(root / f"v-{k}")
-        extract_vector(str(vllm_tiny), str(moved), out[k], k, log=lambda *_: None)
-    return out
-
 
 def _dense_greedy(model_dir: str, vectors: dict, knobs: dict, prompts: list[list[int]], n: int) -> list[list[int]]:
     from pipeline.models import load_model
@@ -45,7 +28,7 @@ def _dense_greedy(model_dir: str, vectors: dict, knobs: dict, prompts: list[list
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_settings_mixed_in_one_batch_give_the_dense_merge_token_for_token(vllm_tiny, tiny_vectors, tmp_path,
+def test_settings_mixed_in_one_batch_give_the_dense_merge_token_for_token(vllm_tiny, vllm_vectors, tmp_path,
                                                                          ray_local):
     from ray import serve
 
@@ -58,7 +41,7 @@ def test_settings_mixed_in_one_batch_give_the_dense_merge_token_for_token(vllm_t
                       adapters={"rank": None, "cache_dir": str(tmp_path / "adapters"), "max_loras": 2})
     name = "knobs-test"
     app = llm_server(name, str(vllm_tiny), sec, {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}},
-                     vectors=tiny_vectors)
+                     vectors=vllm_vectors)
     serve.start(proxy_location="Disabled")
     handle = serve.run(app, name=name, route_prefix=None)
     try:
@@ -80,7 +63,7 @@ def test_settings_mixed_in_one_batch_give_the_dense_merge_token_for_token(vllm_t
 
         got = asyncio.run(run_all())
         for i, knobs in enumerate(settings):
-            want = _dense_greedy(str(vllm_tiny), tiny_vectors, knobs, prompts, n)
+            want = _dense_greedy(str(vllm_tiny), vllm_vectors, knobs, prompts, n)
             assert got[i * len(prompts):(i + 1) * len(prompts)] == want, f"setting {knobs}"
         assert got[:len(prompts)] != got[len(prompts):2 * len(prompts)], "the settings must change the answers"
         adapters = list((tmp_path / "adapters").glob("*/adapter_config.json"))
@@ -91,7 +74,7 @@ def test_settings_mixed_in_one_batch_give_the_dense_merge_token_for_token(vllm_t
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_knobs_per_request_over_http_on_vllm_answer_what_the_hf_route_answers(vllm_tiny, tiny_vectors, ray_local):
+def test_knobs_per_request_over_http_on_vllm_answer_what_the_hf_route_answers(vllm_tiny, vllm_vectors, ray_local):
     """16 requests, 4 settings, sent at once to the vLLM route and to the HF route (fast Jacobi engine, dense merge)
     with the same model, vectors and drafts: the same answers; bad knobs are 400s on the vLLM route too."""
     import httpx
@@ -107,9 +90,9 @@ def test_knobs_per_request_over_http_on_vllm_answer_what_the_hf_route_answers(vl
     args = AppArgs(**{
         "bases": {"tiny": {"engine": "hf", "model": tiny}},
         "aligners": {
-            "hf": {"engine": "fast", "model": tiny, "refine": {"max_new_tokens": n}, "vectors": tiny_vectors,
+            "hf": {"engine": "fast", "model": tiny, "refine": {"max_new_tokens": n}, "vectors": vllm_vectors,
                    "knob_bounds": bounds, "variant_cache_size": 4, "batch_wait_timeout_s": 0.05},
-            "vllm": {"engine": "vllm", "model": tiny, "refine": {"max_new_tokens": n}, "vectors": tiny_vectors,
+            "vllm": {"engine": "vllm", "model": tiny, "refine": {"max_new_tokens": n}, "vectors": vllm_vectors,
                      "knob_bounds": bounds, "adapters": {"rank": None, "max_loras": 4}, "num_cpus": 0.5,
                      "vllm": {"max_model_len": 512}, "deployment_config": {"ray_actor_options": {"num_cpus": 0.1}}}},
         "models": {"knob-hf": {"base": "tiny", "aligner": "hf"}, "knob-vllm": {"base": "tiny", "aligner": "vllm"}},

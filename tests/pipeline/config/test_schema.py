@@ -69,12 +69,13 @@ def test_one_error_lists_key_type_and_range_problems_with_config_paths():
 
 def test_serve_args_are_checked_by_the_same_rules_in_one_error():
     args = serve_args()
-    args["aligners"]["smollm2"].update(vectors={"concise": "x"}, max_batch_size=2)
+    args["aligners"]["smollm2"].update(variant_cache_size=3, max_batch_size=2)
     args["aligners"]["smollm2-jacobi"]["refine"]["blok_size"] = 8
     args["bases"]["smollm2"]["seed"] = 1
     args["bases"]["smollm2"]["num_cpus"] = "many"
     got = serve_problems(args)
-    assert "aligners.smollm2.vectors: engine vllm does not use this key; engines fast, reference, ar take it" in got
+    assert ("aligners.smollm2.variant_cache_size: engine vllm does not use this key; engines fast, reference, ar take "
+            "it") in got
     assert "aligners.smollm2.max_batch_size: engine vllm does not use this key; engines fast, reference, ar take it" in got
     assert ("aligners.smollm2-jacobi.refine.blok_size: unknown key; closest valid keys: "
             "aligners.smollm2-jacobi.refine.block_size") in got
