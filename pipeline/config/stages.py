@@ -61,9 +61,9 @@ class AdapterSettings(Section):
     """Alignment vectors on vLLM engines (where the model has `vectors`): each knob setting becomes one LoRA adapter,
     built on demand where the engine runs (`pipeline/vectors/lora.py`) and served by vLLM's multi-LoRA, so that
     requests and rows with different settings share one batch."""
-    rank: Optional[int] = Field(16, ge=1, description="LoRA rank per vector (a truncated SVD of each layer's delta); "
-                                                      "null = full rank: exact, if the vectors' ranks add up to at "
-                                                      "most vLLM's 512")
+    rank: Optional[int] = Field(None, ge=1, description="LoRA rank per vector, a truncated SVD of each layer's delta "
+                                                        "(lossy: docs/vectors.md measures it); null = exact: a vector's "
+                                                        "own rank, or full rank, refused past vLLM's 512 in all")
     step: float = Field(0.05, gt=0, description="λ is rounded to a multiple of step, so that there are at most "
                                                 "(max - min) / step settings per vector")
     unsupported: Literal["drop", "refuse"] = Field(

@@ -49,7 +49,7 @@ ADAPTER_INFO = "diffpo_adapter.json"  # the setting, the vectors' ids, what was 
 class AdapterCfg:
     """How settings become adapters: `rank` per domain (None = full rank, exact), the quantization `step` of λ, and
     what to do with deltas a LoRA cannot express (`drop` with a warning, or `refuse`)."""
-    rank: int | None = 16
+    rank: int | None = None
     step: float = 0.05
     unsupported: Literal["drop", "refuse"] = "drop"
 
@@ -299,12 +299,6 @@ class AdapterStore:
                     out[m["module"]] = e["shape"]
         return out
 
-    def max_rank(self, domains: int | None = None) -> int:
-        """The largest adapter rank a setting of up to `domains` vectors (default: all) can have at `cfg.rank`."""
-        k = len(self.paths) if domains is None else domains
-        per = max((A.shape[1] for n in self.paths for A, _ in self.factors(n).modules.values()), default=0)
-        return per * k
-
 
 # ---- what the engine must allow ------------------------------------------------------------------------------------
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
@@ -334,6 +328,7 @@ def engine_lora_kwargs(vectors: dict[str, str], rank: int | None, max_loras: int
     allowed = [r for r in VLLM_RANKS if r >= need]
     if not allowed:
         raise VectorError(f"alignment adapters of {len(vectors)} vector(s) at rank {rank or 'full'} reach rank {need}, "
-                          f"past vLLM's largest ({VLLM_RANKS[-1]}): lower adapters.rank")
+                          f"past vLLM's largest ({VLLM_RANKS[-1]}): set adapters.rank (a truncated SVD per vector; "
+                          "docs/vectors.md measures what it costs the vectors' effect)")
     return {"enable_lora": True, "max_lora_rank": allowed[0], "max_loras": max_loras,
             "max_cpu_loras": max(max_cpu_loras, max_loras)}

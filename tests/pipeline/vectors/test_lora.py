@@ -1,5 +1,5 @@
 """Knob settings as LoRA adapters (`pipeline.vectors.lora`), checked against the dense merge the HF engines use, on
-tiny random models through PEFT (the vLLM engine's side: tests/serve_app/test_serve_vllm_knobs.py)."""
+tiny random models through PEFT (the vLLM engine side: tests/serve_app/test_vllm_knobs.py)."""
 import json
 
 import pytest
@@ -7,9 +7,9 @@ import torch
 
 from pipeline.models import load_model
 from pipeline.vectors.extract import Compression, KnobError, VectorError, extract_vector
-from pipeline.vectors.knobs import load_knobbed
-from pipeline.vectors.lora import (AdapterCfg, AdapterStore, adapter_name, combine, factor, parse_name, quantize)
-from pipeline.vectors.knobs import AlignmentVector
+from pipeline.vectors.knobs import AlignmentVector, load_knobbed
+from pipeline.vectors.lora import (AdapterCfg, AdapterStore, adapter_name, combine, engine_lora_kwargs, factor,
+                                   parse_name, quantize)
 from tests.conftest import moved_copy
 from tests.pipeline.vectors.test_vectors import greedy_ids
 from tests.tiny import save_tiny
@@ -105,3 +105,16 @@ def test_deltas_a_lora_cannot_express_are_dropped_with_their_share_or_refused(lo
     assert any("norm" in t for t in info["dropped_tensors"])
     with pytest.raises(VectorError, match="a LoRA adapter cannot express"):
         AdapterStore(vectors, AdapterCfg(rank=8, unsupported="refuse"), tmp_path / "r").adapter((("norms", 1.0),))
+
+
+def test_engine_limits_come_from_the_vectors_metadata(lora_ckpts):
+    """vLLM's max_lora_rank is the smallest allowed value that holds a setting of every vector: full rank by default
+    (exact; the tiny model's layers have rank 64), a vector stored at rank 4 at its own rank; past 512, a clear no."""
+    vectors = {"one": str(lora_ckpts["one"]), "two": str(lora_ckpts["two"])}
+    assert AdapterCfg().rank is None, "the default is exact"
+    kw = engine_lora_kwargs(vectors, None, max_loras=4, max_cpu_loras=2)
+    assert kw == {"enable_lora": True, "max_lora_rank": 128, "max_loras": 4, "max_cpu_loras": 4}  # 64 + 4 -> 128
+    assert engine_lora_kwargs(vectors, 8, 1, 1)["max_lora_rank"] == 16  # 8 + 4 -> 16
+    many = {f"v{i}": str(lora_ckpts["one"]) for i in range(9)}  # 9 x 64 = 576 > 512
+    with pytest.raises(VectorError, match="past vLLM's largest"):
+        engine_lora_kwargs(many, None, 1, 1)
