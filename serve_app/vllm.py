@@ -122,7 +122,6 @@ class VLLMBase:
         sampling gives the same first tokens whatever the cap, so the prefix is the start of the whole draft."""
         if req.prefix is None:
             return await _result(self._draft(req, incremental=False))
-        self._adapter(req)  # a bad knob is a 400 before anything runs
         p = req.prefix
         aligner = _model_text(p.model, p.trust_remote_code).tokenizer
         goal = PrefixGoal(0, p.tokens)
