@@ -35,6 +35,7 @@ KEY_FIELDS = [pa.field("_block", pa.string()), pa.field("_row", pa.int64()), pa.
 KEY_NAMES = [f.name for f in KEY_FIELDS]
 PIECE = re.compile(r"^(?P<block>[A-Za-z0-9_-]+)\.p(?P<first>\d+)\.n(?P<n>\d+)\.t(?P<total>\d+)\.parquet$")
 READ_CPUS = 0.25  # per read task: parsing is light, and must fit next to the actor pools
+READ_ATTEMPTS = 3  # tries per block file when summing an earlier run's output (storage reads can fail transiently)
 
 
 def keyed(schema: pa.Schema) -> pa.Schema:
@@ -438,18 +439,34 @@ def totals_of_files(rows_uri: str, errors_uri: str, names: list[str], columns: l
     err_fs, err_dir = storage.location(errors_uri)
     errors = set(storage.list_names(errors_uri))
 
+    def stats_of(name: str, path: str) -> dict:
+        t = pq.read_table(path, filesystem=fs, columns=columns)
+        more: dict = {}
+        if error_stats is not None:
+            e = (pq.read_table(f"{err_dir}/{name}", filesystem=err_fs, columns=error_columns) if name in errors
+                 else None)
+            bad, more = (e.num_rows, error_stats(e)) if e is not None else (0, {})
+        else:
+            bad = pq.read_metadata(f"{err_dir}/{name}", filesystem=err_fs).num_rows if name in errors else 0
+        return add(add({"rows_out": t.num_rows, "error_rows": bad}, stats(t)), more)
+
     def one(batch: dict) -> dict:
+        import time
+
         out = []
         for name, path in zip(batch["name"], batch["path"]):
-            t = pq.read_table(path, filesystem=fs, columns=columns)
-            more: dict = {}
-            if error_stats is not None:
-                e = (pq.read_table(f"{err_dir}/{name}", filesystem=err_fs, columns=error_columns) if name in errors
-                     else None)
-                bad, more = (e.num_rows, error_stats(e)) if e is not None else (0, {})
-            else:
-                bad = pq.read_metadata(f"{err_dir}/{name}", filesystem=err_fs).num_rows if name in errors else 0
-            out.append(json.dumps(add(add({"rows_out": t.num_rows, "error_rows": bad}, stats(t)), more)))
+            for attempt in range(READ_ATTEMPTS):
+                try:
+                    out.append(json.dumps(stats_of(name, path)))
+                    break
+                except OSError as e:  # a storage read that failed after the client's own retries
+                    if attempt + 1 == READ_ATTEMPTS:
+                        raise OSError(f"could not read block file {name} of {storage.display(rows_uri)} (or its "
+                                      f"error rows) after {READ_ATTEMPTS} attempts: {type(e).__name__}: {e}") from e
+                    time.sleep(2**attempt)
+                except Exception as e:
+                    raise RuntimeError(f"could not sum block file {name} of {storage.display(rows_uri)}: "
+                                       f"{type(e).__name__}: {e}") from e
         return {"name": batch["name"], "stats": out}
 
     ds = ray.data.from_items([{"name": n, "path": p} for n, p in zip(names, paths)])

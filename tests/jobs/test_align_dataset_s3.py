@@ -97,7 +97,11 @@ def test_s3_to_s3_kill_resume_and_exports(tmp_path, s3_server, tiny_dirs, ray_lo
     from jobs.align_dataset import main
 
     t0 = time.time()
-    s = main(common)
+    try:
+        s = main(common)
+    except Exception as e:  # the root cause last, where a CI excerpt shows it (Ray's chain puts it in the middle)
+        pytest.fail(f"the rerun failed: {type(e).__name__}: {str(e)[-4000:]}\nThe killed run's log:\n"
+                    f"{log.read_text()[-2000:]}")
     rerun_s = time.time() - t0
 
     rows = pq.read_table(f"{out}/rows", filesystem=fs)  # the Parquet folder (names starting with "." skipped)
