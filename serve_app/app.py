@@ -64,7 +64,19 @@ def build_graph(cfg: AppArgs, options: dict | None = None) -> Application:
     used_aligners = sorted({r.aligner for r in cfg.models.values() if r.aligner})
     bases = {n: _base(n, cfg.bases[n], options, servers) for n in used_bases}
     aligners = {n: _aligner(n, cfg.aligners[n], options, servers) for n in used_aligners}
-    return Ingress.options(**options.get("Ingress", {})).bind(cfg.model_dump(), bases, aligners)
+    return Ingress.options(**options.get("Ingress", {})).bind(cfg.model_dump(), bases, aligners,
+                                                              serving_deployments(cfg, servers))
+
+
+def serving_deployments(cfg: AppArgs, servers: _Servers) -> dict[str, str]:
+    """Route -> the deployment whose replicas serve its answers (its aligner's, or its base's on a bare route; the
+    LLM server on vLLM): admission runs `admission.max_concurrent` requests per replica of it."""
+    out = {}
+    for route, r in cfg.models.items():
+        role, name = ("aligner", r.aligner) if r.aligner else ("base", r.base)
+        args = cfg.aligners[name] if r.aligner else cfg.bases[name]
+        out[route] = servers.get(role, name, args)[0] if args.engine == "vllm" else f"{role}-{name}"
+    return out
 
 
 def build_app(args: dict) -> Application:

@@ -149,11 +149,27 @@ def aligner_args(args: dict):
     return TypeAdapter(AlignerArgs).validate_python(args)
 
 
+class Admission(_Strict):
+    """Admission on a queue-time budget (serve_app/admission.py): each serving deployment (a route's aligner, or its
+    base on a bare route; its LLM server on vLLM) runs at most `max_concurrent` requests per replica at once, the
+    rest wait in a queue; a request that cannot start within `max_queue_wait_s` is refused at once with 503 and
+    Retry-After (a stream starts at its first token)."""
+    max_queue_wait_s: float | None = Field(None, gt=0, description="the latency objective: the longest a request may "
+                                                                   "wait to start; null: no budget (requests wait "
+                                                                   "their turn, up to request_timeout_s)")
+    max_concurrent: int = Field(4, ge=1, description="requests run at once per replica of a serving deployment "
+                                                     "(the concurrency at which answers keep their time)")
+    replicas_refresh_s: float = Field(2.0, gt=0, description="how often the ingress reads the deployments' running "
+                                                             "replicas from Serve (autoscaling, lost nodes)")
+
+
 class ModelRoute(_Strict):
     """A model name clients can ask for: a base model, optionally refined by an aligner."""
     base: str = Field(description="a name under bases")
     aligner: str | None = Field(None, description="a name under aligners; null serves the bare base model")
     description: str = Field("", description="shown in /v1/models")
+    max_queue_wait_s: float | None = Field(None, gt=0, description="this route's own latency objective (null: "
+                                                                   "admission.max_queue_wait_s)")
 
 
 class AppArgs(_Strict):
@@ -168,6 +184,7 @@ class AppArgs(_Strict):
     max_prediction_chars: int = Field(32_000, ge=1, description="a longer `prediction` (the client's own draft) "
                                                                  "gets a 400")
     request_timeout_s: float = Field(120.0, gt=0, description="per request, draft + refine; then 504")
+    admission: Admission = Field(default_factory=Admission)
     replica_failure_retries: int = Field(1, ge=0, description="resend a request whose replica died (answers are "
                                                               "deterministic)")
     api_key_env: str = Field("API_KEY", description='if this variable is set, requests need "Authorization: Bearer '
@@ -198,6 +215,11 @@ class AppArgs(_Strict):
             if both:
                 problems.append(f"models.{name}: vector names {sorted(both)} are on both its base and its aligner; "
                                 "a request's alignment knob must name one model's vector")
+        for name, budget in [("admission.max_queue_wait_s", self.admission.max_queue_wait_s)] + [
+                (f"models.{n}.max_queue_wait_s", r.max_queue_wait_s) for n, r in self.models.items()]:
+            if budget is not None and budget >= self.request_timeout_s:
+                problems.append(f"{name} ({budget:g}) must be below request_timeout_s ({self.request_timeout_s:g}): "
+                                "a request waits at most the one and is answered within the other")
         if self.default_max_tokens > self.max_tokens_cap:
             problems.append("default_max_tokens must be <= max_tokens_cap")
         if problems:

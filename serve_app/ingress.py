@@ -33,7 +33,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.decoding.draft_prefix import needs_full_draft, prefix_goal
 
+from .admission import Gate, Refused
 from .config import AppArgs
+from .metrics import AdmissionMetrics
 from .protocol import (ApiError, BadRequest, UpstreamError, chat_completion, completion_id, conversation_key,
                        error_body, parse_chat_request, sse_chunks)
 from .replies import Draft, DraftPrefix, DraftRequest, Refined, RefineRequest, diffpo_extra, response_usage
@@ -45,7 +47,7 @@ api = FastAPI(title="DiffPO", docs_url=None, redoc_url=None, openapi_url=None)
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, e: ApiError):
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -75,12 +77,19 @@ def _cause(e: BaseException) -> str:
                   max_queued_requests=512)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, args: dict, bases: dict, aligners: dict):
+    def __init__(self, args: dict, bases: dict, aligners: dict, serving: dict[str, str] | None = None):
         self.args = AppArgs(**args)
         self.bases, self.aligners = bases, aligners
         self.api_key = os.environ.get(self.args.api_key_env) or None
         self.created = int(time.time())
         self.inflight = 0  # chat requests being served: tells the model deployments whether to batch-wait
+        # admission: one gate per serving deployment (routes ending in the same deployment share it)
+        self.serving = serving or {}
+        adm = self.args.admission
+        self.gates = {d: Gate(d, adm.max_concurrent) for d in sorted(set(self.serving.values()))}
+        self.metrics = AdmissionMetrics()
+        self.replicas: dict[str, int] = {}
+        self._watch: asyncio.Task | None = None
 
     def check_health(self):
         if set(self.bases) != {r.base for r in self.args.models.values()}:
@@ -125,7 +134,7 @@ class Ingress:
                                type="timeout", code="timeout") from None
             except BackPressureError:
                 raise ApiError(503, f"{what} is at capacity; retry later", type="server_busy",
-                               code="overloaded") from None
+                               code="overloaded", headers={"Retry-After": "1"}) from None
             except (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError,
                     RequestCancelledError) as e:
                 log.warning("%s failed on a lost replica (attempt %d): %s", what, attempt + 1, type(e).__name__)
@@ -169,27 +178,87 @@ class Ingress:
         messages = [m.plain() for m in req.messages]
         key = conversation_key(messages)
         deadline = time.monotonic() + self.args.request_timeout_s
-        if req.stream and (route.aligner is not None or self.args.bases[route.base].engine == "vllm"):
-            return await self._stream(req, route, messages, key, max_tokens, deadline, knobs)
-        self.inflight += 1
+        live = req.stream and (route.aligner is not None or self.args.bases[route.base].engine == "vllm")
+        gate, budget = self._gate(req.model, route)
         try:
-            return await self._complete(req, route, messages, key, max_tokens, deadline, knobs)
+            ticket = await self._admit(req.model, gate, budget, live) if gate is not None else None
+            if live:  # the stream's task gives the slot back when it ends
+                return await self._stream(req, route, messages, key, max_tokens, deadline, knobs, gate, ticket)
+            return await self._answer(req, route, messages, key, max_tokens, deadline, knobs, gate, ticket)
+        except ApiError as e:
+            if e.status in (503, 504):
+                self.metrics.refusal(req.model, e.code or str(e.status))
+            raise
+
+    async def _answer(self, req, route, messages, key, max_tokens, deadline, knobs, gate, ticket):
+        self.inflight += 1
+        t0, took = time.monotonic(), None
+        try:
+            out = await self._complete(req, route, messages, key, max_tokens, deadline, knobs)
+            took = time.monotonic() - t0
+            return out
         finally:
             self.inflight -= 1
+            if ticket is not None:
+                gate.release(took)
 
-    async def _stream(self, req, route, messages, key, max_tokens, deadline, knobs):
+    # ---- admission -------------------------------------------------------------------------------
+    def _gate(self, model: str, route) -> tuple[Gate | None, float | None]:
+        """The gate of the route's serving deployment and the route's budget; (None, None) with admission off."""
+        budget = route.max_queue_wait_s or self.args.admission.max_queue_wait_s
+        if budget is None or model not in self.serving:
+            return None, None
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.ensure_future(self._watch_replicas())
+        return self.gates[self.serving[model]], budget
+
+    async def _admit(self, model: str, gate: Gate, budget: float, stream: bool):
+        try:
+            ticket = await gate.admit(budget, stream=stream)
+        except Refused as r:
+            what = "its first token" if stream else "start"
+            raise ApiError(503, f"model {model!r} is at capacity: a request now would wait about {r.wait_s:.1f} s "
+                                f"to {what}, over this route's max_queue_wait_s={budget:g}; retry after "
+                                f"{r.retry_after_s} s", type="server_busy", code=r.reason,
+                           headers={"Retry-After": str(r.retry_after_s)}) from None
+        self.metrics.admitted(model, ticket.waited_s)
+        return ticket
+
+    async def _watch_replicas(self):
+        """Every `admission.replicas_refresh_s`: the app's running replicas per deployment from Serve's controller,
+        resizing the gates (autoscaling, lost nodes) and exporting the gauges."""
+        app = serve.get_replica_context().app_name
+        while True:
+            try:
+                status = await asyncio.to_thread(serve.status)
+                deps = status.applications[app].deployments
+                self.replicas = {name: int(d.replica_states.get("RUNNING", 0)) for name, d in deps.items()}
+                for name, gate in self.gates.items():
+                    if name in self.replicas:
+                        gate.resize(self.replicas[name])
+                self.metrics.deployments(self.replicas, self.gates)
+            except Exception as e:  # the controller may be restarting: keep the last counts
+                log.warning("admission: could not read replica counts from Serve: %s", e)
+            await asyncio.sleep(self.args.admission.replicas_refresh_s)
+
+    async def _stream(self, req, route, messages, key, max_tokens, deadline, knobs, gate=None, ticket=None):
         """The request in a task that relays the aligner's text; the SSE response once the first text is there."""
         t0, relay = time.monotonic(), Relay()
+        first: list[float] = []
         self.inflight += 1
         task = asyncio.ensure_future(self._complete(req, route, messages, key, max_tokens, deadline, knobs, relay))
 
-        def ended(_):
+        def ended(t):
             self.inflight -= 1
             relay.close()
+            if ticket is not None:
+                ok = not t.cancelled() and t.exception() is None
+                gate.release(time.monotonic() - t0 if ok else None, first[0] if first else None)
 
         task.add_done_callback(ended)
         try:
             await relay.opened(task)  # errors before the first text are answered as JSON errors
+            first.append(time.monotonic() - t0)
         except BaseException:
             task.cancel()
             raise

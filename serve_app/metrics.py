@@ -80,3 +80,35 @@ class VariantMetrics:
     def record(self, outcome: str, ms: float):
         self.switches.inc(1, tags={"outcome": outcome})
         self.switch_ms.observe(ms)
+
+
+class AdmissionMetrics:
+    """The ingress's admission (serve_app/admission.py) and the replicas it counts: queue wait of admitted requests,
+    refusals by reason (the gate's over_budget / queue_timeout and every other 503 / 504: overloaded,
+    replica_unavailable, timeout), and per serving deployment the running replicas, requests running and waiting."""
+
+    def __init__(self):
+        self.queue_wait = metrics.Histogram("diffpo_queue_wait_ms", "Time an admitted request waited to start (ms)",
+                                            boundaries=[1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000],
+                                            tag_keys=("route",))
+        self.refused = metrics.Counter("diffpo_refused_requests", "Requests answered 503/504 instead, by reason",
+                                       tag_keys=("route", "reason"))
+        self.replicas = metrics.Gauge("diffpo_replicas", "Running replicas of a deployment (as Serve reports them)",
+                                      tag_keys=("deployment",))
+        self.running = metrics.Gauge("diffpo_admission_running", "Requests running on a serving deployment",
+                                     tag_keys=("deployment",))
+        self.waiting = metrics.Gauge("diffpo_admission_waiting", "Requests waiting to start on a serving deployment",
+                                     tag_keys=("deployment",))
+
+    def admitted(self, route: str, waited_s: float) -> None:
+        self.queue_wait.observe(waited_s * 1000, tags={"route": route})
+
+    def refusal(self, route: str, reason: str) -> None:
+        self.refused.inc(1, tags={"route": route, "reason": reason})
+
+    def deployments(self, replicas: dict[str, int], gates: dict) -> None:
+        for name, n in replicas.items():
+            self.replicas.set(n, tags={"deployment": name})
+        for name, g in gates.items():
+            self.running.set(g.running, tags={"deployment": name})
+            self.waiting.set(len(g.waiters), tags={"deployment": name})

@@ -23,9 +23,10 @@ class ApiError(Exception):
     """An error answered as an OpenAI-style JSON body with an HTTP status."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
+                 param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.code, self.param)

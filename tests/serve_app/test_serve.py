@@ -47,7 +47,10 @@ def server(ray_local, tiny_dirs):
             "diffpo-remote": {"base": "tiny-remote", "aligner": "jacobi"},
             "diffpo-tight": {"base": "tiny", "aligner": "tight"},
             "remote": {"base": "tiny-remote"},
+            # the jacobi aligner again, behind admission: one request at a time, a 0.3 s queue-time budget
+            "diffpo-gated": {"base": "tiny", "aligner": "jacobi", "max_queue_wait_s": 0.3},
         },
+        "admission": {"max_concurrent": 1, "replicas_refresh_s": 0.5},
         "max_tokens_cap": MAX_NEW, "default_max_tokens": 16, "request_timeout_s": 30, "max_prediction_chars": 4000,
         "max_body_bytes": 200_000, "api_key_env": TEST_API_KEY_ENV,
     })
@@ -455,6 +458,43 @@ def test_full_queue_answers_503_quickly(server):
     assert codes.count(503) >= 1 and codes.count(200) >= 1, codes
     assert all(r.json()["error"]["code"] == "overloaded" for r in rs if r.status_code == 503)
     assert time.time() - t0 < 30
+
+
+def test_admission_refuses_at_once_what_would_wait_past_the_budget(server, expected):
+    """Overload on a route with a queue-time budget: every request is answered correctly or refused with 503,
+    Retry-After and an OpenAI error body, and refusals come back fast; the gate's metrics are exported."""
+    def one(i):
+        msgs = [{"role": "user", "content": f"Say something about the number {i}."}]
+        t0 = time.time()
+        r = post(server, {"model": "diffpo-gated", "messages": msgs, "max_tokens": MAX_NEW, "temperature": 0})
+        return i, msgs, r, time.time() - t0
+
+    one(-1)  # one answer measured by the gate (its answer time is what it predicts with)
+    with ThreadPoolExecutor(24) as pool:
+        got = list(pool.map(one, range(24)))
+    ok = [(i, m, r) for i, m, r, _ in got if r.status_code == 200]
+    refused = [(r, s) for _, _, r, s in got if r.status_code == 503]
+    assert len(ok) + len(refused) == len(got), [r.status_code for _, _, r, _ in got]
+    assert ok and refused, f"{len(ok)} answered, {len(refused)} refused: the budget never bit or always did"
+    for i, msgs, r in ok:
+        body = r.json()
+        assert body["choices"][0]["message"]["content"] == expected(msgs, body["diffpo"]["draft"], MAX_NEW), i
+    for r, took in refused:
+        err = r.json()["error"]
+        assert err["type"] == "server_busy" and err["code"] in ("over_budget", "queue_timeout"), err
+        assert "max_queue_wait_s=0.3" in err["message"]
+        assert int(r.headers["retry-after"]) >= 1
+        assert took < 0.3 + 2.0, f"a refusal took {took:.2f} s: it waited instead of being refused"
+    assert any(r.json()["error"]["code"] == "over_budget" for r, _ in refused), "some were refused on arrival"
+    # a route without a budget on the same aligner still queues and answers everything
+    with ThreadPoolExecutor(8) as pool:
+        plain = list(pool.map(lambda i: post(server, {"model": "diffpo-tiny", "messages": MSGS, "max_tokens": 8,
+                                                      "temperature": 0}), range(8)))
+    assert all(r.status_code == 200 for r in plain)
+    assert ray_metric("ray_diffpo_refused_requests_total", route="diffpo-gated") >= len(refused) > 0
+    assert ray_metric("ray_diffpo_queue_wait_ms_count", route="diffpo-gated") > 0
+    assert ray_metric("ray_diffpo_replicas", deployment="aligner-jacobi") >= 1
+    assert ray_metric("ray_diffpo_replicas", deployment="Ingress") >= 1
 
 
 def _replica_actors(deployment: str):
