@@ -42,6 +42,16 @@ def ray_metric(name: str, timeout_s: float = 30, **tags: str) -> float:
         time.sleep(2)
 
 
+def alive_actors(cluster, name_part: str) -> dict[str, str]:
+    """Alive actors of a `ray.cluster_utils.Cluster` (read through its GCS, without joining it) whose class name
+    holds `name_part`: actor id -> node id."""
+    out = {}
+    for aid, a in cluster.global_state.actor_table(None).items():
+        if a.get("State") in ("ALIVE", 2) and name_part in str(a.get("ActorClassName") or a.get("Name") or ""):
+            out[aid] = a["Address"]["NodeID"]
+    return out
+
+
 def free_port() -> int:
     import socket
 

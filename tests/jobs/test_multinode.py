@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.common.config import REPO
+from tests.conftest import alive_actors
 
 pytestmark = pytest.mark.integration
 
@@ -27,15 +28,6 @@ def _rows(path: Path, n: int) -> Path:
             if i in (7, n // 2):
                 f.write('{"id": "broken", "prompt": \n')
     return path
-
-
-def _alive_actors(cluster, name_part: str) -> dict[str, str]:
-    """Alive actors whose class name holds `name_part`: actor id -> node id."""
-    out = {}
-    for aid, a in cluster.global_state.actor_table(None).items():
-        if a.get("State") in ("ALIVE", 2) and name_part in str(a.get("ActorClassName") or a.get("Name") or ""):
-            out[aid] = a["Address"]["NodeID"]
-    return out
 
 
 def _start_job(cluster, args: list[str], log: Path) -> subprocess.Popen:
@@ -94,7 +86,7 @@ def test_a_worker_node_lost_mid_job_on_the_hf_engine(tmp_path, tiny_dirs, cluste
     seen: set = set()
 
     def two_nodes():
-        seen.update(_alive_actors(cluster, "MapWorker").values())  # Ray Data's actor pool workers
+        seen.update(alive_actors(cluster, "MapWorker").values())  # Ray Data's actor pool workers
         return len(seen) >= 2
 
     _wait(two_nodes, proc, log, 240, f"the stage's actors on two nodes (seen on {len(seen)})")
@@ -124,7 +116,7 @@ def test_the_node_of_the_vllm_engine_lost_mid_job(tmp_path, vllm_tiny, cluster):
                                 "aligner.vllm.max_concurrent_batches=2", "output.rows_per_block=8",
                                 "ray.progress_bars=false", "show_samples=0"], log)
     _wait(lambda: len(list((out / "rows").glob("*.parquet"))) >= 2, proc, log, 600, "the first blocks")
-    replicas = _alive_actors(cluster, "ServeReplica:diffpo-align")  # the LLM server's replica
+    replicas = alive_actors(cluster, "ServeReplica:diffpo-align")  # the LLM server's replica
     assert set(replicas.values()) == {worker.node_id}, "the engine runs on the worker node"
     cluster.remove_node(worker, allow_graceful=False)
     time.sleep(3)
