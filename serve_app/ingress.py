@@ -196,6 +196,8 @@ class Ingress:
         try:
             out = await self._complete(req, route, messages, key, max_tokens, deadline, knobs)
             took = time.monotonic() - t0
+            if ticket is not None and isinstance(out, dict):  # what admission added to the latency
+                out["diffpo"]["queue_wait_ms"] = round(ticket.waited_s * 1000, 1)
             return out
         finally:
             self.inflight -= 1
