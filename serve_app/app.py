@@ -76,6 +76,10 @@ def serving_deployments(cfg: AppArgs, servers: _Servers) -> dict[str, str]:
         role, name = ("aligner", r.aligner) if r.aligner else ("base", r.base)
         args = cfg.aligners[name] if r.aligner else cfg.bases[name]
         out[route] = servers.get(role, name, args)[0] if args.engine == "vllm" else f"{role}-{name}"
+    unknown = sorted(set(cfg.admission.max_concurrent_of) - set(out.values()))
+    if unknown:
+        raise ValueError(f"admission.max_concurrent_of: {unknown} serve no route; the serving deployments are "
+                         f"{sorted(set(out.values()))}")
     return out
 
 

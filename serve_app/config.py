@@ -159,6 +159,9 @@ class Admission(_Strict):
                                                                    "their turn, up to request_timeout_s)")
     max_concurrent: int = Field(4, ge=1, description="requests run at once per replica of a serving deployment "
                                                      "(the concurrency at which answers keep their time)")
+    max_concurrent_of: dict[str, int] = Field(default_factory=dict, description="max_concurrent of particular "
+                                              "serving deployments, by name (aligner-<name>, base-<name>, "
+                                              "llm-<role>-<name>)")
     replicas_refresh_s: float = Field(2.0, gt=0, description="how often the ingress reads the deployments' running "
                                                              "replicas from Serve (autoscaling, lost nodes)")
 

@@ -86,7 +86,8 @@ class Ingress:
         # admission: one gate per serving deployment (routes ending in the same deployment share it)
         self.serving = serving or {}
         adm = self.args.admission
-        self.gates = {d: Gate(d, adm.max_concurrent) for d in sorted(set(self.serving.values()))}
+        self.gates = {d: Gate(d, adm.max_concurrent_of.get(d, adm.max_concurrent))
+                      for d in sorted(set(self.serving.values()))}
         self.metrics = AdmissionMetrics()
         self.replicas: dict[str, int] = {}
         self._watch: asyncio.Task | None = None

@@ -80,3 +80,33 @@ def test_default_graph_fits_a_two_core_machine():
                                 "aligner-smollm2-jacobi"}, "one LLM server for the base and the aligner"
     cpus = sum(sum(b.get("CPU", 0) for b in bundles) if bundles else own for own, bundles in deployments.values())
     assert cpus <= 2, f"the graph needs {cpus} CPUs: {deployments}"
+
+
+def test_admission_gates_are_the_routes_serving_deployments():
+    pytest.importorskip("ray.serve.llm")
+    from serve_app.app import _Servers, build_app, serving_deployments
+
+    doc = _args("serve.yaml")
+    args = AppArgs(**doc)
+    assert args.admission.max_queue_wait_s == 2.0
+    servers = _Servers()
+    for n, b in args.bases.items():
+        servers.get("base", n, b) if b.engine == "vllm" else None
+    for n, a in args.aligners.items():
+        servers.get("aligner", n, a) if a.engine == "vllm" else None
+    got = serving_deployments(args, servers)
+    # both vLLM routes end on the one engine base and aligner share; the Jacobi route on its own aligner
+    assert got == {"diffpo-smollm2": "llm-base-smollm2", "smollm2": "llm-base-smollm2",
+                   "diffpo-smollm2-jacobi": "aligner-smollm2-jacobi"}
+    bad = dict(doc, admission={"max_queue_wait_s": 2.0, "max_concurrent_of": {"aligner-nope": 2}})
+    with pytest.raises(ValueError, match=r"aligner-nope.*serving deployments are"):
+        build_app(bad)
+
+
+def test_a_budget_must_be_below_the_request_timeout():
+    doc = _args("serve.yaml")
+    with pytest.raises(ValueError) as e:
+        AppArgs(**dict(doc, request_timeout_s=10, admission={"max_queue_wait_s": 10},
+                       models=dict(doc["models"], smollm2=dict(doc["models"]["smollm2"], max_queue_wait_s=30))))
+    assert "admission.max_queue_wait_s (10) must be below request_timeout_s" in str(e.value)
+    assert "models.smollm2.max_queue_wait_s (30)" in str(e.value)
