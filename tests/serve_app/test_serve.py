@@ -486,6 +486,19 @@ def test_admission_refuses_at_once_what_would_wait_past_the_budget(server, expec
         assert int(r.headers["retry-after"]) >= 1
         assert took < 0.3 + 2.0, f"a refusal took {took:.2f} s: it waited instead of being refused"
     assert any(r.json()["error"]["code"] == "over_budget" for r, _ in refused), "some were refused on arrival"
+    # a stream on the gated route, then a request after it: the stream gave its slot back when it ended
+    time.sleep(1)
+    msgs = [{"role": "user", "content": "Stream this."}]
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", timeout=60,
+                      headers={"Authorization": f"Bearer {TEST_API_KEY}"},
+                      json={"model": "diffpo-gated", "messages": msgs, "max_tokens": MAX_NEW, "temperature": 0,
+                            "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    streamed = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+    after = post(server, {"model": "diffpo-gated", "messages": msgs, "max_tokens": MAX_NEW, "temperature": 0})
+    assert after.status_code == 200 and after.json()["diffpo"]["queue_wait_ms"] == 0.0, "the slot was free"
+    assert streamed == after.json()["choices"][0]["message"]["content"]
     # a route without a budget on the same aligner still queues and answers everything
     with ThreadPoolExecutor(8) as pool:
         plain = list(pool.map(lambda i: post(server, {"model": "diffpo-tiny", "messages": MSGS, "max_tokens": 8,
