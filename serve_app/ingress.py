@@ -208,11 +208,11 @@ class Ingress:
     # ---- admission -------------------------------------------------------------------------------
     def _gate(self, model: str, route) -> tuple[Gate | None, float | None]:
         """The gate of the route's serving deployment and the route's budget; (None, None) with admission off."""
+        if self._watch is None or self._watch.done():  # replica counts: the gates' slots and the diffpo_replicas gauge
+            self._watch = asyncio.ensure_future(self._watch_replicas())
         budget = route.max_queue_wait_s or self.args.admission.max_queue_wait_s
         if budget is None or model not in self.serving:
             return None, None
-        if self._watch is None or self._watch.done():
-            self._watch = asyncio.ensure_future(self._watch_replicas())
         return self.gates[self.serving[model]], budget
 
     async def _admit(self, model: str, gate: Gate, budget: float, stream: bool):
