@@ -129,7 +129,7 @@ def test_openai_client_chat_stream_and_models(server, expected):
     assert all(ch.object == "chat.completion.chunk" for ch in chunks)
 
     ids = {m.id for m in c.models.list()}
-    assert ids == {"diffpo-tiny", "tiny", "diffpo-remote", "diffpo-tight", "remote"}
+    assert ids == {"diffpo-tiny", "tiny", "diffpo-remote", "diffpo-tight", "remote", "diffpo-gated"}
 
     # the bare base model answers with the draft itself
     bare = c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=24, temperature=0)
