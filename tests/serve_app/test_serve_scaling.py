@@ -71,7 +71,7 @@ def test_the_aligner_scales_up_under_load_and_back_down_after(ray_local, tiny_di
                 time.sleep(0.5)
             scaled_up = time.time() - t0
             grown = _running("aligner-jacobi")
-            time.sleep(4)  # keep the load on the two replicas a little
+            time.sleep(2)  # keep the load on the two replicas a little
             stop.set()
         assert grown == 2, f"no second aligner replica after {scaled_up:.0f} s of load"
         assert not failures, [(r.status_code, r.text[:200]) for _, r in failures[:3]]
