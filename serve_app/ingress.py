@@ -89,7 +89,6 @@ class Ingress:
         self.gates = {d: Gate(d, adm.max_concurrent_of.get(d, adm.max_concurrent))
                       for d in sorted(set(self.serving.values()))}
         self.metrics = AdmissionMetrics()
-        self.replicas: dict[str, int] = {}
         self._watch: asyncio.Task | None = None
 
     def check_health(self):
@@ -235,11 +234,11 @@ class Ingress:
             try:
                 status = await asyncio.to_thread(serve.status)
                 deps = status.applications[app].deployments
-                self.replicas = {name: int(d.replica_states.get("RUNNING", 0)) for name, d in deps.items()}
+                replicas = {name: int(d.replica_states.get("RUNNING", 0)) for name, d in deps.items()}
                 for name, gate in self.gates.items():
-                    if name in self.replicas:
-                        gate.resize(self.replicas[name])
-                self.metrics.deployments(self.replicas, self.gates)
+                    if name in replicas:
+                        gate.resize(replicas[name])
+                self.metrics.deployments(replicas, self.gates)
             except Exception as e:  # the controller may be restarting: keep the last counts
                 log.warning("admission: could not read replica counts from Serve: %s", e)
             await asyncio.sleep(self.args.admission.replicas_refresh_s)

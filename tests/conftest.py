@@ -42,6 +42,18 @@ def ray_metric(name: str, timeout_s: float = 30, **tags: str) -> float:
         time.sleep(2)
 
 
+@pytest.fixture
+def cluster():
+    """A local multi-node Ray cluster (`ray.cluster_utils.Cluster`), not joined by this process: a 1-CPU head node
+    with the custom resource `head`; tests add worker nodes (and kill them)."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, connect=False,
+                head_node_args={"num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False})
+    yield c
+    c.shutdown()
+
+
 def alive_actors(cluster, name_part: str) -> dict[str, str]:
     """Alive actors of a `ray.cluster_utils.Cluster` (read through its GCS, without joining it) whose class name
     holds `name_part`: actor id -> node id."""

@@ -62,16 +62,6 @@ def _check_output(out: Path, n_in: int) -> dict:
     return s
 
 
-@pytest.fixture
-def cluster():
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, connect=False,
-                head_node_args={"num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False})
-    yield c
-    c.shutdown()
-
-
 @pytest.mark.timeout(600)
 def test_a_worker_node_lost_mid_job_on_the_hf_engine(tmp_path, tiny_dirs, cluster):
     """One aligner actor per node (0.75 CPU on 1-CPU nodes); the worker node dies while blocks are in flight; a new

@@ -90,10 +90,10 @@ def test_admission_gates_are_the_routes_serving_deployments():
     args = AppArgs(**doc)
     assert args.admission.max_queue_wait_s == 2.0
     servers = _Servers()
-    for n, b in args.bases.items():
-        servers.get("base", n, b) if b.engine == "vllm" else None
-    for n, a in args.aligners.items():
-        servers.get("aligner", n, a) if a.engine == "vllm" else None
+    for role, models in (("base", args.bases), ("aligner", args.aligners)):
+        for n, m in models.items():
+            if m.engine == "vllm":
+                servers.get(role, n, m)
     got = serving_deployments(args, servers)
     # both vLLM routes end on the one engine base and aligner share; the Jacobi route on its own aligner
     assert got == {"diffpo-smollm2": "llm-base-smollm2", "smollm2": "llm-base-smollm2",

@@ -41,16 +41,6 @@ serve.run(build_graph(AppArgs(**spec["args"]), spec["options"]), name="diffpo", 
 """
 
 
-@pytest.fixture
-def cluster():
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, connect=False,
-                head_node_args={"num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False})
-    yield c
-    c.shutdown()
-
-
 def _deploy(cluster, args: dict, options: dict) -> str:
     port = free_port()
     spec = {"address": cluster.address, "repo": str(REPO), "port": port, "args": args, "options": options}
@@ -104,6 +94,29 @@ class Load:
             t.join(self.timeout + 10)
 
 
+def _lose_node(cluster, node, resources: dict, replaced, url: str, want: dict, limit_s: float,
+               poll_s: float) -> tuple[float, float | None]:
+    """Under load (running 3 s already): kill `node` (no graceful exit), add a fresh 1-CPU node with `resources` 3 s
+    later, as an autoscaler would, and wait until `replaced(fresh)` and the graph gives item 3 its undisturbed
+    answer. (the kill's time, seconds from the kill to that answer or None if not within `limit_s`); the load
+    runs 3 s more after it."""
+    time.sleep(3)
+    cluster.remove_node(node, allow_graceful=False)
+    killed = time.time()
+    time.sleep(3)
+    fresh = cluster.add_node(num_cpus=1, resources=resources)
+    recovered = None
+    while time.time() - killed < limit_s:
+        if replaced(fresh):
+            code, body, _ = _ask(url, 3, 30)
+            if code == 200 and body["choices"][0]["message"]["content"] == want[3]:
+                recovered = time.time() - killed
+                break
+        time.sleep(poll_s)
+    time.sleep(3)
+    return killed, recovered
+
+
 def _check(load: Load, want: dict, request_timeout_s: float):
     codes = [c for _, _, c, _, _ in load.got]
     assert -1 not in codes, "a request hung past its timeout"
@@ -141,23 +154,12 @@ def test_a_node_with_model_replicas_lost_under_load(cluster, tiny_dirs):
         nodes = set(alive_actors(cluster, f"ServeReplica:diffpo:{name}").values())
         assert len(nodes) == 2, f"{name}: replicas on {len(nodes)} node(s), not spread"
         assert a.node_id in nodes
+    def replaced(fresh) -> bool:  # a base and an aligner replica on the fresh node
+        return sum(n == fresh.node_id for name in ("base-tiny", "aligner-jacobi")
+                   for n in alive_actors(cluster, f"ServeReplica:diffpo:{name}").values()) == 2
+
     load = Load(url, clients=4, timeout=45)
-    time.sleep(3)
-    cluster.remove_node(a, allow_graceful=False)
-    killed = time.time()
-    time.sleep(3)
-    fresh = cluster.add_node(num_cpus=1, resources={"models": 1})
-    recovered = None
-    while time.time() - killed < HF_RECOVERY_S + 30:
-        on_fresh = [n for name in ("base-tiny", "aligner-jacobi")
-                    for n in alive_actors(cluster, f"ServeReplica:diffpo:{name}").values() if n == fresh.node_id]
-        if len(on_fresh) == 2:
-            code, body, _ = _ask(url, 3, 30)
-            if code == 200 and body["choices"][0]["message"]["content"] == want[3]:
-                recovered = time.time() - killed
-                break
-        time.sleep(1)
-    time.sleep(3)
+    killed, recovered = _lose_node(cluster, a, {"models": 1}, replaced, url, want, HF_RECOVERY_S + 30, poll_s=1)
     load.end()
     codes = _check(load, want, 30)
     assert recovered is not None and recovered < HF_RECOVERY_S, f"not whole again {HF_RECOVERY_S} s after the kill"
@@ -187,21 +189,12 @@ def test_the_node_of_the_vllm_engine_lost_under_load(cluster, vllm_tiny):
     want = {i: _ask(url, i, 60)[1]["choices"][0]["message"]["content"] for i in range(16)}
     servers = alive_actors(cluster, "ServeReplica:diffpo:llm-base-tiny")
     assert set(servers.values()) == {worker.node_id}, "the LLM server (its engine) runs on the worker node"
+    def replaced(fresh) -> bool:  # the LLM server's replica (its engine) on the fresh node
+        return fresh.node_id in alive_actors(cluster, "ServeReplica:diffpo:llm-base-tiny").values()
+
     load = Load(url, clients=3, timeout=40)
-    time.sleep(3)
-    cluster.remove_node(worker, allow_graceful=False)
-    killed = time.time()
-    time.sleep(3)
-    fresh = cluster.add_node(num_cpus=1, resources={"engine_node": 1})
-    recovered = None
-    while time.time() - killed < VLLM_RECOVERY_S + 60:
-        if fresh.node_id in alive_actors(cluster, "ServeReplica:diffpo:llm-base-tiny").values():
-            code, body, _ = _ask(url, 5, 30)
-            if code == 200 and body["choices"][0]["message"]["content"] == want[5]:
-                recovered = time.time() - killed
-                break
-        time.sleep(2)
-    time.sleep(3)
+    _, recovered = _lose_node(cluster, worker, {"engine_node": 1}, replaced, url, want, VLLM_RECOVERY_S + 60,
+                              poll_s=2)
     load.end()
     codes = _check(load, want, 20)
     assert recovered is not None and recovered < VLLM_RECOVERY_S, f"not whole again {VLLM_RECOVERY_S} s after the kill"
