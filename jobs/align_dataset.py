@@ -27,14 +27,14 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.common import blocks, data, exports, storage, vllm_stages
-from jobs.common.config import (AlignerCfg, DataRayCfg, DraftCfg, Section, VllmAlignerCfg, VllmDraftCfg, expand,
-                                formerly, load_config)
+from jobs.common.config import (AlignerCfg, DataRayCfg, DraftCfg, JobAlignerCfg, Section, VllmAlignerCfg,
+                                VllmDraftCfg, expand, formerly, load_config)
 from jobs.common.data import InputCfg
 from jobs.common.runtime import run_job
 from jobs.common.stages import DraftStage, load_aligner, make_refiner, refine_turns
 from pipeline.config.stages import JACOBI_ENGINES
 from pipeline.decoding.draft_prefix import needs_full_draft
-from pipeline.records import KNOBS, META, MESSAGE, ROW_SCHEMA, error_row, normalize
+from pipeline.records import KNOBS, META, MESSAGE, ROW_SCHEMA, error_row, normalize, normalize_table
 
 
 # ---- config schema ---------------------------------------------------------------------------------------
@@ -55,7 +55,8 @@ class AlignDatasetConfig(BaseModel):
     input: InputCfg = Field(default_factory=InputCfg)
     output: OutputCfg = Field(default_factory=OutputCfg)
     base: DraftCfg = Field(default_factory=VllmDraftCfg, description="drafts rows that have none")
-    aligner: AlignerCfg = Field(default_factory=VllmAlignerCfg)
+    aligner: JobAlignerCfg = Field(default_factory=VllmAlignerCfg, description="refines the drafts (engine=none: "
+                                                                               "the drafts are the answers)")
     ray: DataRayCfg = Field(default_factory=DataRayCfg)
     show_samples: int = Field(3, ge=0, description="draft vs aligned samples printed at the end")
 
@@ -147,6 +148,44 @@ class VllmOutputStage(RefineStage):
         return [self.output(r, res, 0.0) | {"refine_s": sum(x.wall_s for x in res)} for r, res in zip(rows, results)]
 
 
+def no_aligner(batch: pa.Table) -> pa.Table:
+    """`aligner.engine=none`: the output rows with the drafts as the answers, computed column-wise (no model runs;
+    the plumbing alone is what `benchmarks/bench_scale.py` compares with a plain Ray Data pipeline). A row with
+    its own alignment knobs becomes an error row: no aligner runs to apply them."""
+    n = batch.num_rows
+    strings = pa.list_(pa.string())
+    error = batch.column("error").combine_chunks()
+    knobs = batch.column("alignment").combine_chunks()
+    if knobs.null_count < n:  # rows that ask for knobs (rare): checked one by one
+        asks = [i for i, k in enumerate(knobs.to_pylist()) if k and any(x for _, x in k) and error[i].as_py() is None]
+        if asks:
+            reasons = [None] * n
+            for i in asks:
+                reasons[i] = (f"alignment {dict(knobs[i].as_py())}: aligner.engine=none runs no aligner to apply "
+                              "knobs")
+            error = pc.coalesce(error, pa.array(reasons, pa.string()))
+
+    def first(lists) -> pa.Array:  # lists[0], or "" for an empty or null list
+        some = pc.fill_null(pc.greater(pc.list_value_length(lists), 0), False)
+        return pc.list_flatten(pc.if_else(some, pc.list_slice(lists, 0, 1), pa.array([[""]] * n, strings)))
+
+    none = lambda tp: pa.nulls(n, tp)  # noqa: E731
+    drafts = pc.if_else(pc.is_null(batch.column("drafts")), pa.array([[]] * n, strings), batch.column("drafts"))
+    aligned = pc.if_else(pc.is_null(error), drafts, pa.array([[]] * n, strings))
+    zeros = pa.array([0] * n, pa.int64())
+    columns = {"id": batch.column("id"), "prompt": first(batch.column("turns")), "draft": first(drafts),
+               "aligned": first(aligned), "turns": batch.column("turns"), "draft_turns": drafts,
+               "aligned_turns": aligned, "history": batch.column("history"), "meta": batch.column("meta"),
+               "alignment": none(KNOBS), "mode": pa.array(["none"] * n), "passes": none(pa.int64()),
+               "new_tokens": zeros, "tokens_per_pass": none(pa.float64()), "tokens_computed": zeros,
+               "converged": none(pa.bool_()), "generated_tokens": none(pa.int64()), "stop": pa.array([""] * n),
+               "draft_s": batch.column("draft_s"), "refine_s": pa.array([0.0] * n),
+               "draft_prefix": batch.column("draft_prefix"), "draft_tokens": batch.column("draft_tokens"),
+               "error": error}
+    out = pa.Table.from_arrays([columns[f.name] for f in OUTPUT_SCHEMA], schema=OUTPUT_SCHEMA)
+    return blocks.with_keys(out, batch)
+
+
 # ---- summary ---------------------------------------------------------------------------------------------
 STAT_COLUMNS = ["mode", "passes", "new_tokens", "converged", "generated_tokens", "refine_s", "draft_s", "draft_tokens"]
 
@@ -216,9 +255,16 @@ def prefix_aligner(cfg: AlignDatasetConfig):
     """The aligner section to draft prefixes for (`base.drafts=as_needed`, a vLLM base whose seeded samples are
     the same whatever their length cap, an aligner that reads only the draft's first r tokens), or None."""
     a = cfg.aligner
-    if cfg.base.drafts != "as_needed" or cfg.base.engine != "vllm" or needs_full_draft(a.engine, a.in_context):
+    if (cfg.base.drafts != "as_needed" or cfg.base.engine != "vllm" or a.engine == "none"
+            or needs_full_draft(a.engine, a.in_context)):
         return None
     return a
+
+
+def task_cpus(cfg: AlignDatasetConfig, info: blocks.InputInfo) -> float:
+    """CPUs per read / column / write task: a fraction beside model stages (they must fit next to the actor pools),
+    whole CPUs when no model runs (aligner.engine=none, every row drafted): as many tasks as CPUs, none waiting."""
+    return blocks.SCAN_CPUS if cfg.aligner.engine == "none" and not info.to_draft else blocks.READ_CPUS
 
 
 def run_stages(cfg: AlignDatasetConfig, todo, info: blocks.InputInfo, out: str, prefix_for) -> dict:
@@ -226,17 +272,20 @@ def run_stages(cfg: AlignDatasetConfig, todo, info: blocks.InputInfo, out: str, 
     (file -> stats). The stages on vLLM share the job's engine pools (`vllm_stages.Engines`), one per model."""
     draft_on_vllm = info.to_draft and cfg.base.engine == "vllm"
     pools = {"base": cfg.base} if info.to_draft else {}
-    data.preflight(pools | {"aligner": cfg.aligner}, info.turns + (prefix_for is not None))
+    data.preflight(pools | ({"aligner": cfg.aligner} if cfg.aligner.engine != "none" else {}),
+                   info.turns + (prefix_for is not None))
     on_vllm = ([cfg.base] if draft_on_vllm else []) + ([cfg.aligner] if cfg.aligner.engine == "vllm" else [])
     with vllm_stages.Engines("align", on_vllm) as engines:
-        ds = todo.map_batches(_draft_columns, batch_format="pyarrow", num_cpus=blocks.READ_CPUS)
+        ds = todo.map_batches(_draft_columns, batch_format="pyarrow", num_cpus=task_cpus(cfg, info))
         schema = blocks.keyed(DRAFTED_SCHEMA)
         if draft_on_vllm:
             ds = vllm_stages.draft(ds, engines, cfg.base, info.turns, schema, prefix_for=prefix_for)
         elif info.to_draft:
             ds = data.map_stage(ds, DraftStage, cfg.base, base=cfg.base, schema=DRAFTED_SCHEMA,
                                 threads=cfg.ray.torch_threads)
-        if cfg.aligner.engine == "vllm":
+        if cfg.aligner.engine == "none":
+            ds = ds.map_batches(no_aligner, batch_format="pyarrow", num_cpus=task_cpus(cfg, info))
+        elif cfg.aligner.engine == "vllm":
             ds = vllm_stages.refine(ds, engines, cfg.aligner, info.turns, schema)
             ds = ds.map_batches(_vllm_output, batch_format="pyarrow", num_cpus=vllm_stages.REQUEST_CPUS,
                                 fn_kwargs={"aligner": cfg.aligner})
@@ -244,7 +293,7 @@ def run_stages(cfg: AlignDatasetConfig, todo, info: blocks.InputInfo, out: str, 
             ds = data.map_stage(ds, RefineStage, cfg.aligner, aligner=cfg.aligner, threads=cfg.ray.torch_threads)
         sink = blocks.BlockSink(storage.join(out, "rows"), storage.join(out, "errors"),
                                 OUTPUT_SCHEMA.remove(OUTPUT_SCHEMA.get_field_index("error")), ERROR_COLUMNS, row_stats)
-        ds.write_datasink(sink, ray_remote_args={"num_cpus": data.WRITE_CPUS})
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": max(data.WRITE_CPUS, task_cpus(cfg, info))})
     return sink.totals
 
 
@@ -270,9 +319,10 @@ def main(argv: list[str] | None = None) -> dict:
     i = cfg.input
     parser = blocks.Parser(lambda rec, fid, drafts: normalize(rec, fid, i.format, i.id_field, drafts), error_row,
                            ROW_SCHEMA, cfg.output.rows_per_block,
-                           lookup=blocks.drafts_table(i.drafts_path) if i.drafts_path else None)
+                           lookup=blocks.drafts_table(i.drafts_path) if i.drafts_path else None,
+                           columnar=lambda t: normalize_table(t, i.format, i.id_field))
     job = blocks.BlockJob("align_dataset", out, data.input_files(i.path), data.input_root(i.path), parser, i.limit)
-    todo, info = job.todo()
+    todo, info = job.todo(lambda info: task_cpus(cfg, info))
     totals = run_stages(cfg, todo, info, out, prefix_aligner(cfg)) if info.rows else {}
     totals = job.finish(totals, STAT_COLUMNS, row_stats)
 

@@ -251,3 +251,62 @@ def conversation(row: dict, turn: int, answers: list[str]) -> list[dict]:
         msgs += [{"role": "user", "content": turns[k]}, {"role": "assistant", "content": answers[k]}]
     msgs.append({"role": "user", "content": turns[turn]})
     return msgs
+
+
+# ---- the same, a block of simple records at once ------------------------------------------------------------------
+# Columns `normalize_table` handles exactly as `normalize` does; a record with any of these fields has another
+# format or more to check (messages, MT-bench turns, HH-RLHF, Alpaca input, its own knobs): per record
+_OTHER_FORMATS = ("messages", "turns", "chosen", "input", "alignment", "question_id")
+
+
+def normalize_table(t: pa.Table, fmt: str = "auto", id_key: str | None = None) -> pa.Table | None:
+    """The rows `normalize` gives for the records of `t` (a block of JSON records as Arrow infers them), computed
+    column-wise, or None where that would not be exactly `normalize`'s result (another format, a field of another
+    type, a missing id or prompt, an empty prompt): the caller then normalizes record by record. Covers the plain
+    prompt files (id, prompt | instruction | question, draft | output | response, meta and reference fields),
+    the bulk of large inputs."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    if fmt not in ("auto", "prompts") or not t.num_rows:
+        return None
+    names = set(t.column_names)
+    id_col = id_key or "id"
+    if names & set(_OTHER_FORMATS) - {id_col} or id_col not in names:
+        return None
+
+    def strings(col: str) -> bool:
+        return pa.types.is_string(t.schema.field(col).type) or pa.types.is_null(t.schema.field(col).type)
+
+    ids = t.column(id_col)
+    if ids.null_count or not (pa.types.is_string(ids.type) or pa.types.is_int64(ids.type)):
+        return None
+    prompt_keys = [k for k in PROMPT_KEYS if k in names]
+    if len(prompt_keys) != 1 or not pa.types.is_string(t.schema.field(prompt_keys[0]).type):
+        return None
+    prompts = t.column(prompt_keys[0])
+    if prompts.null_count or any(not p.strip() for p in prompts.to_pylist()):
+        return None  # a missing or empty prompt: its error row comes from `normalize`
+    if not all(strings(k) for k in DRAFT_KEYS + META_KEYS + REFERENCE_KEYS if k in names):
+        return None
+    n = t.num_rows
+
+    def column(keys) -> pa.Array:  # the first non-null value of `keys` per record (normalize's order)
+        cols = [t.column(k).cast(pa.string()).combine_chunks() for k in keys if k in names]
+        return pa.nulls(n, pa.string()) if not cols else cols[0] if len(cols) == 1 else pc.coalesce(*cols)
+
+    def lists(values: pa.Array, none_is_null: bool) -> pa.Array:  # [value] per record; null or [] without one
+        valid = pc.is_valid(values)
+        if none_is_null:
+            return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), values.fill_null(""),
+                                            mask=pc.invert(valid))
+        offsets = np.concatenate([[0], np.cumsum(valid.to_numpy(zero_copy_only=False))]).astype(np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), values.filter(valid))
+
+    columns = {"id": ids.cast(pa.string()).combine_chunks(),
+               "history": pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], MESSAGE)),
+               "turns": lists(prompts.combine_chunks(), False), "drafts": lists(column(DRAFT_KEYS), True),
+               "references": lists(column(REFERENCE_KEYS), False),
+               "meta": pa.StructArray.from_arrays([column([k]) for k in META_KEYS], fields=list(META)),
+               "alignment": pa.nulls(n, KNOBS), "error": pa.nulls(n, pa.string())}
+    return pa.Table.from_arrays([columns[f.name] for f in ROW_SCHEMA], schema=ROW_SCHEMA)

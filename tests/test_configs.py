@@ -81,3 +81,12 @@ def test_help_lists_every_key_with_its_default(capsys):
         load_config(AlignDatasetConfig, "conf/align_dataset.yaml", ["--help"])
     out = capsys.readouterr().out
     assert "aligner.refine.block_size = 256" in out and "base.sampling.temperature = 0.7" in out
+
+
+def test_switching_an_engine_drops_the_files_keys_the_new_engine_does_not_take():
+    from jobs.align_dataset import AlignDatasetConfig
+
+    cfg = load_config(AlignDatasetConfig, "conf/align_dataset.yaml", ["aligner.engine=none"])
+    assert cfg.aligner.engine == "none", "the file's aligner.model and aligner.refine were for its own engine"
+    with pytest.raises(ConfigError, match="aligner.model: engine none does not use this key"):
+        load_config(AlignDatasetConfig, "conf/align_dataset.yaml", ["aligner.engine=none", "aligner.model=x"])

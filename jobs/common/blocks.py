@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -34,7 +35,10 @@ from jobs.common import storage
 KEY_FIELDS = [pa.field("_block", pa.string()), pa.field("_row", pa.int64()), pa.field("_total", pa.int64())]
 KEY_NAMES = [f.name for f in KEY_FIELDS]
 PIECE = re.compile(r"^(?P<block>[A-Za-z0-9_-]+)\.p(?P<first>\d+)\.n(?P<n>\d+)\.t(?P<total>\d+)\.parquet$")
-READ_CPUS = 0.25  # per read task: parsing is light, and must fit next to the actor pools
+READ_CPUS = 0.25  # per read task beside model stages: parsing is light, and must fit next to the actor pools
+SCAN_CPUS = 1.0  # per task of the passes no model stage runs beside (index, summary, duplicates): Ray's default,
+# so that a pass starts as many worker processes as there are CPUs (each one imports the job's modules)
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, as some tools write at the start of a file
 READ_ATTEMPTS = 3  # tries per block file when summing an earlier run's output (storage reads can fail transiently)
 
 
@@ -103,12 +107,108 @@ def _lines(uri: str, offset: int = 0, line: int = 1) -> Iterator[tuple[int, int,
                 n += 1
                 at, pos = pos, pos + len(raw) + 1
                 if n == 1:
-                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as some tools write
+                    raw = raw.removeprefix(BOM)
                 if raw.strip():
                     yield n, at, raw.rstrip(b"\r")
-        if rest.strip():
+        if rest:
             n += 1
-            yield n, pos, (rest.removeprefix(b"\xef\xbb\xbf") if n == 1 else rest).rstrip(b"\r")
+            if n == 1:
+                rest = rest.removeprefix(BOM)
+            if rest.strip():
+                yield n, pos, rest.rstrip(b"\r")
+
+
+_SPACE = np.array([ord(c) for c in " \t\r\x0b\x0c"], np.uint8)
+
+
+@dataclass
+class Span:
+    """`count` consecutive records of a JSONL file (a block): their bytes (`data`, from the first record's offset
+    to the end of the last one) and, per record, its 1-based line number, byte offset in the file and length."""
+    lines: np.ndarray
+    offsets: np.ndarray
+    lengths: np.ndarray
+    data: bytes
+
+    @property
+    def count(self) -> int:
+        return len(self.lines)
+
+    def records(self) -> list[tuple[int, bytes]]:
+        """(line number, bytes) per record, as `_lines` gives them."""
+        base, out = int(self.offsets[0]), []
+        for n, at, k in zip(self.lines.tolist(), self.offsets.tolist(), self.lengths.tolist()):
+            raw = self.data[at - base:at - base + k]
+            out.append((n, (raw.removeprefix(BOM) if n == 1 else raw).rstrip(b"\r")))
+        return out
+
+
+def _spans(uri: str, n: int, limit: Optional[int] = None, chunk: int = 1 << 24, offset: int = 0, line: int = 1,
+           size: Optional[int] = None) -> Iterator[Span]:
+    """The non-blank lines (as `_lines` counts them: a line of ASCII whitespace, or a byte-order mark alone, is
+    blank) of a plain text file, `n` at a time, the last span shorter; at most `limit` lines in all; from byte
+    `offset` (line number `line`) on, `size` bytes (null = to the end). Vectorized: the file is read in
+    `chunk`-byte pieces and its newlines found with numpy, so splitting costs no Python per line."""
+    fs, path = storage.location(uri)
+    f = fs.open_input_file(path) if offset else fs.open_input_stream(path)
+    if offset:
+        f.seek(offset)
+    with f:
+        rest, base, line = b"", offset, line - 1  # an incomplete last line, its offset in the file, lines before it
+        held, held_at = b"", 0  # the bytes from the first record of the span being filled, their offset
+        lines, offsets, lengths, pending, left, unread = [], [], [], 0, limit, size
+        while left is None or left > 0:
+            more = f.read(chunk if unread is None else min(chunk, unread))
+            if unread is not None:
+                unread -= len(more)
+            data = rest + more
+            if not data:  # the end of the file, after a newline
+                if pending:
+                    ln, off, k = np.concatenate(lines), np.concatenate(offsets), np.concatenate(lengths)
+                    yield Span(ln, off, k, held[:int(off[-1] + k[-1]) - held_at])
+                break
+            a = np.frombuffer(data, np.uint8)
+            ends = np.flatnonzero(a == 10)
+            if not more and (not len(ends) or ends[-1] != len(data) - 1):
+                ends = np.append(ends, len(data))  # the last line has no newline
+            if not len(ends):
+                rest = data
+                continue
+            starts = np.concatenate([[0], ends[:-1] + 1])
+            numbers = np.arange(line + 1, line + 1 + len(ends))
+            keep = ends > starts
+            for i in np.flatnonzero(keep & np.isin(a[np.minimum(starts, len(a) - 1)], _SPACE)).tolist():
+                keep[i] = bool(data[starts[i]:ends[i]].strip())  # starts with whitespace: blank?
+            if base == 0 and keep[0]:
+                keep[0] = bool(data[:ends[0]].removeprefix(BOM).strip())
+            consumed = min(len(data), int(ends[-1]) + 1)
+            line += len(ends)
+            starts, ends, numbers = starts[keep], ends[keep], numbers[keep]
+            if left is not None:
+                starts, ends, numbers = starts[:left], ends[:left], numbers[:left]
+                left -= len(starts)
+            if len(starts):
+                if not pending:
+                    held, held_at = b"", base + int(starts[0])
+                held += data[held_at - base if not held else 0:consumed]
+                lines.append(numbers)
+                offsets.append(starts + base)
+                lengths.append(ends - starts)
+                pending += len(starts)
+            elif pending:
+                held += data[:consumed]
+            last = not more or left == 0
+            while pending >= n or (pending and last):
+                ln, off, k = np.concatenate(lines), np.concatenate(offsets), np.concatenate(lengths)
+                take = min(n, pending)
+                yield Span(ln[:take], off[:take], k[:take],
+                           held[:int(off[take - 1] + k[take - 1]) - held_at])
+                lines, offsets, lengths, pending = [ln[take:]], [off[take:]], [k[take:]], pending - take
+                if pending:
+                    held, held_at = held[int(off[take]) - held_at:], int(off[take])
+            rest, base = data[consumed:], base + consumed
+            if not more:
+                break
 
 
 def _json_records(uri: str, source: str):
@@ -169,6 +269,27 @@ class Parser:
     rows_per_block: int
     lookup: Any = None
     skips: bool = False
+    columnar: Optional[Callable[[pa.Table], Optional[pa.Table]]] = None
+
+    def block_table(self, span: "Span") -> Optional[pa.Table]:
+        """The rows of a JSONL block, parsed by Arrow's JSON reader and normalized column-wise (`columnar`), or None
+        where that would not give exactly the per-record rows: no `columnar`, a lookup or a skipping parser, a record
+        the reader refuses (bad JSON or UTF-8, a repeated key, types that change from record to record), or one
+        `columnar` leaves to `normalize`. Then `dicts` does it record by record (error rows and all)."""
+        import io
+
+        import pyarrow.json as pj
+
+        if self.columnar is None or self.lookup is not None or self.skips:
+            return None
+        data = span.data.removeprefix(BOM) if span.lines[0] == 1 else span.data
+        try:
+            t = pj.read_json(io.BytesIO(data), read_options=pj.ReadOptions(
+                use_threads=False, block_size=min(len(data) + 1, 1 << 30)))
+            t.validate(full=True)  # the reader does not check that strings are UTF-8
+        except (pa.ArrowException, ValueError):
+            return None
+        return self.columnar(t) if t.num_rows == span.count else None
 
     def dicts(self, thunks: list) -> list[dict]:
         lookup = _fetch(self.lookup)
@@ -211,7 +332,7 @@ def lookup_table(fn: Callable, *args):
     tables are benchmark-sized (drafts files, reference answers); larger sets belong in the input rows themselves."""
     import ray
 
-    return ray.remote(num_cpus=READ_CPUS)(fn).remote(*args)
+    return ray.remote(num_cpus=SCAN_CPUS)(fn).remote(*args)
 
 
 def drafts_table(uri: str):
@@ -222,13 +343,47 @@ def drafts_table(uri: str):
 # ---- the index: every block of the input, where it starts, what the stages need to know of it ------------------
 INDEX = pa.schema([("uri", pa.string()), ("key", pa.string()), ("source", pa.string()), ("file", pa.int64()),
                    ("block", pa.string()), ("start", pa.int64()), ("line", pa.int64()), ("offset", pa.int64()),
-                   ("n", pa.int64()), ("kept", pa.int64()), ("turns", pa.int64()), ("to_draft", pa.int64()),
+                   ("size", pa.int64()), ("n", pa.int64()), ("kept", pa.int64()), ("turns", pa.int64()), ("to_draft", pa.int64()),
                    ("parsed", pa.bool_())])
 
 
 def _turns_and_drafts(rows: list[dict]) -> tuple[int, int]:
     turns = max([len(r.get("turns") or []) for r in rows] or [0])
     return turns, sum(1 for r in rows if "drafts" in r and r["drafts"] is None and not r.get("error"))
+
+
+def _table_turns_and_drafts(t: pa.Table) -> tuple[int, int]:
+    turns = pc.max(pc.list_value_length(t.column("turns"))).as_py() or 0 if t.num_rows else 0
+    if "drafts" not in t.column_names:
+        return turns, 0
+    return turns, pc.sum(pc.and_(pc.is_null(t.column("drafts")), pc.is_null(t.column("error")))).as_py() or 0
+
+
+def _index_spans(t: dict, task: FileTask, parser: Parser, done: dict, limit: Optional[int]) -> list[dict]:
+    """`_index_file` for a plain JSONL file: its blocks from `_spans`, each parsed column-wise where it can be."""
+    out, n = [], parser.rows_per_block
+    for k, span in enumerate(_spans(task.uri, n, limit)):
+        start = k * n
+        block = f"{task.key}-{start:09d}"
+        turns, to_draft, kept = 0, 0, span.count
+        counted = done.get(block) == span.count and limit is None and not parser.skips
+        if not counted:
+            table = parser.block_table(span)
+            if table is not None:
+                turns, to_draft = _table_turns_and_drafts(table)
+            else:
+                rows = parser.dicts(_thunks(span, task))
+                (turns, to_draft), kept = _turns_and_drafts(rows), len(rows)
+        out.append({**t, "block": block, "start": start, "line": int(span.lines[0]), "offset": int(span.offsets[0]),
+                    "size": len(span.data), "n": span.count, "kept": kept, "turns": turns, "to_draft": to_draft,
+                    "parsed": not counted})
+    return out
+
+
+def _thunks(span: Span, task: FileTask) -> list[Callable[[], tuple]]:
+    from pipeline.records import parse_line
+
+    return [lambda raw=raw, n=n: parse_line(raw, n, task.source) for n, raw in span.records()]
 
 
 def _index_file(batch: pa.Table, parser: Parser, done: dict, limit: Optional[int]) -> pa.Table:
@@ -238,6 +393,12 @@ def _index_file(batch: pa.Table, parser: Parser, done: dict, limit: Optional[int
     n, out = parser.rows_per_block, []
     for t in batch.to_pylist():
         i, task = t.pop("file"), FileTask(**t)
+        if _seekable(task.uri):
+            try:
+                out += _index_spans(t | {"file": i}, task, parser, done, limit)
+                continue
+            except OSError:  # a file that cannot be read: the record path makes it an error row
+                pass
         chunk: list = []
 
         def emit(chunk):
@@ -249,7 +410,7 @@ def _index_file(batch: pa.Table, parser: Parser, done: dict, limit: Optional[int
             turns, to_draft = _turns_and_drafts(rows) if rows is not None else (0, 0)
             out_blocks.append(block)
             out.append({**t, "file": i, "block": block, "start": start, "line": chunk[0][1], "offset": chunk[0][2],
-                        "n": len(chunk), "kept": len(chunk) if rows is None else len(rows), "turns": turns,
+                        "size": -1, "n": len(chunk), "kept": len(chunk) if rows is None else len(rows), "turns": turns,
                         "to_draft": to_draft, "parsed": rows is not None})
 
         out_blocks: list = []
@@ -274,7 +435,7 @@ def index_blocks(tasks: list[FileTask], parser: Parser, done: dict[str, int], li
 
     items = [dataclasses.asdict(t) | {"file": i} for i, t in enumerate(tasks)]
     index = (ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-             .map_batches(_index_file, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+             .map_batches(_index_file, batch_size=1, batch_format="pyarrow", num_cpus=SCAN_CPUS,
                           fn_kwargs=dict(parser=parser, done=done, limit=limit)).take_all())
     index.sort(key=lambda b: (b["file"], b["start"]))
     if limit is not None:
@@ -294,27 +455,34 @@ def _read_block(batch: pa.Table, parser: Parser) -> pa.Table:
     """The rows of one block (an index row): read from its first record on; bad records are error rows."""
     (b,) = batch.to_pylist()
     task = FileTask(b["uri"], b["key"], b["source"])
-    seek = b["offset"] >= 0
-    thunks = []
-    for k, (th, _, _) in enumerate(_records(task, b["offset"] if seek else 0, b["line"] if seek else 1)):
-        if not seek and k < b["start"]:
-            continue
-        thunks.append(th)
-        if len(thunks) == b["n"]:
-            break
-    rows = pa.Table.from_pylist(parser.dicts(thunks)[:b["kept"]], schema=parser.schema)
+    if b["size"] >= 0:  # a JSONL block: its bytes in one read, parsed column-wise where it can be
+        span = next(_spans(task.uri, b["n"], None, max(1, b["size"]), b["offset"], b["line"], b["size"]))
+        rows = parser.block_table(span)
+        if rows is None:
+            rows = pa.Table.from_pylist(parser.dicts(_thunks(span, task)), schema=parser.schema)
+        rows = rows.slice(0, b["kept"])
+    else:
+        seek = b["offset"] >= 0
+        thunks = []
+        for k, (th, _, _) in enumerate(_records(task, b["offset"] if seek else 0, b["line"] if seek else 1)):
+            if not seek and k < b["start"]:
+                continue
+            thunks.append(th)
+            if len(thunks) == b["n"]:
+                break
+        rows = pa.Table.from_pylist(parser.dicts(thunks)[:b["kept"]], schema=parser.schema)
     k = rows.num_rows
     return with_keys(rows, pa.table({"_block": [b["block"]] * k, "_row": list(range(b["start"], b["start"] + k)),
                                      "_total": [k] * k}, schema=pa.schema(KEY_FIELDS)))
 
 
-def read_blocks(index: list[dict], parser: Parser):
+def read_blocks(index: list[dict], parser: Parser, num_cpus: float = READ_CPUS):
     """A Dataset of the rows of the blocks of `index`, read and parsed by Ray's workers: a task per block, so that
     the blocks stream through the stages (and to storage) one by one, whatever the files' sizes."""
     import ray
 
     return (ray.data.from_items(index, override_num_blocks=max(1, len(index)))
-            .map_batches(_read_block, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS,
+            .map_batches(_read_block, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
                          fn_kwargs=dict(parser=parser)))
 
 
@@ -470,7 +638,7 @@ def totals_of_files(rows_uri: str, errors_uri: str, names: list[str], columns: l
         return {"name": batch["name"], "stats": out}
 
     ds = ray.data.from_items([{"name": n, "path": p} for n, p in zip(names, paths)])
-    return {r["name"]: json.loads(r["stats"]) for r in ds.map_batches(one, batch_size=64, num_cpus=READ_CPUS).iter_rows()}
+    return {r["name"]: json.loads(r["stats"]) for r in ds.map_batches(one, batch_size=64, num_cpus=SCAN_CPUS).iter_rows()}
 
 
 IDS_PER_TASK = 5_000_000  # ids one duplicate-check task holds (a set of strings: a few hundred MB at most)
@@ -508,7 +676,7 @@ def duplicate_ids(rows_uri: str, errors_uri: str, rows: int, show: int = 10,
     if not paths:
         return 0, []
     parts = max(1, -(-rows // IDS_PER_TASK))
-    task = ray.remote(num_cpus=READ_CPUS)(_repeated_ids)
+    task = ray.remote(num_cpus=SCAN_CPUS)(_repeated_ids)
     found = ray.get([task.remote(paths, rows_uri, k, parts, show, key) for k in range(parts)])
     return sum(n for n, _ in found), sorted(i for _, ids in found for i in ids)[:show]
 
@@ -601,8 +769,9 @@ class BlockJob:
         storage.write_text(self.manifest, json.dumps({"rows_per_block": self.parser.rows_per_block,
                                                       "settings": settings}))
 
-    def todo(self):
-        """(Dataset of the rows to do, InputInfo of them)."""
+    def todo(self, cpus: Callable[[InputInfo], float] = lambda info: READ_CPUS):
+        """(Dataset of the rows to do, InputInfo of them). `cpus(info)`: the CPUs of a read task (READ_CPUS beside
+        model stages; a job that runs none can give its reads whole CPUs)."""
         if self.merge is not None:
             return self._todo_merged()
         self._settings(self.settings)
@@ -622,7 +791,7 @@ class BlockJob:
               f"{self.parser.rows_per_block} rows; {len(s.complete)} block(s) "
               f"({sum(b['kept'] for b in index) - info.rows} rows) already written in {storage.display(self.rows_uri)}; "
               f"{info.rows} rows to do", flush=True)
-        return read_blocks(todo, self.parser), info
+        return read_blocks(todo, self.parser, cpus(info)), info
 
     def _todo_merged(self):
         index = index_blocks(self.tasks, self.parser, {}, self.limit)

@@ -11,7 +11,7 @@ rules. `python -m jobs.NAME --help` prints every key with its default, its engin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import BaseModel, Field
 
@@ -116,6 +116,20 @@ class ARAlignerCfg(ARAligner, KnobCfg, PoolCfg):
 
 
 AlignerCfg = by_engine(VllmAlignerCfg, FastAlignerCfg, ReferenceAlignerCfg, ARAlignerCfg, default="vllm")
+
+
+class NoAlignerCfg(Section):
+    """No aligner (align_dataset only): each row's answers are its drafts, given or written by the base: the base
+    model's own answers as a baseline for a judge, or a drafts dataset to align later with several aligners."""
+    engine: Literal["none"] = Field("none", description="none: the drafts are the answers; no model runs after the "
+                                                        "base")
+    in_context: ClassVar[bool] = False
+    knobs: ClassVar[dict] = {}
+    label: ClassVar[str] = "none"
+
+
+JobAlignerCfg = by_engine(VllmAlignerCfg, FastAlignerCfg, ReferenceAlignerCfg, ARAlignerCfg, NoAlignerCfg,
+                          default="vllm")
 
 
 def as_engine(section: BaseModel, engine: str, stage=None, **update):

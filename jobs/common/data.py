@@ -72,6 +72,8 @@ def preflight(pools: dict[str, PoolCfg], turns: int = 1) -> None:
     with the same engine settings share one engine pool (`vllm_stages.Engines`), counted once."""
     import ray
 
+    if not pools:
+        return
     have = ray.cluster_resources()
     asks = {k: pool_demand(p, turns) for k, p in pools.items()}
     shared: dict[str, list[str]] = {}  # engine pool -> the config keys it serves

@@ -330,10 +330,27 @@ def load_config(schema: type[BaseModel], default_yaml: str | Path | None, argv: 
         raise ConfigError([f"config file not found: {path}"])
     try:
         base = OmegaConf.load(path) if path is not None else OmegaConf.create({})
-        tree = OmegaConf.to_container(OmegaConf.merge(base, OmegaConf.from_dotlist(rest)), resolve=True) or {}
+        args = OmegaConf.from_dotlist(rest)
+        base = OmegaConf.create(_for_engines(schema, OmegaConf.to_container(base), OmegaConf.to_container(args)))
+        tree = OmegaConf.to_container(OmegaConf.merge(base, args), resolve=True) or {}
     except (OmegaConfBaseException, yaml.YAMLError) as e:
         raise ConfigError([f"{str(e).splitlines()[0]}" + (f"  (config file {path})" if path else "")]) from None
     return validate(schema, tree, f"(config file {path})" if path else "")
+
+
+def _for_engines(schema: type[BaseModel], file: dict, args: dict) -> dict:
+    """The config file's tree without its keys for a model stage whose engine the arguments switch, where the new
+    engine does not take them (the file wrote them for its own engine: `aligner.engine=none` on a file that sets
+    `aligner.model`); the keys the arguments give are always checked."""
+    file = dict(file)
+    for name, field in schema.model_fields.items():
+        eng = engines_of(Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation)
+        engine = (args.get(name) or {}).get("engine") if isinstance(args.get(name), dict) else None
+        if eng is None or engine not in eng.variants or not isinstance(file.get(name), dict):
+            continue
+        takes = eng.variants[engine].model_fields
+        file[name] = {k: v for k, v in file[name].items() if k in takes}
+    return file
 
 
 def to_yaml(cfg: BaseModel) -> str:

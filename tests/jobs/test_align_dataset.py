@@ -284,3 +284,31 @@ def test_output_rows_and_summary_hold_only_what_the_engine_computed(tmp_path):
     s = engine_summary({"rows_out": 2, **row_stats(fast_rows)})
     assert s["mean_passes"] == 3.0 and s["tokens_per_pass"] == round(8 / 6, 3) and s["converged_fraction"] == 0.5
     assert "mean_generated_tokens" not in s and s["rows_by_mode"] == {"fast": 2}
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_no_aligner_writes_the_drafts_as_answers_with_error_rows_and_resume(tmp_path, ray_local):
+    """aligner.engine=none: no model runs; the rows are parsed column-wise (whole blocks through Arrow's JSON
+    reader) except a block with a bad record, which goes record by record; the answers are the drafts."""
+    lines = [{"id": i, "prompt": f"Question {i}?", "draft": f"Answer {i}."} for i in range(9)]
+    lines[4] = b'{"id": 4, "prompt": '  # broken JSON: its block is parsed record by record
+    lines[6] = {"id": 6, "prompt": "Knobs?", "draft": "A.", "alignment": {"concise": 1.0}}  # no aligner applies them
+    src = write_jsonl(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out"
+    args = [f"input.path={src}", f"output.path={out}", "aligner.engine=none", "output.rows_per_block=3",
+            "ray.progress_bars=false", "show_samples=0"]
+    s = run_job(args)
+    ok = pd.read_parquet(out / "aligned.parquet")
+    errors = [json.loads(x) for x in open(out / "errors.jsonl")]
+    assert s["rows_in"] == 9 and s["rows_out"] == 7 == len(ok) and s["error_rows"] == 2 == len(errors)
+    assert {e["id"] for e in errors} == {"in.jsonl:5", "6"}, "the broken line and the row that asks for knobs"
+    assert (ok["aligned"] == ok["draft"]).all() and ok.set_index("id").loc["3", "aligned"] == "Answer 3."
+    assert list(ok["id"]) == ["0", "1", "2", "3", "5", "7", "8"], "input order"
+    assert (ok["mode"] == "none").all() and ok["generated_tokens"].isna().all() and ok["passes"].isna().all()
+    assert s["rows_by_mode"] == {"none": 7} and "mean_generated_tokens" not in s and "mean_passes" not in s
+    first = sorted(p.name for p in (out / "rows").glob("*.parquet"))
+    (out / "rows" / first[1]).unlink()  # a block lost: the rerun redoes it alone
+    s2 = run_job(args)
+    assert s2["rows_processed_this_run"] == 3 and s2["rows_out"] == 7 and s2["error_rows"] == 2
+    assert sorted(p.name for p in (out / "rows").glob("*.parquet")) == first

@@ -61,7 +61,7 @@ def test_a_misspelt_key_names_the_closest_valid_keys_and_old_names_say_what_they
 
 def test_one_error_lists_key_type_and_range_problems_with_config_paths():
     got = problems(["aligner.engine=magic", "base.batch_size=0", "base.sampling.top_p=x", "bogus=1"])
-    assert "aligner.engine: must be one of vllm, fast, reference, ar (got 'magic')" in got
+    assert "aligner.engine: must be one of vllm, fast, reference, ar, none (got 'magic')" in got
     assert any(p.startswith("base.batch_size: ") for p in got), got
     assert any(p.startswith("base.sampling.top_p: ") for p in got), "no engine tag inside the key"
     assert any(p.startswith("bogus: unknown key") for p in got)

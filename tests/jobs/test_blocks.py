@@ -1,0 +1,55 @@
+"""The JSONL block splitter and the column-wise block path against the record-by-record ones (no Ray)."""
+import json
+import random
+
+import pyarrow as pa
+
+from jobs.common import blocks
+from pipeline.records import ROW_SCHEMA, error_row, normalize, normalize_table
+
+
+def test_spans_split_a_file_as_the_line_reader_does(tmp_path):
+    rng = random.Random(1)
+    pieces = [b'{"id": "%d"}', b"", b"   ", b" \t", b"\r", b' {"a": 1}', blocks.BOM, b"xx" * 40]
+    for trial in range(150):
+        parts = [rng.choice(pieces).replace(b"%d", str(i).encode()) for i in range(rng.randint(0, 30))]
+        data = (blocks.BOM if rng.random() < 0.3 else b"") + b"\n".join(parts) + rng.choice([b"", b"\n", b"\r\n"])
+        f = tmp_path / f"{trial}.jsonl"
+        f.write_bytes(data)
+        want = list(blocks._lines(str(f)))
+        for n in (1, 3, 100):
+            for chunk in (1, 7, 1 << 20):  # pieces smaller than a line, a few lines, the whole file
+                limit = rng.choice([None, 0, 2, 5])
+                got = []
+                for sp in blocks._spans(str(f), n, limit, chunk):
+                    assert 0 < sp.count <= n
+                    assert sp.data == data[sp.offsets[0]:sp.offsets[-1] + sp.lengths[-1]], "the span's own bytes"
+                    got += [(ln, int(at), raw) for (ln, raw), at in zip(sp.records(), sp.offsets)]
+                assert got == (want if limit is None else want[:limit]), (data, n, chunk, limit)
+
+
+def test_a_block_reads_the_same_rows_column_wise_and_record_by_record(tmp_path):
+    lines = [json.dumps({"id": i, "prompt": f"question {i}", **({"draft": "d"} if i % 2 else {})}).encode()
+             for i in range(10)]
+    lines[7] = b'{"id": 7, "prompt": "caf\xe9"}'  # not UTF-8: that block goes record by record, with its error row
+    f = tmp_path / "in.jsonl"
+    f.write_bytes(blocks.BOM + b"\n".join(lines) + b"\n")
+
+    def parser(columnar):
+        return blocks.Parser(lambda rec, fid, d: normalize(rec, fid), error_row, ROW_SCHEMA, 4,
+                             columnar=normalize_table if columnar else None)
+
+    task = blocks.FileTask(str(f), "k", "in.jsonl")
+    fast, slow = parser(True), parser(False)
+    index = blocks._index_spans({"uri": str(f), "key": "k", "source": "in.jsonl", "file": 0}, task, fast, {}, None)
+    assert [b["n"] for b in index] == [4, 4, 2] and [b["to_draft"] for b in index] == [2, 2, 1]
+    paths = []
+    for b in index:
+        one = pa.Table.from_pylist([b], schema=blocks.INDEX)
+        got, want = blocks._read_block(one, fast), blocks._read_block(one, slow)
+        assert got.equals(want), b
+        span = next(blocks._spans(str(f), b["n"], None, 1 << 20, b["offset"], b["line"], b["size"]))
+        paths.append(fast.block_table(span) is not None)
+    assert paths == [True, False, True], "column-wise where Arrow reads the block exactly; the bad byte: per record"
+    assert "not valid UTF-8" in blocks._read_block(pa.Table.from_pylist([index[1]], schema=blocks.INDEX),
+                                                   fast).column("error")[3].as_py()
