@@ -23,9 +23,13 @@ and shutdown included).
 Each subprocess gets its own Ray temp folder (RAY_TMPDIR), so its Ray session shares nothing with any other Ray on
 the machine. Inputs and outputs are removed after each N (`keep=true` keeps them).
 
+The job's plumbing alone: for the same sizes, the job again with `aligner.engine=none` (no model runs: the drafts
+are the answers), timed the same way.
+
 Figures: driver_peak_rss_ratio_largest_vs_smallest (goal <= 1.2), rows_per_s_ratio_largest_vs_middle (goal >= 0.9;
-"middle" = the size just below the largest), job_vs_plain_ray_data_rows_per_s (largest N; goal >= 0.8), and the
-raw numbers per N.
+"middle" = the size just below the largest), job_vs_plain_ray_data_rows_per_s (the job with aligner.engine=none vs
+the plain pipeline, largest N; goal >= 0.8), job_with_tiny_model_vs_plain_ray_data_rows_per_s, and the raw numbers
+per N.
 """
 from __future__ import annotations
 
@@ -64,7 +68,8 @@ class Options(Section):
     batch_size: int = Field(256, ge=1, description="aligner.batch_size (rows per model call)")
     num_cpus: int = Field(2, ge=1, description="ray.num_cpus of the job and of the plain pipeline")
     plain: Literal["largest", "all", "none"] = Field("largest", description="the sizes the plain Ray Data "
-                                                                            "pipeline runs on")
+                                                                            "pipeline and the job without a model "
+                                                                            "(aligner.engine=none) run on")
     job_args: list[str] = Field(default_factory=list, description="more key=value overrides for the job")
     tmp: Optional[str] = Field(None, description="folder for inputs, outputs and logs (null = a new system temp "
                                                  "folder); removed afterwards unless keep")
@@ -168,10 +173,12 @@ def fail(what: str, r: dict) -> None:
 
 
 # ---- the job and the plain pipeline --------------------------------------------------------------------------
-def run_job(src: Path, out: Path, model: Path, o: Options, work: Path) -> dict:
-    argv = [f"input.path={src}", f"output.path={out}", "aligner.engine=ar", f"aligner.model={model}",
-            "aligner.device=cpu", "aligner.refine.max_new_tokens=1", "aligner.refine.reserve_tokens=0",
-            f"aligner.batch_size={o.batch_size}", "output.single_file=false", "show_samples=0",
+def run_job(src: Path, out: Path, model: Optional[Path], o: Options, work: Path) -> dict:
+    """The job on the tiny model (`model`), or with no model at all (None: aligner.engine=none, its plumbing)."""
+    aligner = (["aligner.engine=ar", f"aligner.model={model}", "aligner.device=cpu", "aligner.refine.max_new_tokens=1",
+                "aligner.refine.reserve_tokens=0", f"aligner.batch_size={o.batch_size}"] if model is not None
+               else ["aligner.engine=none"])
+    argv = [f"input.path={src}", f"output.path={out}", *aligner, "output.single_file=false", "show_samples=0",
             "ray.progress_bars=false", f"output.rows_per_block={o.rows_per_block}", f"ray.num_cpus={o.num_cpus}",
             *o.job_args]
     started = time.time()
@@ -235,7 +242,7 @@ def main():
           f"{o.batch_size}, ray.num_cpus {o.num_cpus}, plain Ray Data for {plain_for or 'none'}; work folder {work}; "
           f"load {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs", flush=True)
     t_all = time.perf_counter()
-    job, plain = {}, {}
+    job, plain, bare = {}, {}, {}
     try:
         from tests.tiny import save_tiny
 
@@ -256,12 +263,16 @@ def main():
             if r["summary"]["rows_out"] != n:
                 print(f"  !! the job aligned {r['summary']['rows_out']} of {n} rows (see {r['log']})", flush=True)
             if n in plain_for:
+                b = bare[n] = run_job(src, work / f"bare-{n}", None, o, work)
+                print(f"  job, aligner.engine=none: {b['wall_s']:.1f} s, {n / b['wall_s']:.0f} rows/s, driver peak RSS "
+                      f"{b['peak_rss_mb']:.0f} MB; index done {fmt(b['t_index'])}, last block {fmt(b['t_last'])}, "
+                      f"summary {fmt(b['t_summary'])}", flush=True)
                 p = plain[n] = run_plain(src, work / f"plain-{n}", o, work)
                 print(f"  plain: {p['wall_s']:.1f} s, {n / p['wall_s']:.0f} rows/s (pipeline alone "
                       f"{fmt(p['pipeline_s'])} s), "
                       f"driver peak RSS {p['peak_rss_mb']:.0f} MB, {p['files']} files", flush=True)
             if not o.keep:
-                for d in (src, work / f"out-{n}", work / f"plain-{n}"):
+                for d in (src, work / f"out-{n}", work / f"plain-{n}", work / f"bare-{n}"):
                     shutil.rmtree(d, ignore_errors=True)
     finally:
         if not o.keep:
@@ -285,7 +296,9 @@ def main():
           f"{job[large]['peak_rss_mb'] / job[small]['peak_rss_mb']:.3f}")
     print(f"figure: rows_per_s_ratio_largest_vs_middle = {rate[large] / rate[middle]:.3f}")
     if large in plain:
-        print(f"figure: job_vs_plain_ray_data_rows_per_s = {rate[large] / (large / plain[large]['wall_s']):.3f}")
+        plain_rate = large / plain[large]["wall_s"]
+        print(f"figure: job_vs_plain_ray_data_rows_per_s = {large / bare[large]['wall_s'] / plain_rate:.3f}")
+        print(f"figure: job_with_tiny_model_vs_plain_ray_data_rows_per_s = {rate[large] / plain_rate:.3f}")
     per_size = {"driver_peak_rss_mb": lambda n: f"{job[n]['peak_rss_mb']:.1f}", "rows_per_s": lambda n: f"{rate[n]:.1f}",
                 "wall_s": lambda n: f"{job[n]['wall_s']:.2f}", "output_files": lambda n: f"{job[n]['files']}"}
     for name, value in per_size.items():
