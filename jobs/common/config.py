@@ -123,9 +123,7 @@ class NoAlignerCfg(Section):
     model's own answers as a baseline for a judge, or a drafts dataset to align later with several aligners."""
     engine: Literal["none"] = Field("none", description="none: the drafts are the answers; no model runs after the "
                                                         "base")
-    in_context: ClassVar[bool] = False
-    knobs: ClassVar[dict] = {}
-    label: ClassVar[str] = "none"
+    label: ClassVar[str] = "none"  # the output's mode
 
 
 JobAlignerCfg = by_engine(VllmAlignerCfg, FastAlignerCfg, ReferenceAlignerCfg, ARAlignerCfg, NoAlignerCfg,
