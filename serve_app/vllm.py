@@ -52,29 +52,29 @@ def _model_text(spec: str, trust_remote_code: bool):
 class Completions:
     """Token ids in, token ids out, through an LLM server deployment's completions endpoint: streamed in
     chunks as the engine produces them, or (``incremental=False``) as one response at the end, which spares the
-    adapter and the server a Ray message and an SSE parse per chunk when nobody reads the tokens early."""
+    adapter and the server a Ray message and an SSE parse per chunk when nobody reads the tokens early. Requests
+    and whole responses travel as plain dicts (the server's `completions_dict`, serve_app/llm_server.py
+    `PlainCalls`), so this deployment never imports vLLM."""
 
     def __init__(self, handle, model_id: str):
-        from ray.serve.llm.openai_api_models import CompletionRequest, ErrorResponse
-
         self.handle, self.model_id = handle.options(stream=True), model_id
-        self._request, self._error = CompletionRequest, ErrorResponse
 
     async def stream(self, prompt: list[int], max_tokens: int, stop_ids: list[int], temperature: float = 0.0,
                      top_p: float = 1.0, seed: int = 0, incremental: bool = True, adapter: str | None = None
                      ) -> AsyncIterator[tuple[list[int], str | None]]:
         """(new token ids, finish reason or None) as the engine produces them (or once, not `incremental`);
         `adapter`: an alignment setting's adapter name (`pipeline.vectors.lora.adapter_name`) to run on."""
-        body = self._request(model=adapter or self.model_id, prompt=prompt, max_tokens=max_tokens, temperature=temperature,
-                             top_p=top_p, seed=seed, stop_token_ids=list(stop_ids), return_token_ids=True,
-                             stream=incremental)
-        async for out in self.handle.completions.remote(body):
+        body = {"model": adapter or self.model_id, "prompt": list(prompt), "max_tokens": max_tokens,
+                "temperature": temperature, "top_p": top_p, "seed": seed, "stop_token_ids": list(stop_ids),
+                "return_token_ids": True, "stream": incremental}
+        async for out in self.handle.completions_dict.remote(body):
             for item in out if isinstance(out, list) else [out]:
-                if isinstance(item, self._error):
-                    self._raise(item.error.message, getattr(item.error, "code", 500))
-                if not isinstance(item, str):  # a whole (non-streamed) response
-                    choice = item.choices[0]
-                    yield list(choice.token_ids or []), choice.finish_reason
+                if isinstance(item, dict):  # a whole (non-streamed) response, or the engine's error response
+                    if "error" in item and not item.get("choices"):
+                        err = item["error"] if isinstance(item["error"], dict) else {"message": str(item["error"])}
+                        self._raise(err.get("message", str(err)), err.get("code", 500))
+                    choice = item["choices"][0]
+                    yield list(choice.get("token_ids") or []), choice.get("finish_reason")
                     continue
                 for line in item.splitlines():
                     if not line.startswith("data: ") or line == "data: [DONE]":

@@ -192,7 +192,7 @@ RESPONSE_COLUMNS = ("object", "created", "model", "choices", "usage", "service_t
 
 def _request(row: dict, model: str) -> dict:
     s = row["sampling_params"]
-    return {"method": "completions", "dtype": "CompletionRequest",
+    return {"method": "completions_dict",  # plain dicts both ways: the stage actors never import vLLM (PlainCalls)
             "request_kwargs": {"model": row.get("_adapter") or model, "prompt": [int(t) for t in row["tokenized_prompt"]],
                                "max_tokens": int(s["max_tokens"]), "temperature": float(s["temperature"]),
                                "top_p": float(s["top_p"]), "seed": int(s["seed"]),
@@ -204,11 +204,10 @@ def processor(engines: Engines, sec: OnVllm, stage: str):
     """A Ray Data LLM processor sending each row's request (token ids in, token ids out: our own tokenizer builds
     the prompts, so every engine sees the same ids) to the section's engine pool."""
     from ray.data.llm import ServeDeploymentProcessorConfig, build_processor
-    from ray.serve.llm.openai_api_models import CompletionRequest
 
     name = engines.name(sec)
     cfg = ServeDeploymentProcessorConfig(
-        deployment_name=name, app_name=name, dtype_mapping={"CompletionRequest": CompletionRequest},
+        deployment_name=name, app_name=name, dtype_mapping={},
         batch_size=sec.batch_size * sec.vllm.max_concurrent_batches, concurrency=sec.concurrency,
         should_continue_on_error=True)
     light = {"num_cpus": REQUEST_CPUS}  # the processor's own row maps: Ray Data's default (1 CPU) would not fit

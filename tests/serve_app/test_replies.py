@@ -134,6 +134,22 @@ def test_the_accounting_and_the_replies_import_no_torch_and_vllm_no_in_process_a
                     "'serve_app.bases' in sys.modules)") == "False False"
 
 
+def test_callers_of_the_llm_server_never_import_vllm():
+    """The vLLM adapter deployments and the batch jobs' stage requests speak plain dicts to the LLM server
+    (`completions_dict`): building their engine client and a job's request imports no vLLM (each import costs a
+    process ~17 s of CPU here)."""
+    code = ("import sys\n"
+            "from serve_app.vllm import Completions\n"
+            "from jobs.common.vllm_stages import _request\n"
+            "class Handle:\n"
+            "    def options(self, **kw): return self\n"
+            "Completions(Handle(), 'm')\n"
+            "r = _request({'tokenized_prompt': [1, 2], 'sampling_params': {'max_tokens': 3, 'temperature': 0.0, "
+            "'top_p': 1.0, 'seed': 0, 'stop_token_ids': [2]}}, model='m')\n"
+            "print('vllm' in sys.modules, r['method'], 'dtype' in r)")
+    assert _imports(code) == "False completions_dict False"
+
+
 class FakeMetric:
     def __init__(self, name):
         self.name, self.seen = name, []
