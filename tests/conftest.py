@@ -51,7 +51,14 @@ def cluster():
     c = Cluster(initialize_head=True, connect=False,
                 head_node_args={"num_cpus": 1, "resources": {"head": 1}, "include_dashboard": False})
     yield c
-    c.shutdown()
+    try:
+        c.shutdown()
+    finally:
+        # Cluster writes its address to Ray's "current cluster" file and clears it only at the end of a
+        # shutdown that went through; a stale file makes a later plain ray.init() try to join a dead cluster
+        from ray._common.utils import reset_ray_address
+
+        reset_ray_address()
 
 
 def alive_actors(cluster, name_part: str) -> dict[str, str]:
@@ -143,6 +150,12 @@ def ray_local(s3_server):
     root = str(Path(__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")
     port = free_port()
+    # a fresh Ray even where a cluster's address was left behind (RAY_ADDRESS, Ray's current-cluster file from a
+    # Cluster or `ray start`), which ray.init() would try to join
+    from ray._common.utils import reset_ray_address
+
+    os.environ.pop("RAY_ADDRESS", None)
+    reset_ray_address()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=port,
              runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "HF_HUB_OFFLINE": "1",
                                         TEST_API_KEY_ENV: TEST_API_KEY}})

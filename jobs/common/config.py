@@ -144,7 +144,8 @@ def as_engine(section: BaseModel, engine: str, stage=None, **update):
 
 
 class RayCfg(Section):
-    address: Optional[str] = Field(None, description='null = start a local Ray; "auto" = join the running cluster')
+    address: Optional[str] = Field(None, description='null = start a local Ray (or join $RAY_ADDRESS when set, as '
+                                   'under `ray job submit`); "auto" = join the running cluster')
     num_cpus: Optional[int] = Field(None, ge=1, description="local Ray only: CPUs to give it (null = all)")
 
 

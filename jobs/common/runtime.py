@@ -24,7 +24,13 @@ def init_ray(address: str | None, num_cpus: int | None, extra_env: dict | None =
     store = {k: os.environ[k] for k in STORE_ENV if k in os.environ}
     env = {"env_vars": {**store, "HF_HUB_OFFLINE": os.environ["HF_HUB_OFFLINE"],
                         "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {})}}
+    if not address and os.environ.get("RAY_ADDRESS"):
+        # a driver started by `ray job submit` (or in a shell that names a cluster): join that cluster
+        address = os.environ["RAY_ADDRESS"]
     if address:
+        if num_cpus is not None:
+            print(f"[ray] joining the cluster at {address}: ray.num_cpus={num_cpus} is for a local Ray, ignored",
+                  flush=True)
         ray.init(address=address, runtime_env=env, log_to_driver=log_to_driver)
     else:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -101,13 +101,16 @@ def test_the_node_of_the_vllm_engine_lost_mid_job(tmp_path, vllm_tiny, cluster):
     n = 160
     src, out, log = _rows(tmp_path / "in.jsonl", n), tmp_path / "out", tmp_path / "job.log"
     proc = _start_job(cluster, [f"input.path={src}", f"output.path={out}", f"aligner.model={vllm_tiny}",
-                                "aligner.engine=vllm", "aligner.num_cpus=0.5", "aligner.vllm.bundles=[{CPU: 0.5, engine_node: 0.5}]",
+                                # 0.9 + the replica actor's 0.1 fill the worker node: only the engine is on it (the
+                                # stage actors stay on the head; the HF test above loses stage actors with a node)
+                                "aligner.engine=vllm", "aligner.num_cpus=0.9", "aligner.vllm.bundles=[{CPU: 0.9, engine_node: 0.5}]",
                                 "aligner.refine.max_new_tokens=24", "aligner.batch_size=4",
                                 "aligner.vllm.max_concurrent_batches=2", "output.rows_per_block=8",
                                 "ray.progress_bars=false", "show_samples=0"], log)
     _wait(lambda: len(list((out / "rows").glob("*.parquet"))) >= 2, proc, log, 600, "the first blocks")
     replicas = alive_actors(cluster, "ServeReplica:diffpo-align")  # the LLM server's replica
     assert set(replicas.values()) == {worker.node_id}, "the engine runs on the worker node"
+    assert worker.node_id not in alive_actors(cluster, "MapWorker").values(), "only the engine runs there"
     cluster.remove_node(worker, allow_graceful=False)
     time.sleep(3)
     cluster.add_node(num_cpus=1, resources={"engine_node": 1})

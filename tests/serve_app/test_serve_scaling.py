@@ -42,7 +42,9 @@ def test_the_aligner_scales_up_under_load_and_back_down_after(ray_local, tiny_di
         "max_tokens_cap": MAX_NEW, "default_max_tokens": MAX_NEW, "request_timeout_s": 60,
         "admission": {"max_queue_wait_s": 20, "max_concurrent": 2, "replicas_refresh_s": 0.5},
     })
-    scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1,
+    # a low target: the tiny aligner answers fast, so with a target of 1 its ongoing requests, averaged, stayed under
+    # it whenever the machine had cores to spare (no second replica in 120 s); any steady load now asks for two
+    scaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 0.25, "upscale_delay_s": 1,
                "downscale_delay_s": 5, "metrics_interval_s": 0.5, "look_back_period_s": 2}
     options = {"base-tiny": {"ray_actor_options": {"num_cpus": 0.1}},
                "aligner-jacobi": {"ray_actor_options": {"num_cpus": 0.2}, "autoscaling_config": scaling},
