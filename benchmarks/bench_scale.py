@@ -2,7 +2,8 @@
 doing the same I/O on the same rows, side by side in one run.
 
     .venv/bin/python benchmarks/bench_scale.py [sizes=[10000,100000,1000000]] [rows_per_block=5000] [files=4]
-        [batch_size=256] [num_cpus=2] [plain=largest|all|none] [tmp=/path/to/scratch] [keep=false]
+        [batch_size=256] [num_cpus=2] [plain=largest|all|none] [plumbing_only=false] [tmp=/path/to/scratch]
+        [keep=false]
 
 For each N in `sizes`: N synthetic rows that carry drafts (an id, a short prompt, a long draft: ~0.6 KB of JSON
 each, spread over `files` JSONL files in a temp folder; the prompt is all the aligner runs on, so it is kept short), then `python -m jobs.align_dataset` as a subprocess (so the process
@@ -24,7 +25,7 @@ Each subprocess gets its own Ray temp folder (RAY_TMPDIR), so its Ray session sh
 the machine. Inputs and outputs are removed after each N (`keep=true` keeps them).
 
 The job's plumbing alone: for the same sizes, the job again with `aligner.engine=none` (no model runs: the drafts
-are the answers), timed the same way.
+are the answers), timed the same way (`plumbing_only=true`: only these and the plain pipeline run).
 
 Figures: driver_peak_rss_ratio_largest_vs_smallest (goal <= 1.2), rows_per_s_ratio_largest_vs_middle (goal >= 0.9;
 "middle" = the size just below the largest), job_vs_plain_ray_data_rows_per_s (the job with aligner.engine=none vs
@@ -70,6 +71,8 @@ class Options(Section):
     plain: Literal["largest", "all", "none"] = Field("largest", description="the sizes the plain Ray Data "
                                                                             "pipeline and the job without a model "
                                                                             "(aligner.engine=none) run on")
+    plumbing_only: bool = Field(False, description="skip the tiny-model runs: only the job without a model and the "
+                                                   "plain pipeline (for the sizes `plain` names) and their figures")
     job_args: list[str] = Field(default_factory=list, description="more key=value overrides for the job")
     tmp: Optional[str] = Field(None, description="folder for inputs, outputs and logs (null = a new system temp "
                                                  "folder); removed afterwards unless keep")
@@ -120,16 +123,18 @@ def ray_tmpdir(base: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))
 
 
-def run_sampled(cmd: list[str], log: Path, ray_dir: Path, sample_s: float, timeout_s: float) -> dict:
-    """Run `cmd` in the repository root; its peak RSS (its own pid, sampled), wall, exit status and stdout lines
-    with their times since the start (also written to `log`)."""
+def run_sampled(cmd: list[str], log: Path, ray_dir: Path, sample_s: float, timeout_s: float,
+                cwd: Path = ROOT) -> dict:
+    """Run `cmd` in `cwd` (the repository root, or another checkout of it: first on PYTHONPATH, so that Ray's
+    workers import the same code); its peak RSS (its own pid, sampled), wall, exit status and stdout lines with
+    their times since the start (also written to `log`)."""
     import psutil
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
-    env |= {"RAY_TMPDIR": str(ray_dir), "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+    env |= {"RAY_TMPDIR": str(ray_dir), "PYTHONPATH": str(cwd) + os.pathsep + env.get("PYTHONPATH", ""),
             "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     lines: list[tuple[float, str]] = []
 
@@ -246,22 +251,23 @@ def main():
     try:
         from tests.tiny import save_tiny
 
-        model = save_tiny("llama", work / "tiny-llama")
+        model = None if o.plumbing_only else save_tiny("llama", work / "tiny-llama")
         for n in sizes:
             src = work / f"in-{n}"
             t = time.perf_counter()
             nfiles, size = write_rows(src, n, o.files, o.prompt_words, o.draft_words)
             print(f"\n== {n} rows: {nfiles} file(s), {size / 2**20:.1f} MiB ({size / n:.0f} B/row), written in "
                   f"{time.perf_counter() - t:.1f} s; load {os.getloadavg()[0]:.2f}", flush=True)
-            r = job[n] = run_job(src, work / f"out-{n}", model, o, work)
-            print(f"  job:   {r['wall_s']:.1f} s, {n / r['wall_s']:.0f} rows/s, driver peak RSS "
-                  f"{r['peak_rss_mb']:.0f} MB ({r['rss_after_index_mb']:.0f} MB up to the index), {r['files']} files"
-                  f"; phases (s from start): config {fmt(r['t_config'])}, index done {fmt(r['t_index'])}, first "
-                  f"block {fmt(r['t_first'])}, last block {fmt(r['t_last'])}, summary {fmt(r['t_summary'])}, exit "
-                  f"{r['wall_s']:.1f}; summary rows_in {r['summary']['rows_in']}, rows_out "
-                  f"{r['summary']['rows_out']}, error_rows {r['summary']['error_rows']}", flush=True)
-            if r["summary"]["rows_out"] != n:
-                print(f"  !! the job aligned {r['summary']['rows_out']} of {n} rows (see {r['log']})", flush=True)
+            if not o.plumbing_only:
+                r = job[n] = run_job(src, work / f"out-{n}", model, o, work)
+                print(f"  job:   {r['wall_s']:.1f} s, {n / r['wall_s']:.0f} rows/s, driver peak RSS "
+                      f"{r['peak_rss_mb']:.0f} MB ({r['rss_after_index_mb']:.0f} MB up to the index), {r['files']} "
+                      f"files; phases (s from start): config {fmt(r['t_config'])}, index done {fmt(r['t_index'])}, "
+                      f"first block {fmt(r['t_first'])}, last block {fmt(r['t_last'])}, summary "
+                      f"{fmt(r['t_summary'])}, exit {r['wall_s']:.1f}; summary rows_in {r['summary']['rows_in']}, "
+                      f"rows_out {r['summary']['rows_out']}, error_rows {r['summary']['error_rows']}", flush=True)
+                if r["summary"]["rows_out"] != n:
+                    print(f"  !! the job aligned {r['summary']['rows_out']} of {n} rows (see {r['log']})", flush=True)
             if n in plain_for:
                 b = bare[n] = run_job(src, work / f"bare-{n}", None, o, work)
                 print(f"  job, aligner.engine=none: {b['wall_s']:.1f} s, {n / b['wall_s']:.0f} rows/s, driver peak RSS "
@@ -292,17 +298,23 @@ def main():
           f"the last block file; total benchmark time {total:.0f} s)")
     small, large = sizes[0], sizes[-1]
     middle = sizes[-2] if len(sizes) > 1 else large
-    print(f"figure: driver_peak_rss_ratio_largest_vs_smallest = "
-          f"{job[large]['peak_rss_mb'] / job[small]['peak_rss_mb']:.3f}")
-    print(f"figure: rows_per_s_ratio_largest_vs_middle = {rate[large] / rate[middle]:.3f}")
+    if job:
+        print(f"figure: driver_peak_rss_ratio_largest_vs_smallest = "
+              f"{job[large]['peak_rss_mb'] / job[small]['peak_rss_mb']:.3f}")
+        print(f"figure: rows_per_s_ratio_largest_vs_middle = {rate[large] / rate[middle]:.3f}")
     if large in plain:
         plain_rate = large / plain[large]["wall_s"]
         print(f"figure: job_vs_plain_ray_data_rows_per_s = {large / bare[large]['wall_s'] / plain_rate:.3f}")
-        print(f"figure: job_with_tiny_model_vs_plain_ray_data_rows_per_s = {rate[large] / plain_rate:.3f}")
+        if job:
+            print(f"figure: job_with_tiny_model_vs_plain_ray_data_rows_per_s = {rate[large] / plain_rate:.3f}")
+    for n in sorted(bare):
+        if n != large and n in plain:
+            print(f"figure: job_vs_plain_ray_data_rows_per_s_{n} = "
+                  f"{plain[n]['wall_s'] / bare[n]['wall_s']:.3f}")
     per_size = {"driver_peak_rss_mb": lambda n: f"{job[n]['peak_rss_mb']:.1f}", "rows_per_s": lambda n: f"{rate[n]:.1f}",
                 "wall_s": lambda n: f"{job[n]['wall_s']:.2f}", "output_files": lambda n: f"{job[n]['files']}"}
     for name, value in per_size.items():
-        for n in sizes:
+        for n in job:
             print(f"figure: {name}_{n} = {value(n)}")
     for n in plain:
         print(f"figure: plain_ray_data_rows_per_s_{n} = {n / plain[n]['wall_s']:.1f}")

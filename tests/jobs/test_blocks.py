@@ -53,3 +53,19 @@ def test_a_block_reads_the_same_rows_column_wise_and_record_by_record(tmp_path):
     assert paths == [True, False, True], "column-wise where Arrow reads the block exactly; the bad byte: per record"
     assert "not valid UTF-8" in blocks._read_block(pa.Table.from_pylist([index[1]], schema=blocks.INDEX),
                                                    fast).column("error")[3].as_py()
+
+
+def test_repeated_ids_are_counted_whole_or_split_in_hash_parts(tmp_path):
+    import pyarrow.parquet as pq
+
+    _repeated_ids = blocks._repeated_ids
+    files = []
+    for k, ids in enumerate([["a", "b", "c"], ["c", "d", "a"], ["e", "a"]]):
+        files.append(str(tmp_path / f"f{k}.parquet"))
+        pq.write_table(pa.table({"id": ids, "method": ["m"] * len(ids)}), files[-1])
+    assert _repeated_ids(files, str(tmp_path), 0, 1, 10) == (2, ["a", "c"])
+    assert _repeated_ids(files, str(tmp_path), 0, 1, 1) == (2, ["a"]), "the sample is the first `show`, sorted"
+    split = [_repeated_ids(files, str(tmp_path), p, 3, 10) for p in range(3)]
+    assert sum(n for n, _ in split) == 2 and sorted(i for _, ids in split for i in ids) == ["a", "c"]
+    # a key of two columns, joined by "/"
+    assert _repeated_ids(files, str(tmp_path), 0, 1, 10, key=("id", "method")) == (2, ["a/m", "c/m"])
