@@ -15,7 +15,7 @@ other:
 2. on:  the same clients and time on the budgeted route.
 
 Each client sends greedy requests (`--max-tokens`, distinct bundled prompts) back to back; a refused client (503)
-waits the `Retry-After` the server sent (at most 10 s) and sends its next request. Per phase: p50 /
+waits the `Retry-After` the server sent (at most 60 s, the gate's longest) and sends its next request. Per phase: p50 /
 p99 latency of the answered (200) requests, the fraction refused, and goodput = answers whose latency is within
 the objective (`--budget` + `answer_s`) per second; on the budgeted route also the p99 of the wait for a slot
 (`diffpo.queue_wait_ms` of each answer). Goal: with the budget, p99 of admitted requests <= budget +
@@ -110,7 +110,7 @@ def ask(h: httpx.Client, url: str, model: str, prompt: str, max_tokens: int) -> 
     if r.status_code == 200:  # the wait for a slot (admission), in the code field's place
         return 200, took, str(r.json()["diffpo"].get("queue_wait_ms", 0.0) / 1000), 0.0
     if r.status_code == 503:  # a well-behaved client comes back when the server says (or goes elsewhere)
-        return r.status_code, took, r.json()["error"]["code"], min(10.0, float(r.headers.get("retry-after", 1)))
+        return r.status_code, took, r.json()["error"]["code"], min(60.0, float(r.headers.get("retry-after", 1)))
     return r.status_code, took, (r.json()["error"]["code"] if r.status_code != 200 else ""), 0.0
 
 
@@ -151,7 +151,8 @@ def summary(name: str, r: dict, objective: float) -> dict:
          "reasons": sorted({w for c, _, w in r["got"] if c == 503})}
     waits = sorted(float(w) for c, _, w in r["got"] if c == 200)
     s["queue_wait_p99"] = statistics.quantiles(waits, n=100)[98] if len(waits) >= 2 else float("nan")
-    print(f"[{name}] {n} requests in {r['wall']:.0f} s: {len(ok)} answered, {refused} refused {s['reasons']}, "
+    print(f"[{name}] {n} requests in {r['wall']:.0f} s: {len(ok)} answered, {refused} refused {s['reasons']} "
+          f"({refused / r['wall']:.1f}/s), "
           f"{other} other; p50 {s['p50']:.2f} s, p99 {s['p99']:.2f} s (of it queue wait p99 {s['queue_wait_p99']:.2f} s); goodput {s['goodput']:.3f}/s "
           f"(answers within {objective:.2f} s), answers {s['answers_per_s']:.3f}/s", flush=True)
     return s

@@ -54,6 +54,7 @@ PREFIX_REDO = "draft prefix did not settle"
 # ---- the job's engines ----------------------------------------------------------------------------------------
 STAGE_ACTOR_CPUS = 0.1  # a processor's stage actor only awaits the engine's answers
 REPLICA_CPUS = 0.1  # the LLM server replica actor (its engine workers hold the bundles)
+LOST_ENGINE_RETRIES = 10  # tries of a batch whose engine died (backoff up to 32 s each: minutes for Serve to replace it)
 
 
 def bundles(sec: OnVllm) -> list[dict[str, float]]:
@@ -96,6 +97,21 @@ def vectors_of(sec: OnVllm) -> dict[str, str]:
     return {n: expand(p) for n, p in sorted(sec.vectors.items())} if isinstance(sec, KnobCfg) else {}
 
 
+def retry_lost_engines(ctx) -> None:
+    """Ray Data sends a batch again when its engine's replica died (its node lost: the call fails with ActorDiedError,
+    or ActorUnavailableError when the connection drops first), once Serve has replaced the replica. The error reaches
+    Ray Data two ways: as the stage actor's own task failing (`actor_task_retry_on_errors`), or raised by the stage's
+    Serve handle inside the UDF, wrapped in a UserCodeException (`retried_map_errors` matches the cause's class name).
+    A Ray LLM stage returns its whole batch at once, so a batch tried again is neither lost nor written twice."""
+    import ray
+
+    lost = [ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError]
+    ctx.actor_task_retry_on_errors = list({*(ctx.actor_task_retry_on_errors or []), *lost})
+    if ctx.retried_map_errors is not True:
+        ctx.retried_map_errors = sorted({*(ctx.retried_map_errors or []), *(e.__name__ for e in lost)})
+    ctx.max_map_retries = max(ctx.max_map_retries, LOST_ENGINE_RETRIES)
+
+
 class Engines:
     """A job's vLLM engine pools: one Ray Serve LLM deployment per distinct engine setting (`engine_key`), each its
     own Serve application (no HTTP: the job's stages call it through handles), started by `start()` and deleted by
@@ -127,11 +143,7 @@ class Engines:
 
         from serve_app.llm_server import llm_server
 
-        # a batch whose replica died (its node lost: the call fails with ActorDiedError, or ActorUnavailableError
-        # when the connection drops first) is sent again once Serve has replaced it
-        ctx = ray.data.DataContext.get_current()
-        ctx.actor_task_retry_on_errors = list({*(ctx.actor_task_retry_on_errors or []), ray.exceptions.ActorDiedError,
-                                               ray.exceptions.ActorUnavailableError})
+        retry_lost_engines(ray.data.DataContext.get_current())
         # a Serve instance this job starts is shut down at the end (a later serve.start would join it, and its
         # options, such as this one's disabled HTTP proxy); one that was already running keeps running
         self.owns_serve = not _serve_running()

@@ -184,11 +184,12 @@ def test_references_file_formats(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.timeout(900)
-def test_evaluate_on_vllm_engines(tmp_path, vllm_tiny, ray_local):
-    """aligner.engine=vllm: `in_context` runs on a vLLM engine pool and gives the fast Jacobi engine's answers
-    token for token; a row whose correction prompt is over the window fails in that method only. (The rows bring
-    their drafts, and one method keeps this to one engine pool: drafting on vLLM and `refine` run in
-    test_align_dataset, the exactness of every engine in tests/pipeline/decoding/test_vllm_agreement.py.)"""
+def test_evaluate_on_vllm_engines(tmp_path, vllm_tiny, vllm_vectors, ray_local):
+    """aligner.engine=vllm with an alignment knob (`aligner.knobs`: a LoRA adapter on the engine): `in_context` runs
+    on a vLLM engine pool and gives the fast Jacobi engine's answers on the dense merge token for token; a row
+    whose correction prompt is over the window fails in that method only. (The rows bring their drafts, and one
+    method keeps this to one engine pool: drafting on vLLM and `refine` run in test_align_dataset, the exactness
+    of every engine in tests/pipeline/decoding/test_vllm_agreement.py.)"""
     from jobs.evaluate import main
     from pipeline.decoding.refiner import Refiner, RefineRequest
     from pipeline.decoding.settings import RefineSettings
@@ -204,8 +205,9 @@ def test_evaluate_on_vllm_engines(tmp_path, vllm_tiny, ray_local):
     bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
     s = main([f"benchmark.path={bench}", "benchmark.name=mini", f"output.path={out}", f"base.model={m}",
               f"aligner.model={m}", "methods=[draft,in_context]", "base.engine=hf", "aligner.engine=vllm",
-              "aligner.refine.max_new_tokens=24", "stats.n_boot=20", "base.num_cpus=0.2", "aligner.num_cpus=0.2",
-              "judges.num_cpus=0.2", "ray.progress_bars=false"])
+              "aligner.refine.max_new_tokens=24", f"aligner.vectors={json.dumps(vllm_vectors)}",
+              "aligner.knobs={one: 1.0}", f"aligner.adapters.cache_dir={tmp_path / 'adapters'}", "stats.n_boot=20",
+              "base.num_cpus=0.2", "aligner.num_cpus=0.2", "judges.num_cpus=0.2", "ray.progress_bars=false"])
     df = pd.read_parquet(out / "results.parquet")
     errors = [json.loads(x) for x in (out / "errors.jsonl").read_text().splitlines()]
     by = {(r["id"], r["method"]): r for r in df.to_dict("records")}
@@ -214,10 +216,17 @@ def test_evaluate_on_vllm_engines(tmp_path, vllm_tiny, ray_local):
         "the empty prompt fails everywhere, the over-long correction prompt only in in_context"
     assert "in_context: refine stage: prompt of" in next(e["error"] for e in errors if e["id"] == "16")
     assert by[("16", "draft")]["answer"].startswith("x x"), "the row's other method still counts"
-    fast = Refiner(load_model(m, dtype="float32"), RefineSettings(max_new_tokens=24), mode="fast", in_context=True)
-    for r in rows[:2]:
-        want = fast.refine([RefineRequest([{"role": "user", "content": r["instruction"]}], r["output"], key=str(r["id"]))])
-        assert by[(str(r["id"]), "in_context")]["answer"] == want[0].text, "vLLM == fast engine"
+    from pipeline.vectors.knobs import load_knobbed
+
+    lm = load_model(m, dtype="float32")
+    fast = Refiner(lm, RefineSettings(max_new_tokens=24), mode="fast", in_context=True)
+    reqs = [RefineRequest([{"role": "user", "content": r["instruction"]}], r["output"], key=str(r["id"])) for r in rows[:2]]
+    plain = [a.text for a in fast.refine(reqs)]
+    load_knobbed(lm, vllm_vectors, cache_size=0).apply({"one": 1.0})  # the dense merge θ + 1.0·AV_one
+    for r, req in zip(rows[:2], reqs):
+        got = by[(str(r["id"]), "in_context")]["answer"]
+        assert got == fast.refine([req])[0].text, "vLLM adapter == fast engine on the dense merge"
+    assert [by[(str(r["id"]), "in_context")]["answer"] for r in rows[:2]] != plain, "the knob changes the answers"
     assert s["n_prompts"] == 3 and (df.loc[df["method"] == "in_context", "refine_s"] > 0).all()
     ic = df[df["method"] == "in_context"]  # vLLM runs no Jacobi iteration: its generated tokens, no Jacobi statistics
     assert ic[["passes", "tokens_per_pass", "converged"]].isna().all().all() and (ic["generated_tokens"] > 0).all()

@@ -2,6 +2,7 @@
 feeds turn k's answer into turn k+1's prompt, rows without a turn or with an error send a placeholder and pass
 through, the aligner's request is the prompt + r reserved draft tokens, and the engine's tokens become the answer."""
 import pyarrow as pa
+import pytest
 
 from jobs.align_dataset import DRAFTED_SCHEMA
 from jobs.common import vllm_stages as vs
@@ -109,3 +110,36 @@ def test_finish_reports_generated_tokens_and_no_jacobi_statistics():
     assert res.stop == "max_new_tokens" and res.generated_tokens == 6 and res.passes is None
     res = finish(RefineItem(prompt_ids=[5], draft_ids=[20, 0, 22], reserved=3), [30], stop, s)
     assert res.token_ids == [20] and res.stop == "eos" and res.generated_tokens == 0 and res.converged is None
+
+
+def test_a_batch_whose_engine_died_is_tried_again_and_other_errors_are_not():
+    """The error a Serve handle raises inside a Ray LLM stage when its replica's node is lost reaches Ray Data as a
+    UserCodeException caused by ActorUnavailableError; with the job's retry settings Ray Data's own retry loop sends
+    the batch again (one output, not two); a bug in a UDF (ValueError) still fails at once."""
+    import ray.exceptions as rex
+    from ray.data import DataContext
+    from ray.data._internal.util import iterate_with_retry
+
+    ctx = DataContext()
+    vs.retry_lost_engines(ctx)
+    assert ctx.max_map_retries >= 3 and rex.ActorDiedError in ctx.actor_task_retry_on_errors
+    tries = []
+
+    def batches(error):
+        def factory():
+            tries.append(1)
+            if len(tries) == 1:
+                try:
+                    raise error
+                except Exception as cause:
+                    raise rex.UserCodeException("UDF failed to process a data block.") from cause
+            yield {"batch": [1, 2, 3]}
+        return lambda: iterate_with_retry(factory, "apply UDF transform", match=ctx.retried_map_errors,
+                                          max_attempts=ctx.max_map_retries + 1, max_backoff_s=0, unwrap_cause=True)
+
+    assert list(batches(rex.ActorUnavailableError("The actor x is unavailable", b"0" * 16))()) == [{"batch": [1, 2, 3]}]
+    assert len(tries) == 2
+    tries.clear()
+    with pytest.raises(rex.UserCodeException):
+        list(batches(ValueError("a bug"))())
+    assert len(tries) == 1, "a bug is not tried again"

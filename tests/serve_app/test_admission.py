@@ -62,6 +62,34 @@ def test_a_predicted_wait_over_the_budget_is_refused_at_once():
     run(main())
 
 
+def test_retry_after_counts_the_clients_refused_before():
+    """Each refused client comes back: Retry-After grows with the refusals of the last window, so that the slots
+    can start them all within it, up to MAX_RETRY_S; once they are past, it is the queue's own again."""
+    from serve_app.admission import MAX_RETRY_S
+
+    async def main():
+        g = Gate("d", max_concurrent=1)
+        await g.admit(1.0)
+        g.answer_s = 1.0
+        after = []
+        for _ in range(10):
+            with pytest.raises(Refused) as e:
+                await g.admit(0.5)
+            after.append(e.value.retry_after_s)
+        assert after[0] == 1 and after == sorted(after), after
+        assert after[-1] == 10, "10 refused clients, 1 s answers on one slot, 0.5 s budget: ceil(10 - 0.5)"
+        g.answer_s = 1000.0
+        with pytest.raises(Refused) as e:
+            await g.admit(0.5)
+        assert e.value.retry_after_s == MAX_RETRY_S
+        g.answer_s = 1.0
+        g.refusals = type(g.refusals)(t - 3600 for t in g.refusals)  # those refusals are long past
+        with pytest.raises(Refused) as e:
+            await g.admit(0.5)
+        assert e.value.retry_after_s == 1
+    run(main())
+
+
 def test_a_wrong_prediction_is_caught_by_the_queue_timeout():
     async def main():
         g = Gate("d", max_concurrent=1)
