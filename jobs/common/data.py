@@ -51,6 +51,11 @@ def start_data_job(name: str, cfg, out: str):
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.ray.progress_bars
     ctx.execution_options.preserve_order = True
+    # a dataset keeps the context it was created with: the retry rules for batches whose vLLM engine died must be
+    # set here, before the first read, not when the engines start
+    from jobs.common.vllm_stages import retry_lost_engines
+
+    retry_lost_engines(ctx)
     return ctx
 
 

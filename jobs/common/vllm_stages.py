@@ -138,12 +138,10 @@ class Engines:
     def start(self) -> "Engines":
         import time
 
-        import ray
         from ray import serve
 
         from serve_app.llm_server import llm_server
 
-        retry_lost_engines(ray.data.DataContext.get_current())
         # a Serve instance this job starts is shut down at the end (a later serve.start would join it, and its
         # options, such as this one's disabled HTTP proxy); one that was already running keeps running
         self.owns_serve = not _serve_running()
