@@ -24,8 +24,10 @@ comes back once per window), and the window must be long enough for the slots to
     retry after ≈ (queued + refused in the last window) · (mean answer time) / slots − budget,  1 s .. MAX_RETRY_S
 
 (With only the queue ahead counted, every refused client came back after 1 s to a queue that was still full: on
-the measured 2-core graph 32 clients sent 22 refusals a second, CPU the engine then lacked.) Plain asyncio, no Ray: the ingress holds one gate per serving deployment (routes that end in the same
-deployment share it).
+the measured 2-core graph 32 clients sent 22 refusals a second, CPU the engine then lacked.)
+
+Plain asyncio, no Ray: the ingress holds one gate per serving deployment (routes that end in the same deployment
+share it).
 """
 from __future__ import annotations
 

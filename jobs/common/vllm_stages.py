@@ -54,7 +54,7 @@ PREFIX_REDO = "draft prefix did not settle"
 # ---- the job's engines ----------------------------------------------------------------------------------------
 STAGE_ACTOR_CPUS = 0.1  # a processor's stage actor only awaits the engine's answers
 REPLICA_CPUS = 0.1  # the LLM server replica actor (its engine workers hold the bundles)
-LOST_ENGINE_RETRIES = 10  # tries of a batch whose engine died (backoff up to 32 s each: minutes for Serve to replace it)
+LOST_ENGINE_RETRIES = 10  # tries of a batch whose engine died (backoff up to 32 s each: time for Serve to replace it)
 
 
 def bundles(sec: OnVllm) -> list[dict[str, float]]:
