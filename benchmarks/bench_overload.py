@@ -42,6 +42,8 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import yaml  # noqa: E402
 
+from serve_app.admission import MAX_RETRY_S  # noqa: E402
+
 APP = "diffpo"
 PLAIN, GATED = "diffpo-smollm2", "diffpo-smollm2-slo"
 
@@ -110,7 +112,7 @@ def ask(h: httpx.Client, url: str, model: str, prompt: str, max_tokens: int) -> 
     if r.status_code == 200:  # the wait for a slot (admission), in the code field's place
         return 200, took, str(r.json()["diffpo"].get("queue_wait_ms", 0.0) / 1000), 0.0
     if r.status_code == 503:  # a well-behaved client comes back when the server says (or goes elsewhere)
-        return r.status_code, took, r.json()["error"]["code"], min(60.0, float(r.headers.get("retry-after", 1)))
+        return r.status_code, took, r.json()["error"]["code"], min(MAX_RETRY_S, float(r.headers.get("retry-after", 1)))
     return r.status_code, took, (r.json()["error"]["code"] if r.status_code != 200 else ""), 0.0
 
 

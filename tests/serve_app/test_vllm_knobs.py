@@ -55,45 +55,46 @@ def test_knobs_per_request_over_http_on_vllm_answer_what_the_hf_route_answers(vl
         jobs = [(k, d) for k in settings for d in drafts]
         headers = {"Authorization": f"Bearer {TEST_API_KEY}"}
 
-        def ask(model, knobs, draft):
-            body = {"model": model, "messages": [{"role": "user", "content": "Name a color."}], "max_tokens": n,
-                    "prediction": {"type": "content", "content": draft}, **({"alignment": knobs} if knobs else {})}
+        def ask(model, knobs, question, **extra):
+            body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": n, **extra,
+                    **({"alignment": knobs} if knobs else {})}
             r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120)
             return r.status_code, r.json()
 
-        with ThreadPoolExecutor(16) as pool:
-            hf = list(pool.map(lambda j: ask("knob-hf", *j), jobs))
-            vl = list(pool.map(lambda j: ask("knob-vllm", *j), jobs))
-        for (k, d), (s1, a), (s2, b) in zip(jobs, hf, vl):
-            assert s1 == s2 == 200, (a, b)
-            assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"], (k, d)
+        def same_answers(hf_model, vllm_model, jobs, ask_one):
+            """Every job sent at once to each route: 200s with the same text; the vLLM route's bodies."""
+            with ThreadPoolExecutor(16) as pool:
+                hf, vl = ([*pool.map(lambda j: ask_one(m, *j), jobs)] for m in (hf_model, vllm_model))
+            for job, (s1, a), (s2, b) in zip(jobs, hf, vl):
+                assert s1 == s2 == 200, (a, b)
+                assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"], job
+            return [b for _, b in vl]
+
+        def aligned(model, knobs, draft):
+            return ask(model, knobs, "Name a color.", prediction={"type": "content", "content": draft})
+
+        vl = same_answers("knob-hf", "knob-vllm", jobs, aligned)
+        for (k, _), b in zip(jobs, vl):
             if k:
                 setting = b["diffpo"]["alignment"]["aligner"]
                 assert setting["knobs"] == k and setting["adapter"].startswith("av:")
-        assert len({b["choices"][0]["message"]["content"] for _, (_, b) in zip(jobs, vl)}) > 4, "knobs change answers"
+        assert len({b["choices"][0]["message"]["content"] for b in vl}) > 4, "knobs change answers"
         for bad, why in [({"three": 1.0}, "three"), ({"one": 5.0}, "outside the allowed range")]:
-            status, body = ask("knob-vllm", bad, "Blue.")
+            status, body = aligned("knob-vllm", bad, "Blue.")
             assert status == 400 and why in body["error"]["message"], body
         llm_servers = [d for d in serve.status().applications["knobs-http"].deployments if d.startswith("llm-")]
         assert len(llm_servers) == 1, f"the vLLM base and aligner share one engine: {llm_servers}"
 
-        def ask_base(model, knobs, question):  # a bare base, greedy
-            body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": n,
-                    "temperature": 0.0, **({"alignment": knobs} if knobs else {})}
-            r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120)
-            return r.status_code, r.json()
+        def bare(model, knobs, question):  # a bare base, greedy
+            return ask(model, knobs, question, temperature=0.0)
 
         asks = [(k, q) for k in settings for q in ("Name a color.", "Count to three.")]
-        with ThreadPoolExecutor(8) as pool:
-            hf = list(pool.map(lambda j: ask_base("base-hf", *j), asks))
-            vl = list(pool.map(lambda j: ask_base("base-vllm", *j), asks))
-        for (k, q), (s1, a), (s2, b) in zip(asks, hf, vl):
-            assert s1 == s2 == 200, (a, b)
-            assert b["choices"][0]["message"]["content"] == a["choices"][0]["message"]["content"], (k, q)
+        vl = same_answers("base-hf", "base-vllm", asks, bare)
+        for (k, _), b in zip(asks, vl):
             if k:
                 assert b["diffpo"]["alignment"]["base"]["knobs"] == k, b["diffpo"]
-        assert len({b["choices"][0]["message"]["content"] for _, b in vl}) > 2, "knobs change the base's answers"
-        status, body = ask_base("base-vllm", {"one": 5.0}, "Name a color.")
+        assert len({b["choices"][0]["message"]["content"] for b in vl}) > 2, "knobs change the base's answers"
+        status, body = bare("base-vllm", {"one": 5.0}, "Name a color.")
         assert status == 400 and "outside the allowed range" in body["error"]["message"], body
     finally:
         serve.shutdown()
