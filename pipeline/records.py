@@ -259,6 +259,11 @@ def conversation(row: dict, turn: int, answers: list[str]) -> list[dict]:
 _OTHER_FORMATS = ("messages", "turns", "chosen", "input", "alignment", "question_id")
 
 
+def _flat(col: pa.ChunkedArray) -> pa.Array:
+    """One array of a column: its only chunk as it is (a block's columns have one), else the chunks joined."""
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+
+
 def normalize_table(t: pa.Table, fmt: str = "auto", id_key: str | None = None) -> pa.Table | None:
     """The rows `normalize` gives for the records of `t` (a block of JSON records as Arrow infers them), computed
     column-wise, or None where that would not be exactly `normalize`'s result (another format, a field of another
@@ -284,28 +289,32 @@ def normalize_table(t: pa.Table, fmt: str = "auto", id_key: str | None = None) -
     prompt_keys = [k for k in PROMPT_KEYS if k in names]
     if len(prompt_keys) != 1 or not pa.types.is_string(t.schema.field(prompt_keys[0]).type):
         return None
-    prompts = t.column(prompt_keys[0])
-    if prompts.null_count or any(not p.strip() for p in prompts.to_pylist()):
-        return None  # a missing or empty prompt: its error row comes from `normalize`
+    prompts = _flat(t.column(prompt_keys[0]))
+    if prompts.null_count:
+        return None  # a missing prompt: its error row comes from `normalize`
+    # an empty prompt (as str.strip sees it): only prompts without a visible ASCII character are looked at in Python
+    unsure = pc.invert(pc.match_substring_regex(prompts, "[!-~]"))
+    if pc.any(unsure).as_py() and any(not p.strip() for p in prompts.filter(unsure).to_pylist()):
+        return None
     if not all(strings(k) for k in DRAFT_KEYS + META_KEYS + REFERENCE_KEYS if k in names):
         return None
     n = t.num_rows
 
     def column(keys) -> pa.Array:  # the first non-null value of `keys` per record (normalize's order)
-        cols = [t.column(k).cast(pa.string()).combine_chunks() for k in keys if k in names]
+        cols = [_flat(t.column(k)).cast(pa.string()) for k in keys if k in names]
         return pa.nulls(n, pa.string()) if not cols else cols[0] if len(cols) == 1 else pc.coalesce(*cols)
 
     def lists(values: pa.Array, none_is_null: bool) -> pa.Array:  # [value] per record; null or [] without one
         valid = pc.is_valid(values)
-        if none_is_null:
-            return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), values.fill_null(""),
+        if none_is_null:  # a null list where the value is null (the values are not copied)
+            return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32)), values,
                                             mask=pc.invert(valid))
         offsets = np.concatenate([[0], np.cumsum(valid.to_numpy(zero_copy_only=False))]).astype(np.int32)
         return pa.ListArray.from_arrays(pa.array(offsets), values.filter(valid))
 
-    columns = {"id": ids.cast(pa.string()).combine_chunks(),
+    columns = {"id": _flat(ids).cast(pa.string()),
                "history": pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], MESSAGE)),
-               "turns": lists(prompts.combine_chunks(), False), "drafts": lists(column(DRAFT_KEYS), True),
+               "turns": lists(prompts, False), "drafts": lists(column(DRAFT_KEYS), True),
                "references": lists(column(REFERENCE_KEYS), False),
                "meta": pa.StructArray.from_arrays([column([k]) for k in META_KEYS], fields=list(META)),
                "alignment": pa.nulls(n, KNOBS), "error": pa.nulls(n, pa.string())}

@@ -161,6 +161,8 @@ class Engines:
         return self
 
     def stop(self) -> None:
+        if not self.started:
+            return
         from ray import serve
 
         for name in self.started:
@@ -168,7 +170,7 @@ class Engines:
                 serve.delete(name)
             except Exception as e:  # noqa: BLE001 - the engines go with the cluster anyway
                 print(f"[vllm] could not delete {name}: {e}", flush=True)
-        if self.started and getattr(self, "owns_serve", False):
+        if getattr(self, "owns_serve", False):
             serve.shutdown()
         self.started = []
 

@@ -69,3 +69,36 @@ def test_repeated_ids_are_counted_whole_or_split_in_hash_parts(tmp_path):
     assert sum(n for n, _ in split) == 2 and sorted(i for _, ids in split for i in ids) == ["a", "c"]
     # a key of two columns, joined by "/"
     assert _repeated_ids(files, str(tmp_path), 0, 1, 10, key=("id", "method")) == (2, ["a/m", "c/m"])
+
+
+def test_the_sink_writes_each_block_once_whole_as_soon_as_its_rows_are_in(tmp_path):
+    """Blocks reach a write task in pieces, interleaved (an actor stage re-batches them): a block whose rows are all
+    there is one file; what the task holds of a block beyond that is one piece; the names add up in `scan`."""
+    schema = pa.schema([("id", pa.string()), ("error", pa.string())])
+
+    def rows(block, first, n, total, bad=()):
+        ids = [f"{block}{r}" for r in range(first, first + n)]
+        t = pa.table({"id": ids, "error": ["no" if r in bad else None for r in range(first, first + n)]}, schema)
+        return blocks.with_keys(t, pa.table({"_block": [block] * n, "_row": list(range(first, first + n)),
+                                             "_total": [total] * n}, schema=pa.schema(blocks.KEY_FIELDS)))
+
+    sink = blocks.BlockSink(str(tmp_path / "rows"), str(tmp_path / "errors"), pa.schema([("id", pa.string())]),
+                            ["id", "error"], lambda ok: {"ids": ok.num_rows})
+    sink.on_write_start()
+    mixed = pa.concat_tables([rows("a", 2, 2, 4), rows("b", 0, 1, 3)])  # a: rows 2-3; b: row 0
+    total = sink.write([rows("a", 0, 2, 4, bad={1}), mixed, rows("c", 0, 2, 2), rows("b", 1, 1, 3)], None)
+    assert sorted(total) == ["a.p000000000.n4.t4.parquet", "b.p000000000.n2.t3.parquet",
+                             "c.p000000000.n2.t2.parquet"], "a and c whole, b's two rows as one piece"
+    assert total["a.p000000000.n4.t4.parquet"] == {"rows_out": 3, "error_rows": 1, "ids": 3}
+    s = blocks.scan(str(tmp_path / "rows"))
+    assert sorted(s.complete) == ["a", "c"] and sorted(s.incomplete) == ["b"]
+    assert sink.write([rows("b", 2, 1, 3)], None) == {"b.p000000002.n1.t3.parquet": {"rows_out": 1, "error_rows": 0,
+                                                                                     "ids": 1}}
+    assert sorted(blocks.scan(str(tmp_path / "rows")).complete) == ["a", "b", "c"]
+    assert [n for n in sorted((tmp_path / "errors").iterdir())][0].name == "a.p000000000.n4.t4.parquet"
+
+
+def test_a_read_task_reads_a_few_blocks():
+    assert blocks.blocks_per_task(1, 2) == 1 and blocks.blocks_per_task(7, 2) == 1
+    assert blocks.blocks_per_task(200, 2) == blocks.READ_GROUP_MAX, "capped"
+    assert blocks.blocks_per_task(40, 2) == 5 and blocks.blocks_per_task(40, 1) == 10

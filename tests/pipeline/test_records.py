@@ -37,6 +37,7 @@ def test_a_block_normalized_column_wise_is_exactly_what_normalize_gives_or_left_
          {"id": 2, "instruction": "y", "output": "o", "generator": "g", "reference": "ref"}],
         [{"id": "a", "question": "q", "draft": "", "reference_output": "ro", "reference": "r2", "dataset": "ds",
           "rejected": "rj", "extra": 3}],  # an empty draft is a draft; unknown fields are ignored
+        [{"id": "a", "prompt": "\u00e9t\u00e9"}, {"id": "b", "prompt": " \u3000\u4e00"}],  # no ASCII letter, not empty
     ]
     for records in simple:
         got, want = both(records)
@@ -45,6 +46,7 @@ def test_a_block_normalized_column_wise_is_exactly_what_normalize_gives_or_left_
     assert got is not None and got.equals(want)
     per_record = [
         [{"id": "a", "prompt": "  "}],  # an empty prompt: normalize's error row
+        [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "\u3000\x1c\u2028"}],  # only what str.strip removes
         [{"id": "a", "prompt": "x", "messages": None}],  # another format's field
         [{"id": "a", "prompt": "x"}, {"prompt": "y"}],  # a missing id: the fallback id
         [{"id": "a", "prompt": "x"}, {"id": "b", "instruction": "y"}],  # two prompt fields
