@@ -86,7 +86,16 @@ def test_the_sink_writes_each_block_once_whole_as_soon_as_its_rows_are_in(tmp_pa
                             ["id", "error"], lambda ok: {"ids": ok.num_rows})
     sink.on_write_start()
     mixed = pa.concat_tables([rows("a", 2, 2, 4), rows("b", 0, 1, 3)])  # a: rows 2-3; b: row 0
-    total = sink.write([rows("a", 0, 2, 4, bad={1}), mixed, rows("c", 0, 2, 2), rows("b", 1, 1, 3)], None)
+
+    def task_input():
+        yield rows("a", 0, 2, 4, bad={1})
+        assert not (tmp_path / "rows").joinpath("a.p000000000.n4.t4.parquet").exists(), "a is not whole yet"
+        yield mixed
+        assert (tmp_path / "rows").joinpath("a.p000000000.n4.t4.parquet").exists(), "a is written once whole"
+        yield rows("c", 0, 2, 2)
+        yield rows("b", 1, 1, 3)
+
+    total = sink.write(task_input(), None)
     assert sorted(total) == ["a.p000000000.n4.t4.parquet", "b.p000000000.n2.t3.parquet",
                              "c.p000000000.n2.t2.parquet"], "a and c whole, b's two rows as one piece"
     assert total["a.p000000000.n4.t4.parquet"] == {"rows_out": 3, "error_rows": 1, "ids": 3}
