@@ -1,13 +1,13 @@
 """Overload on the default Serve graph, admission on a queue-time budget on vs off, side by side in one run.
 
     .venv/bin/python benchmarks/bench_overload.py [--clients 32] [--seconds 120] [--budget 2.0]
-        [--max-concurrent 4] [--max-tokens 24] [--solo 5]
+        [--max-concurrent N] [--max-tokens 24] [--solo 5]
 
 The graph is conf/serve.yaml's application (its models, engines and deployment options: the embedded default
 model drafting and refining on one shared vLLM engine) on a local Ray with 2 CPUs, with one route added: the
 same base and aligner as `diffpo-smollm2` with `max_queue_wait_s: --budget`, and `admission.max_concurrent:
---max-concurrent`. Both routes share every deployment, so the two phases run on the same engine, one after the
-other:
+--max-concurrent` (default: conf/serve.yaml's). Both routes share every deployment, so the two phases run on the
+same engine, one after the other:
 
 0. solo: `--solo` requests one at a time on `diffpo-smollm2`: one answer's time alone (p50) = `answer_s`.
 1. off: `--clients` closed-loop clients for `--seconds` on `diffpo-smollm2` (no budget: every request waits its
@@ -53,7 +53,8 @@ def parse_args():
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=120)
     p.add_argument("--budget", type=float, default=2.0, help="max_queue_wait_s of the budgeted route")
-    p.add_argument("--max-concurrent", type=int, default=4, help="admission.max_concurrent")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="admission.max_concurrent (default: conf/serve.yaml's)")
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--solo", type=int, default=5)
     return p.parse_args()
@@ -65,7 +66,9 @@ def graph(a) -> tuple[dict, dict]:
     args = app["args"]
     args["models"][GATED] = dict(args["models"][PLAIN], max_queue_wait_s=a.budget,
                                  description="the same, with a queue-time budget")
-    args["admission"] = {"max_concurrent": a.max_concurrent}
+    conf = args.get("admission") or {}
+    args["admission"] = {"max_concurrent": a.max_concurrent or conf.get("max_concurrent", 4),
+                         "max_concurrent_of": conf.get("max_concurrent_of", {})}
     args.pop("api_key_env", None)
     args["api_key_env"] = "DIFFPO_BENCH_UNSET_KEY"
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments", [])}
