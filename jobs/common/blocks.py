@@ -497,12 +497,17 @@ def blocks_per_task(blocks: int, cpus: float) -> int:
 
 
 def read_blocks(index: list[dict], parser: Parser, num_cpus: float = READ_CPUS):
-    """A Dataset of the rows of the blocks of `index`, read and parsed by Ray's workers: each task reads a few
-    blocks (`blocks_per_task`) and yields each as its own output block, so that the blocks stream through the
-    stages (and to storage) one by one, whatever the files' sizes."""
+    """A Dataset of the rows of the blocks of `index`, read and parsed by Ray's workers, each block its own output
+    block, so that the blocks stream through the stages (and to storage) one by one, whatever the files' sizes.
+    A task reads a few blocks (`blocks_per_task`) where its tasks take whole CPUs (`num_cpus` >= SCAN_CPUS: no
+    model stage runs, reads and writes fuse into one task); beside model stages a task reads one block: a read
+    task that yields its blocks as the stages take them keeps its CPU share while it waits, and read tasks of 16
+    blocks kept the write tasks out of the CPUs left beside the actor pools (1M rows on the tiny model: the first
+    block file after 109 s instead of within seconds), where a block's own task costs nothing next to its model
+    time."""
     import ray
 
-    per = blocks_per_task(len(index), ray.cluster_resources().get("CPU", 1.0))
+    per = blocks_per_task(len(index), ray.cluster_resources().get("CPU", 1.0)) if num_cpus >= SCAN_CPUS else 1
     return (ray.data.from_items(index, override_num_blocks=max(1, -(-len(index) // per)))
             .map_batches(_read_group, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
                          fn_kwargs=dict(parser=parser)))
