@@ -5,7 +5,7 @@ A block is `rows_per_block` consecutive records of one input file, named by the 
 driver only lists files and block names; the rows themselves are read, processed and written by Ray's workers.
 
     index = index_blocks(file_tasks(files, root), parser, done)   # workers: one row per block (O(blocks) back)
-    ds = read_blocks(todo, parser)                            # workers: a few blocks per task, one output block each
+    ds = read_blocks(todo, parser)                            # workers: a block per task (a few if no model runs)
     ...model stages (each row carries _block, _row, _total)...
     ds.write_datasink(BlockSink(rows_uri, errors_uri, ...))   # workers: each block's rows under its name
 
