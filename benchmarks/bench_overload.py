@@ -66,9 +66,10 @@ def graph(a) -> tuple[dict, dict]:
     args = app["args"]
     args["models"][GATED] = dict(args["models"][PLAIN], max_queue_wait_s=a.budget,
                                  description="the same, with a queue-time budget")
-    conf = args.get("admission") or {}
-    args["admission"] = {"max_concurrent": a.max_concurrent or conf.get("max_concurrent", 4),
-                         "max_concurrent_of": conf.get("max_concurrent_of", {})}
+    # the conf's admission without its app-wide budget (the plain route has none): --max-concurrent, if given, wins
+    args["admission"] = {k: v for k, v in (args.get("admission") or {}).items() if k != "max_queue_wait_s"}
+    if a.max_concurrent:
+        args["admission"]["max_concurrent"] = a.max_concurrent
     args.pop("api_key_env", None)
     args["api_key_env"] = "DIFFPO_BENCH_UNSET_KEY"
     options = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments", [])}
